@@ -1,0 +1,2 @@
+# Declarations of every cdef class in l4lb._native, one part per file.
+include "algorithm.pxd"

@@ -1,0 +1,12 @@
+"""l4lb: an L4 (TCP) load balancer whose hot path is compiled with Cython and runs on uvloop."""
+
+__version__ = "0.1.0"
+
+try:
+    from . import _native  # noqa: F401  (the compiled hot path; there is no slow fallback)
+except ImportError as exc:  # pragma: no cover - exercised by hand on a source tree
+    raise ImportError(
+        "l4lb's compiled extension l4lb._native is missing or broken "
+        f"({exc}). Build it with `pip install -e .` (or `python setup.py build_ext "
+        "--inplace`) from the source tree; l4lb has no pure-Python data path."
+    ) from exc

@@ -1,0 +1,114 @@
+"""Reference twin of ext/l4lb/algorithm.pxi: the per-backend bookkeeping every algorithm shares."""
+from .hashing import SplitMix64, hash64
+
+EWMA_ALPHA = 0.2
+MAX_AVOID = 32
+
+
+class Algorithm:
+    name = ""
+
+    def __init__(self, seed: int = 0):
+        self.weight: list[int] = []
+        self.active: list[int] = []
+        self.max_conns: list[int] = []
+        self.ewma: list[float] = []
+        self.ident: list[int] = []
+        self.up: list[bool] = []
+        self.present: list[bool] = []
+        self.rng = SplitMix64(seed)
+
+    @property
+    def n(self) -> int:
+        return len(self.weight)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def check_index(self, i: int) -> None:
+        if not 0 <= i < self.n:
+            raise IndexError(f"no backend slot {i}")
+
+    def add(self, name: str, weight: int = 1) -> int:
+        if weight < 0:
+            raise ValueError("weight must be >= 0")
+        i = self.n
+        self.weight.append(weight)
+        self.active.append(0)
+        self.max_conns.append(0)
+        self.ewma.append(-1.0)
+        self.ident.append(hash64(name.encode("utf-8")))
+        self.up.append(False)
+        self.present.append(True)
+        self.changed(i)
+        return i
+
+    def remove(self, i: int) -> None:
+        self.check_index(i)
+        self.present[i] = False
+        self.up[i] = False
+        self.changed(i)
+
+    def set_up(self, i: int, up: bool) -> None:
+        self.check_index(i)
+        if not self.present[i]:
+            return
+        if self.up[i] != bool(up):
+            self.up[i] = bool(up)
+            self.changed(i)
+
+    def set_weight(self, i: int, weight: int) -> None:
+        self.check_index(i)
+        if weight < 0:
+            raise ValueError("weight must be >= 0")
+        if self.weight[i] != weight:
+            self.weight[i] = weight
+            self.changed(i)
+
+    def set_max_connections(self, i: int, limit: int) -> None:
+        self.check_index(i)
+        self.max_conns[i] = max(limit, 0)
+
+    def conn_opened(self, i: int) -> None:
+        self.check_index(i)
+        self.active[i] += 1
+
+    def conn_closed(self, i: int) -> None:
+        self.check_index(i)
+        if self.active[i] > 0:
+            self.active[i] -= 1
+
+    def observe_rt(self, i: int, seconds: float) -> None:
+        self.check_index(i)
+        if self.ewma[i] < 0:
+            self.ewma[i] = seconds
+        else:
+            self.ewma[i] += EWMA_ALPHA * (seconds - self.ewma[i])
+
+    def eligible(self, i: int) -> bool:
+        return (self.present[i] and self.up[i] and self.weight[i] > 0
+                and (self.max_conns[i] == 0 or self.active[i] < self.max_conns[i]))
+
+    def is_eligible(self, i: int) -> bool:
+        self.check_index(i)
+        return self.eligible(i)
+
+    def active_count(self, i: int) -> int:
+        self.check_index(i)
+        return self.active[i]
+
+    def rt_ewma(self, i: int):
+        self.check_index(i)
+        return None if self.ewma[i] < 0 else self.ewma[i]
+
+    def changed(self, i: int) -> None:
+        pass
+
+    def pick(self, key: int = 0, avoid=()) -> int:
+        avoid = tuple(avoid)
+        if len(avoid) > MAX_AVOID:
+            raise ValueError(f"at most {MAX_AVOID} backends can be avoided")
+        return self.pick_c(key, avoid)
+
+    def pick_c(self, key: int, avoid: tuple) -> int:
+        return -1
