@@ -1,2 +1,3 @@
 # Declarations of every cdef class in l4lb._native, one part per file.
 include "algorithm.pxd"
+include "relay.pxd"

@@ -16,3 +16,4 @@ DEBUG_BUILD = L4LB_DEBUG
 include "hashing.pxi"
 include "algorithm.pxi"
 include "roundrobin.pxi"
+include "relay.pxi"

@@ -1,0 +1,115 @@
+"""The `l4lb` command line (DESIGN.md §3)."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import resource
+import signal
+import sys
+from pathlib import Path
+
+from . import __version__
+from .config import ConfigError, default_config_path, load_config
+from .log import configure_logging, get_logger
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; returns (soft, hard) afterwards."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft, hard
+
+
+def load_or_exit(path) -> "Config":
+    """Load a config or print every error (FILE:LINE key: message) and exit 1."""
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        for issue in exc.issues:
+            print(str(issue), file=sys.stderr)
+        raise SystemExit(1)
+
+
+async def serve(config, ready=None) -> None:
+    """Run a balancer for `config` until SIGTERM/SIGINT (graceful) — the body of `run`."""
+    from .balancer import Balancer
+
+    loop = asyncio.get_running_loop()
+    log = get_logger()
+    soft, hard = raise_fd_limit()
+    log.info("fd_limit", soft=soft, hard=hard)
+    balancer = Balancer(config, loop)
+    await balancer.start()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda s=sig: loop.create_task(
+            balancer.shutdown()))
+    if hasattr(balancer, "reload_from_file"):
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(
+            balancer.reload_from_file("sighup")))
+    log.info("started", pid=os.getpid(), version=__version__, config=str(config.path))
+    if ready is not None:
+        ready(balancer)
+    await balancer.wait_stopped()
+
+
+def cmd_run(args) -> int:
+    import uvloop
+
+    path = Path(args.config) if args.config else default_config_path()
+    config = load_or_exit(path)
+    configure_logging(config.log.level, config.log.format)
+    try:
+        uvloop.run(serve(config))
+    except OSError as exc:
+        get_logger().error("start_failed", error=str(exc))
+        return 1
+    return 0
+
+
+def cmd_check(args) -> int:
+    config = load_or_exit(args.config)
+    print(f"{args.config}: ok ({len(config.listeners)} listeners, {len(config.pools)} pools, "
+          f"{sum(len(p.backends) for p in config.pools.values())} backends)")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.port, args.backend_port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="l4lb", description="An L4 (TCP) load balancer.")
+    parser.add_argument("--version", action="version", version=f"l4lb {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run the balancer in the foreground")
+    p.add_argument("-c", "--config", help="config file (default: the annotated default)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("check", help="validate a config file")
+    p.add_argument("-c", "--config", required=True, help="config file")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("demo", help="three demo backends with the balancer in front")
+    p.add_argument("--port", type=int, default=8000, help="balancer port (default 8000)")
+    p.add_argument("--backend-port", type=int, default=9001,
+                   help="first demo backend port (default 9001, then +1, +2)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Backends, pools and listeners as the control plane sees them (DESIGN.md §5).
+
+Each model object owns one runtime object of the compiled data path (Target,
+PoolRuntime, ListenerRuntime) and pushes every change into it at once, so the relay
+never consults Python state on its own path.
+
+Backend states:
+
+| state      | new connections | existing       | health checks | entered by                       |
+|------------|-----------------|----------------|---------------|----------------------------------|
+| up         | yes             | continue       | run           | enable, or health passes `rise`  |
+| down       | no              | continue       | run           | health fails `fall`, passive     |
+| draining   | no              | until they end | run           | drain                            |
+| maint      | no              | continue       | paused        | disable                          |
+
+Health results move a backend only between `up` and `down`; the admin states
+(`draining`, `maint`) win until an operator enables the backend again.
+"""
+from __future__ import annotations
+
+import enum
+import time
+from typing import Callable
+
+from . import _native
+from .algorithms import create_algorithm
+from .config import BackendConfig, ListenerConfig, PoolConfig
+
+# Weights are pushed to the algorithms scaled by this factor so that slow start can ramp
+# a weight of 1 smoothly; every algorithm is invariant to scaling all weights alike.
+WEIGHT_SCALE = 100
+
+HASH_KEYS = {"src_ip": _native.HASH_KEY_SRC_IP, "src_ip_port": _native.HASH_KEY_SRC_IP_PORT}
+
+
+class BackendState(str, enum.Enum):
+    UP = "up"
+    DOWN = "down"
+    DRAINING = "draining"
+    MAINT = "maint"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Backend:
+    """One backend of one pool: admin and health state, and its relay-side Target."""
+
+    def __init__(self, pool: "Pool", cfg: BackendConfig, slot: int):
+        self.pool = pool
+        self.name = cfg.name
+        self.address = cfg.address
+        self.weight = cfg.weight
+        self.max_connections = cfg.max_connections
+        self.state = BackendState.UP
+        self.health = "unchecked"        # unchecked | passing | failing
+        self.last_check: float | None = None   # wall-clock time of the last probe
+        self.last_error: str | None = None
+        self.up_since = 0.0              # monotonic time it last entered `up` (slow start)
+        self.slot = slot
+        self.target = _native.Target(pool.name, cfg.name, cfg.address.host,
+                                     cfg.address.port, slot)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.pool.name}/{self.name}"
+
+    @property
+    def active(self) -> int:
+        return self.target.active
+
+    def effective_weight(self, now: float) -> int:
+        """The weight pushed to the algorithm: scaled, and ramped during slow start."""
+        w = self.weight * WEIGHT_SCALE
+        ramp = self.pool.slow_start
+        if w == 0 or ramp <= 0 or self.up_since <= 0:
+            return w
+        frac = (now - self.up_since) / ramp
+        if frac >= 1.0:
+            return w
+        return max(1, int(w * frac))
+
+    def ramping(self, now: float) -> bool:
+        return (self.state is BackendState.UP and self.pool.slow_start > 0
+                and self.up_since > 0 and now - self.up_since < self.pool.slow_start)
+
+
+StateListener = Callable[[Backend, BackendState, BackendState, str], None]
+
+
+class Pool:
+    """A named group of backends behind one algorithm."""
+
+    def __init__(self, cfg: PoolConfig, on_state_change: StateListener | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.name = cfg.name
+        self.config = cfg
+        self.slow_start = cfg.slow_start
+        self.on_down = cfg.on_down
+        self.clock = clock
+        self.on_state_change = on_state_change
+        self.algo = create_algorithm(cfg.algorithm)
+        self.runtime = _native.PoolRuntime(cfg.name, self.algo, HASH_KEYS[cfg.hash_key],
+                                           cfg.algorithm == "hash")
+        self.backends: dict[str, Backend] = {}
+        for b in cfg.backends:
+            self.add_backend(b)
+
+    @property
+    def algorithm(self) -> str:
+        return self.config.algorithm
+
+    def add_backend(self, cfg: BackendConfig, state: BackendState = BackendState.UP) -> Backend:
+        """Add a backend in `state` (up by default). ValueError if the name is taken."""
+        if cfg.name in self.backends:
+            raise ValueError(f"backend {self.name}/{cfg.name} already exists")
+        slot = self.algo.add(cfg.name, 0)
+        backend = Backend(self, cfg, slot)
+        self.runtime.add_target(backend.target)
+        self.backends[cfg.name] = backend
+        backend.state = state
+        self.push(backend)
+        return backend
+
+    def remove_backend(self, name: str) -> Backend:
+        """Take a backend out for good. Its open connections finish on their own."""
+        backend = self.backends.pop(name)
+        self.algo.remove(backend.slot)
+        self.runtime.targets[backend.slot] = None
+        return backend
+
+    def push(self, backend: Backend) -> None:
+        """Push one backend's state, weight and limit into the algorithm."""
+        slot = backend.slot
+        self.algo.set_weight(slot, backend.effective_weight(self.clock()))
+        self.algo.set_max_connections(slot, backend.max_connections)
+        self.algo.set_up(slot, backend.state is BackendState.UP)
+        if self.runtime.queue:
+            self.runtime.serve_queue()
+
+    def set_state(self, backend: Backend, new: BackendState, cause: str) -> bool:
+        """Move `backend` to `new`; returns False when it was already there."""
+        old = backend.state
+        if old is new:
+            return False
+        backend.state = new
+        if new is BackendState.UP and old is not BackendState.UP:
+            backend.up_since = self.clock() if self.slow_start > 0 else 0.0
+        self.push(backend)
+        if self.on_state_change is not None:
+            self.on_state_change(backend, old, new, cause)
+        return True
+
+    def set_weight(self, backend: Backend, weight: int) -> None:
+        backend.weight = weight
+        self.push(backend)
+
+    def refresh_slow_start(self) -> bool:
+        """Re-push the weights of backends in slow start; True while any still ramps."""
+        now = self.clock()
+        ramping = False
+        for backend in self.backends.values():
+            if backend.up_since > 0:
+                self.push(backend)
+                if backend.ramping(now):
+                    ramping = True
+                else:
+                    backend.up_since = 0.0
+        return ramping
+
+    def __iter__(self):
+        return iter(self.backends.values())
+
+
+class Listener:
+    """A named set of binds routed to one pool or split across several."""
+
+    def __init__(self, cfg: ListenerConfig, hub, pools: dict[str, Pool]):
+        self.name = cfg.name
+        self.config = cfg
+        self.runtime = _native.ListenerRuntime(cfg.name, hub)
+        self.servers: list = []
+        self.pool_name: str | None = None
+        self.split: dict[str, int] | None = None
+        self.configure(cfg, pools)
+
+    def configure(self, cfg: ListenerConfig, pools: dict[str, Pool]) -> None:
+        """Apply a listener config's data-path settings in place (start and reload)."""
+        self.config = cfg
+        rt = self.runtime
+        rt.connect_timeout = cfg.connect_timeout
+        rt.idle_timeout = cfg.idle_timeout
+        rt.retries = cfg.retries
+        rt.max_connections = cfg.max_connections
+        rt.sticky_split = cfg.sticky_split
+        rt.accept_proxy = cfg.accept_proxy
+        rt.proxy_timeout = cfg.proxy_timeout
+        rt.send_proxy = {"off": 0, "v1": 1, "v2": 2}[cfg.send_proxy]
+        if cfg.split:
+            self.route_split(dict(cfg.split), pools)
+        else:
+            self.route_pool(cfg.pool, pools)
+
+    def route_pool(self, pool: str, pools: dict[str, Pool]) -> None:
+        """Send every new connection to `pool` (blue-green switch)."""
+        self.runtime.pool = pools[pool].runtime
+        self.runtime.set_split(None, None)
+        self.pool_name = pool
+        self.split = None
+
+    def route_split(self, split: dict[str, int], pools: dict[str, Pool]) -> None:
+        """Split new connections across pools by percentage (canary)."""
+        names = [n for n, pct in split.items() if pct > 0] or list(split)
+        self.runtime.set_split([pools[n].runtime for n in names], [split[n] for n in names])
+        self.runtime.pool = pools[names[0]].runtime
+        self.pool_name = None
+        self.split = dict(split)
+
+    def route(self) -> dict:
+        return {"split": self.split} if self.split else {"pool": self.pool_name}

@@ -1,0 +1,119 @@
+"""Listeners: several per config, IPv4 and IPv6, and accept that never crashes."""
+import resource
+import socket
+import time
+
+import pytest
+
+from ..support import backends_toml, connect, name_handler
+
+
+def has_ipv6_loopback() -> bool:
+    try:
+        s = socket.socket(socket.AF_INET6)
+        s.bind(("::1", 0))
+        s.close()
+        return True
+    except OSError:
+        return False
+
+
+def test_several_listeners_and_binds_route_to_their_pools(backends, l4lb):
+    a, b = backends(name_handler, name="alpha"), backends(name_handler, name="beta")
+    binds = '"127.0.0.1:0", "[::1]:0"' if has_ipv6_loopback() else '"127.0.0.1:0", "127.0.0.2:0"'
+    lb = l4lb(f"""
+[listeners.one]
+bind = [{binds}]
+pool = "pa"
+[listeners.two]
+bind = ["127.0.0.1:0"]
+pool = "pb"
+[pools.pa]
+algorithm = "rr"
+backends = [{backends_toml([("alpha", a.address)], indent="")}]
+[pools.pb]
+algorithm = "rr"
+backends = [{backends_toml([("beta", b.address)], indent="")}]
+""")
+    hosts = [ev["bind"] for ev in lb.events_named("listener_started") if ev["listener"] == "one"]
+    assert len(lb.ports["one"]) == 2
+    for bind, port in zip(hosts, lb.ports["one"]):
+        host = bind.rsplit(":", 1)[0].strip("[]")
+        s = socket.create_connection((host, port), timeout=5)
+        s.sendall(b"x\n")
+        assert s.recv(100) == b"alpha\n"
+        s.close()
+    s = connect(lb.port("two"))
+    s.sendall(b"x\n")
+    assert s.recv(100) == b"beta\n"
+    s.close()
+
+
+def test_listener_max_connections_closes_extra_clients_at_once_and_counts_them(backends, l4lb):
+    a = backends(name_handler, name="alpha")
+    lb = l4lb(f"""
+[listeners.web]
+bind = ["127.0.0.1:0"]
+pool = "p"
+max_connections = 3
+[pools.p]
+algorithm = "rr"
+backends = [{backends_toml([("alpha", a.address)], indent="")}]
+""")
+    held = []
+    for _ in range(3):
+        s = connect(lb.port())
+        s.sendall(b"x\n")
+        assert s.recv(100) == b"alpha\n"
+        held.append(s)
+    extra = connect(lb.port())
+    with pytest.raises(ConnectionResetError):
+        extra.sendall(b"x\n")
+        if extra.recv(100) == b"":
+            raise ConnectionResetError
+    extra.close()
+    for s in held:
+        s.close()
+    time.sleep(0.3)
+    s = connect(lb.port())                             # room again
+    s.sendall(b"x\n")
+    assert s.recv(100) == b"alpha\n"
+    s.close()
+
+
+def test_fd_exhaustion_refuses_cleanly_and_serves_again(backends, l4lb):
+    a = backends(name_handler, name="alpha", backlog=1024)
+
+    def low_fd_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+
+    lb = l4lb(f"""
+[listeners.web]
+bind = ["127.0.0.1:0"]
+pool = "p"
+[pools.p]
+algorithm = "rr"
+backends = [{backends_toml([("alpha", a.address)], indent="")}]
+""", preexec_fn=low_fd_limit)
+    held = []
+    for _ in range(300):
+        try:
+            s = connect(lb.port(), timeout=2)
+            held.append(s)
+        except OSError:
+            pass
+    time.sleep(0.5)
+    assert lb.proc.poll() is None
+    lb.wait_event("fd_exhausted")                     # said once, not once per client
+    assert len(lb.events_named("fd_exhausted")) == 1
+    reasons = {ev["reason"] for ev in lb.events_named("connection_closed")}
+    assert reasons <= {"closed", "fd_exhausted"}      # the backend is never blamed
+    for s in held:
+        s.close()
+    time.sleep(1.0)
+    for _ in range(5):
+        s = connect(lb.port())
+        s.sendall(b"x\n")
+        assert s.recv(100) == b"alpha\n"
+        s.close()
+    assert lb.proc.poll() is None

@@ -1,0 +1,222 @@
+"""The byte relay end to end: real sockets on loopback, l4lb run as a subprocess."""
+import hashlib
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+from ..support import (connect, echo_handler, free_port_refused, name_handler, recv_all,
+                       recv_exactly, simple_config)
+
+MiB = 1024 * 1024
+
+
+def test_64_mib_each_way_concurrently_arrives_intact(backends, l4lb):
+    b = backends(echo_handler)
+    lb = l4lb(simple_config([("a", b.address)]))
+    payload = os.urandom(64 * MiB)
+    s = connect(lb.port(), timeout=60)
+    sender = threading.Thread(target=lambda: (s.sendall(payload), s.shutdown(socket.SHUT_WR)))
+    sender.start()
+    received = recv_all(s)
+    sender.join()
+    s.close()
+    assert len(received) == len(payload)
+    assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+
+
+def test_200_concurrent_connections_of_random_sizes_all_intact(backends, l4lb):
+    b1, b2 = backends(echo_handler), backends(echo_handler)
+    lb = l4lb(simple_config([("a", b1.address), ("b", b2.address)]))
+    port = lb.port()
+    failures = []
+
+    def one(i):
+        payload = os.urandom(int.from_bytes(os.urandom(3), "big") % (2 * MiB) + 1)
+        try:
+            s = connect(port, timeout=60)
+            t = threading.Thread(target=lambda: (s.sendall(payload), s.shutdown(socket.SHUT_WR)))
+            t.start()
+            got = recv_all(s)
+            t.join()
+            s.close()
+            if got != payload:
+                failures.append((i, len(payload), len(got)))
+        except OSError as exc:
+            failures.append((i, repr(exc)))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(200)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert failures == []
+    assert b1.accepted + b2.accepted == 200
+
+
+def test_half_close_client_still_receives_the_whole_reply(backends, l4lb):
+    def digest_after_eof(conn, backend):
+        h = hashlib.sha256()
+        while data := conn.recv(65536):
+            h.update(data)
+        reply = h.hexdigest().encode() * 10000        # sent only after the client's EOF
+        conn.sendall(reply)
+
+    b = backends(digest_after_eof)
+    lb = l4lb(simple_config([("a", b.address)]))
+    payload = os.urandom(3 * MiB)
+    s = connect(lb.port())
+    s.sendall(payload)
+    s.shutdown(socket.SHUT_WR)
+    reply = recv_all(s)
+    s.close()
+    assert reply == hashlib.sha256(payload).hexdigest().encode() * 10000
+
+
+def test_backend_reset_midstream_closes_client_and_leaks_no_fds(backends, l4lb):
+    def reset_after_some(conn, backend):
+        conn.sendall(b"x" * 100000)
+        conn.recv(10)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        conn.close()                                  # RST
+
+    b = backends(reset_after_some)
+    lb = l4lb(simple_config([("a", b.address)]))
+    fds_before = lb.ps.num_fds()
+    for _ in range(20):
+        s = connect(lb.port())
+        assert len(recv_exactly(s, 100000)) == 100000
+        s.sendall(b"go")
+        with pytest.raises((ConnectionResetError, AssertionError)):
+            assert recv_all(s) != b""                 # reset, or closed with nothing more
+        s.close()
+    deadline = time.monotonic() + 5
+    while lb.ps.num_fds() > fds_before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert lb.ps.num_fds() <= fds_before
+    reasons = {ev["reason"] for ev in lb.events_named("connection_closed")}
+    assert reasons <= {"backend_reset", "closed"}
+
+
+def test_refusing_backend_is_skipped_and_clients_are_served_by_the_others(backends, l4lb):
+    b1, b2 = backends(name_handler, name="one"), backends(name_handler, name="two")
+    dead = f"127.0.0.1:{free_port_refused()}"
+    lb = l4lb(simple_config([("dead", dead), ("one", b1.address), ("two", b2.address)],
+                            listener_extra="retries = 2"))
+    seen = []
+    for _ in range(30):
+        s = connect(lb.port())
+        s.sendall(b"hi\n")
+        seen.append(s.recv(100).strip())
+        s.close()
+    assert set(seen) == {b"one", b"two"}
+    failures = lb.events_named("connection_closed")
+    assert all(ev["reason"] == "closed" for ev in failures)
+
+
+def test_every_backend_down_closes_the_client_promptly_and_counts_it(l4lb):
+    dead = [(f"d{i}", f"127.0.0.1:{free_port_refused()}") for i in range(3)]
+    lb = l4lb(simple_config(dead, listener_extra="retries = 2"))
+    t0 = time.monotonic()
+    s = connect(lb.port())
+    assert recv_all(s) == b""
+    s.close()
+    assert time.monotonic() - t0 < 2.0
+    ev = lb.wait_event("connection_closed")
+    assert ev["reason"] == "connect_refused"
+    assert ev["backend"] is None
+
+
+def test_slow_reader_keeps_balancer_memory_bounded_then_flows_again(backends, l4lb):
+    total = 1024 * MiB
+    chunk = os.urandom(MiB)
+
+    def firehose(conn, backend):
+        sent = 0
+        while sent < total:
+            conn.sendall(chunk)
+            sent += len(chunk)
+        conn.shutdown(socket.SHUT_WR)
+
+    b = backends(firehose)
+    lb = l4lb(simple_config([("a", b.address)]))
+    rss_before = lb.ps.memory_info().rss
+    s = connect(lb.port(), timeout=60)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    time.sleep(2.0)                                   # read nothing while the backend pushes
+    rss_stalled = lb.ps.memory_info().rss
+    received = 0
+    while data := s.recv(1 << 20):
+        received += len(data)
+    s.close()
+    assert rss_stalled - rss_before < 64 * MiB
+    assert received == total
+
+
+def test_idle_timeout_closes_an_idle_pair(backends, l4lb):
+    b = backends(echo_handler)
+    lb = l4lb(simple_config([("a", b.address)], listener_extra="idle_timeout = 1.0"))
+    s = connect(lb.port())
+    s.sendall(b"ping")
+    assert recv_exactly(s, 4) == b"ping"
+    t0 = time.monotonic()
+    assert recv_all(s) == b""
+    elapsed = time.monotonic() - t0
+    s.close()
+    assert 0.9 <= elapsed < 3.0
+    assert lb.wait_event("connection_closed")["reason"] == "idle_timeout"
+
+
+def test_connect_timeout_bounds_a_backend_that_never_completes_the_handshake(l4lb):
+    # A listener with a full accept queue that never accepts: further SYNs are dropped,
+    # so a connect to it hangs until the balancer's connect_timeout.
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(0)
+    fillers = []
+    for _ in range(4):
+        f = socket.socket()
+        f.setblocking(False)
+        f.connect_ex(blackhole.getsockname())
+        fillers.append(f)
+    time.sleep(0.2)
+    addr = "%s:%d" % blackhole.getsockname()
+    try:
+        lb = l4lb(simple_config([("hole", addr)],
+                                listener_extra="connect_timeout = 1.0\nretries = 0"))
+        t0 = time.monotonic()
+        s = connect(lb.port())
+        assert recv_all(s) == b""
+        elapsed = time.monotonic() - t0
+        s.close()
+        assert 0.9 <= elapsed < 3.0
+        assert lb.wait_event("connection_closed")["reason"] == "connect_timeout"
+    finally:
+        for f in fillers:
+            f.close()
+        blackhole.close()
+
+
+def test_bytes_sent_before_the_backend_is_up_are_delivered_first(backends, l4lb):
+    b = backends(echo_handler)
+    lb = l4lb(simple_config([("a", b.address)]))
+    s = connect(lb.port())
+    payload = os.urandom(300 * 1024)                  # more than the pending limit
+    s.sendall(payload)
+    s.shutdown(socket.SHUT_WR)
+    assert recv_all(s) == payload
+    s.close()
+
+
+def test_sigterm_exits_0_within_shutdown_timeout(backends, l4lb):
+    b = backends(echo_handler)
+    lb = l4lb(simple_config([("a", b.address)]))
+    s = connect(lb.port())
+    s.sendall(b"x")
+    assert s.recv(1) == b"x"
+    t0 = time.monotonic()
+    assert lb.stop(timeout=15) == 0
+    assert time.monotonic() - t0 < 5.0 + 2.0          # shutdown_timeout = 5 in simple_config
+    s.close()

@@ -1,0 +1,266 @@
+"""Test helpers: real backends on loopback and l4lb run as a subprocess (the CLI a user runs).
+
+Everything here binds 127.0.0.1 (or other 127.0.0.0/8 addresses) and port 0, and every
+process or thread it starts is stopped by the fixture that started it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --- backends -------------------------------------------------------------------------
+
+class Backend:
+    """A threaded TCP server on 127.0.0.1:0. `handler(conn, backend)` serves one client."""
+
+    def __init__(self, handler, name: str = "b", host: str = "127.0.0.1", backlog: int = 128):
+        self.name = name
+        self.handler = handler
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.sock.listen(backlog)
+        self.host, self.port = self.sock.getsockname()
+        self.accepted = 0
+        self.conns: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.closed = False
+        self.thread = threading.Thread(target=self.accept_loop, daemon=True)
+        self.thread.start()
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def accept_loop(self):
+        while not self.closed:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.accepted += 1
+                self.conns.append(conn)
+            threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
+
+    def serve(self, conn):
+        try:
+            self.handler(conn, self)
+        except OSError:
+            pass
+        finally:
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+    def close(self):
+        self.closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        with self.lock:
+            for c in self.conns:
+                try:
+                    c.close()
+                except OSError:
+                    pass
+        self.thread.join(timeout=2)
+
+
+def echo_handler(conn, backend):
+    """Echo everything; pass the client's EOF on once all was echoed."""
+    while True:
+        data = conn.recv(262144)
+        if not data:
+            conn.shutdown(socket.SHUT_WR)
+            return
+        conn.sendall(data)
+
+
+def name_handler(conn, backend):
+    """Answer each line with the backend's name (like `l4lb demo`'s backends)."""
+    buf = b""
+    while True:
+        data = conn.recv(4096)
+        if not data:
+            return
+        buf += data
+        while b"\n" in buf:
+            _, buf = buf.split(b"\n", 1)
+            conn.sendall(backend.name.encode() + b"\n")
+
+
+def free_port_refused() -> int:
+    """A loopback port with nothing listening (connect gets ECONNREFUSED)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+# --- the balancer as a subprocess ------------------------------------------------------
+
+class L4LB:
+    """`l4lb run -c CONFIG` as a subprocess, with its JSON log lines collected."""
+
+    def __init__(self, tmp_path: Path, config: str, name: str = "l4lb.toml", args=(),
+                 env=None, preexec_fn=None):
+        self.path = tmp_path / name
+        self.path.write_text(config)
+        self.lines: list[dict] = []
+        self.raw: list[str] = []
+        self.events: "queue.Queue[dict]" = queue.Queue()
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "l4lb", "run", "-c", str(self.path), *args],
+            cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, env=full_env, preexec_fn=preexec_fn, text=True)
+        self.reader = threading.Thread(target=self.read_log, daemon=True)
+        self.reader.start()
+        self.ports: dict[str, list[int]] = {}
+
+    def read_log(self):
+        for line in self.proc.stdout:
+            self.raw.append(line)
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            self.lines.append(ev)
+            self.events.put(ev)
+
+    def wait_event(self, event: str, timeout: float = 10.0, **match) -> dict:
+        """The first logged event named `event` whose fields include `match`."""
+        deadline = time.monotonic() + timeout
+        for ev in list(self.lines):
+            if ev.get("event") == event and all(ev.get(k) == v for k, v in match.items()):
+                return ev
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no {event} {match} within {timeout}s; log:\n"
+                                   + "".join(self.raw[-40:]))
+            try:
+                ev = self.events.get(timeout=min(left, 0.2))
+            except queue.Empty:
+                if self.proc.poll() is not None and self.events.empty():
+                    raise RuntimeError("l4lb exited with %s; log:\n%s"
+                                       % (self.proc.returncode, "".join(self.raw[-40:])))
+                continue
+            if ev.get("event") == event and all(ev.get(k) == v for k, v in match.items()):
+                return ev
+
+    def events_named(self, event: str) -> list[dict]:
+        return [ev for ev in self.lines if ev.get("event") == event]
+
+    def wait_ready(self, timeout: float = 15.0) -> "L4LB":
+        self.wait_event("started", timeout)
+        for ev in self.events_named("listener_started"):
+            self.ports.setdefault(ev["listener"], []).append(ev["port"])
+        return self
+
+    def port(self, listener: str = "web") -> int:
+        return self.ports[listener][0]
+
+    @property
+    def ps(self) -> psutil.Process:
+        return psutil.Process(self.proc.pid)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.reader.join(timeout=2)
+        return self.proc.returncode
+
+
+def backends_toml(backends, indent: str = "  ") -> str:
+    """A TOML array body of inline backend tables from (name, address[, extra]) tuples."""
+    rows = []
+    for b in backends:
+        name, address = b[0], b[1]
+        extra = "".join(f", {k} = {v}" for k, v in (b[2] if len(b) > 2 else {}).items())
+        rows.append(f'{indent}{{ name = "{name}", address = "{address}"{extra} }}')
+    return ",\n".join(rows)
+
+
+def simple_config(backends, algorithm: str = "rr", listener_extra: str = "",
+                  pool_extra: str = "", global_extra: str = "", access: bool = True,
+                  socket_name: str = "l4lb.sock") -> str:
+    return f"""
+[global]
+shutdown_timeout = 5.0
+{global_extra}
+
+[control]
+socket = "{socket_name}"
+
+[log]
+level = "info"
+format = "json"
+access = {"true" if access else "false"}
+
+[listeners.web]
+bind = ["127.0.0.1:0"]
+pool = "main"
+{listener_extra}
+
+[pools.main]
+algorithm = "{algorithm}"
+{pool_extra}
+backends = [
+{backends_toml(backends)}
+]
+"""
+
+
+def connect(port: int, host: str = "127.0.0.1", source: str | None = None,
+            timeout: float = 10.0) -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    if source:
+        s.bind((source, 0))
+    s.connect((host, port))
+    return s
+
+
+def recv_exactly(s: socket.socket, n: int) -> bytes:
+    chunks = []
+    while n:
+        data = s.recv(min(n, 262144))
+        if not data:
+            break
+        chunks.append(data)
+        n -= len(data)
+    return b"".join(chunks)
+
+
+def recv_all(s: socket.socket) -> bytes:
+    chunks = []
+    while True:
+        data = s.recv(262144)
+        if not data:
+            return b"".join(chunks)
+        chunks.append(data)
