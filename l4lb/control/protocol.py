@@ -428,8 +428,8 @@ def _unknown_command_message(name: str, tokens: list[str]) -> str:
     """Name the unknown command and the closest known one, judged on one or two words."""
     shown = name if len(name) <= 40 else name[:40] + "..."
     guesses = (" ".join(tokens[:2]).lower(), name)
-    close = next((m for g in guesses for m in difflib.get_close_matches(g, COMMANDS_BY_NAME, 1)), None)
-    hint = f"; did you mean {close!r}?" if close else ""
+    matches = [m for g in guesses for m in difflib.get_close_matches(g, COMMANDS_BY_NAME, 1)]
+    hint = f"; did you mean {matches[0]!r}?" if matches else ""
     return f"unknown command {shown!r}{hint} (try 'help')"
 
 
