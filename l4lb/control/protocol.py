@@ -1,0 +1,552 @@
+"""The control protocol (DESIGN.md §6), sans-IO: bytes in, commands out, reply lines back.
+
+Theory of operation
+-------------------
+The control socket carries one UTF-8 command per line and answers each with exactly one
+line holding a JSON object, ``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``.
+This module owns the wire format and nothing else — no socket, no event loop, no balancer
+state — in the style of h11, so every malformed input is tested without a server:
+
+* ``LineReader.feed(data)`` turns the byte stream into lines. It keeps a partial line
+  across calls and never holds more than ``MAX_LINE`` bytes: a longer line yields one
+  ``ControlError`` in its place and the reader skips the rest of it up to its newline, so a
+  client can keep talking after a mistake (DESIGN.md §6: "a line over 64 KiB ... gets an
+  error reply, never a crash").
+* ``parse_command(line)`` turns one line into a ``Command`` with typed arguments, or raises
+  ``ControlError`` whose message is fit to send back as the error reply.
+* ``encode_reply(ok(...))`` / ``encode_reply(error(...))`` build the reply line.
+
+``COMMANDS`` is the single source of truth for the grammar: each ``CommandSpec`` gives the
+command's words, its typed arguments, a one-line summary and the fields of its reply.
+Parsing, ``help`` and generated docs all read it, so they cannot drift apart. The parser
+is table-driven: a command is found by its words, then each ``ArgSpec`` is handed to the
+parser registered for its ``ArgKind`` in ``_ARG_PARSERS``.
+
+Guarantees: ``parse_command`` and ``LineReader.feed`` raise/return no exception type but
+``ControlError`` for any input bytes. Not covered here: whether a named pool, backend or
+listener exists — that is the command handler's job, which knows the running config.
+"""
+from __future__ import annotations
+
+import difflib
+import enum
+import ipaddress
+import json
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "COMMANDS",
+    "COMMANDS_BY_NAME",
+    "MAX_LINE",
+    "NAME_PATTERN",
+    "ArgKind",
+    "ArgSpec",
+    "Command",
+    "CommandSpec",
+    "ControlError",
+    "LineReader",
+    "encode_reply",
+    "error",
+    "help_text",
+    "ok",
+    "parse_command",
+    "parse_host_port",
+]
+
+# DESIGN.md §6: a longer line is refused. Counted on the bytes before the newline, a
+# trailing \r included, so the reader can decide before the newline arrives.
+MAX_LINE = 64 * 1024
+
+# Names of pools, backends and listeners as the control protocol accepts them: no space
+# (token separator), "/" (POOL/BACKEND) or "=" (POOL=PCT); the config loader should accept
+# no other names, or some objects could not be addressed from here.
+NAME_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}"
+_NAME_RE = re.compile(NAME_PATTERN)
+_DIGITS_RE = re.compile(r"[0-9]+")  # not int(): it also takes "+5", "1_000" and "٥"
+_DECIMAL_RE = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")  # not float(): "inf", "nan", "1e9"
+_HOSTNAME_LABEL_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_MAX_HOSTNAME = 253  # RFC 1035 §2.3.4, without the trailing dot
+
+WEIGHT_MAX = 10_000  # DESIGN.md §4: backend weight 0..10000
+WEIGHT_DEFAULT = 1  # DESIGN.md §4: a backend's weight when none is given
+
+
+class ControlError(Exception):
+    """A control line is malformed; ``str(exc)`` is the message for the error reply.
+
+    The only exception type ``LineReader`` and ``parse_command`` produce.
+    """
+
+
+# ---------------------------------------------------------------------------------------
+# The command table
+
+
+class ArgKind(enum.Enum):
+    """How an argument's text is checked and what value it becomes (see _ARG_PARSERS)."""
+
+    NAME = "name"  # a pool or listener name -> str
+    BACKEND_REF = "backend_ref"  # POOL/BACKEND -> {"pool": str, "backend": str}
+    BACKEND_FILTER = "backend_filter"  # POOL[/BACKEND] -> {"pool": str, "backend": str|None}
+    COUNT = "count"  # decimal integer within [low, high] -> int
+    TIMEOUT = "timeout"  # seconds, > 0, finite -> float
+    ADDRESS = "address"  # HOST:PORT, [IPv6]:PORT -> (host, port)
+    SPLIT = "split"  # POOL=PCT ... summing to 100 -> {pool: pct} in the given order
+
+
+@dataclass(frozen=True)
+class ArgSpec:
+    """One argument of a command.
+
+    ``key`` names the value in ``Command.args`` (BACKEND_REF and BACKEND_FILTER fill
+    "pool" and "backend" instead). An ``optional`` argument absent from the line gets
+    ``default``. ``keyword`` makes it a named option written ``keyword VALUE`` after the
+    positional ones (``add ... weight 50``). SPLIT takes every remaining token.
+    """
+
+    kind: ArgKind
+    key: str
+    metavar: str
+    optional: bool = False
+    default: Any = None
+    keyword: str | None = None
+    low: int = 0  # COUNT only
+    high: int | None = None  # COUNT only; None = unbounded
+
+    @property
+    def usage(self) -> str:
+        text = f"{self.keyword} {self.metavar}" if self.keyword else self.metavar
+        if self.kind is ArgKind.SPLIT:
+            text += " ..."
+        return f"[{text}]" if self.optional else text
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The keys this argument sets in Command.args."""
+        if self.kind in (ArgKind.BACKEND_REF, ArgKind.BACKEND_FILTER):
+            return ("pool", "backend")
+        return (self.key,)
+
+
+@dataclass(frozen=True)
+class CommandSpec:
+    """One command of DESIGN.md §6.
+
+    ``reply`` lists the fields of the ok reply besides "ok". When ``rows`` is set, the
+    reply holds one field, ``reply[0]``, a list of objects each with the ``rows`` fields
+    (``show backends`` -> ``{"ok": true, "backends": [{"pool": ..., ...}, ...]}``).
+    """
+
+    words: tuple[str, ...]
+    args: tuple[ArgSpec, ...]
+    summary: str
+    reply: tuple[str, ...] = ()
+    rows: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return " ".join(self.words)
+
+    @property
+    def usage(self) -> str:
+        return " ".join([self.name, *(arg.usage for arg in self.args)])
+
+
+_BACKEND = ArgSpec(ArgKind.BACKEND_REF, "backend", "POOL/BACKEND")
+_TIMEOUT = ArgSpec(ArgKind.TIMEOUT, "timeout", "TIMEOUT", optional=True)
+_STATE_REPLY = ("pool", "backend", "state", "previous")
+
+COMMANDS: tuple[CommandSpec, ...] = (
+    CommandSpec(("help",), (), "list the commands", reply=("commands",)),
+    CommandSpec(
+        ("show", "info"), (), "the process: version, uptime, resources, connection counts",
+        reply=("version", "pid", "uptime_s", "cpu_percent", "rss_bytes", "open_fds",
+               "conns_active", "conns_total"),
+    ),
+    CommandSpec(
+        ("show", "listeners"), (), "every listener with its pool or split and counters",
+        reply=("listeners",),
+        rows=("name", "bind", "pool", "split", "active", "accepted", "rejected"),
+    ),
+    CommandSpec(
+        ("show", "backends"), (ArgSpec(ArgKind.NAME, "pool", "POOL", optional=True),),
+        "backends with state, health, weight and counters; all pools or one",
+        reply=("backends",),
+        rows=("pool", "name", "address", "state", "health", "weight", "active", "total",
+              "failed", "bytes_in", "bytes_out", "rt_ms"),
+    ),
+    CommandSpec(
+        ("show", "conns"),
+        (ArgSpec(ArgKind.BACKEND_FILTER, "pool", "POOL[/BACKEND]", optional=True),),
+        "open connections; all, one pool's or one backend's",
+        reply=("conns",),
+        rows=("id", "client", "listener", "pool", "backend", "age_s", "bytes_in", "bytes_out"),
+    ),
+    CommandSpec(("enable",), (_BACKEND,), "put a backend in rotation (state up)",
+                reply=_STATE_REPLY),
+    CommandSpec(("disable",), (_BACKEND,),
+                "take a backend out for maintenance (state maint, health checks paused)",
+                reply=_STATE_REPLY),
+    CommandSpec(("drain",), (_BACKEND,),
+                "stop new connections to a backend, let existing ones finish",
+                reply=_STATE_REPLY),
+    CommandSpec(
+        ("wait",), (_BACKEND, _TIMEOUT),
+        "reply once the backend has no active connections; ok:false after TIMEOUT s",
+        reply=("pool", "backend", "waited_s"),
+    ),
+    CommandSpec(("kill",), (_BACKEND,), "close a backend's connections now",
+                reply=("pool", "backend", "closed")),
+    CommandSpec(
+        ("weight",),
+        (_BACKEND, ArgSpec(ArgKind.COUNT, "weight", "N", high=WEIGHT_MAX)),
+        f"set a backend's weight (0..{WEIGHT_MAX}; 0 = no new connections)",
+        reply=("pool", "backend", "weight", "previous"),
+    ),
+    CommandSpec(
+        ("add",),
+        (
+            ArgSpec(ArgKind.NAME, "pool", "POOL"),
+            ArgSpec(ArgKind.NAME, "backend", "BACKEND"),
+            ArgSpec(ArgKind.ADDRESS, "address", "HOST:PORT"),
+            ArgSpec(ArgKind.COUNT, "weight", "N", optional=True, default=WEIGHT_DEFAULT,
+                    keyword="weight", high=WEIGHT_MAX),
+        ),
+        f"add a backend to a pool (weight {WEIGHT_DEFAULT} unless given)",
+        reply=("pool", "backend", "address", "weight", "state"),
+    ),
+    CommandSpec(("remove",), (_BACKEND,),
+                "remove a backend; refused while it has active connections",
+                reply=("pool", "backend")),
+    CommandSpec(
+        ("switch",),
+        (ArgSpec(ArgKind.NAME, "listener", "LISTENER"), ArgSpec(ArgKind.NAME, "pool", "POOL")),
+        "blue-green: send all new connections of LISTENER to POOL",
+        reply=("listener", "pool", "previous"),
+    ),
+    CommandSpec(
+        ("split",),
+        (ArgSpec(ArgKind.NAME, "listener", "LISTENER"),
+         ArgSpec(ArgKind.SPLIT, "split", "POOL=PCT")),
+        "canary: share LISTENER's new connections between pools, percentages summing to 100",
+        reply=("listener", "split", "previous"),
+    ),
+    CommandSpec(("reload",), (), "re-read the config file; a bad file changes nothing",
+                reply=("changes",)),
+    CommandSpec(("shutdown",), (_TIMEOUT,),
+                "graceful shutdown: stop accepting, close connections after TIMEOUT s",
+                reply=("timeout_s",)),
+)
+
+COMMANDS_BY_NAME: dict[str, CommandSpec] = {spec.name: spec for spec in COMMANDS}
+# First words that need a second one ("show" -> info, listeners, ...).
+_PREFIXES = {spec.words[0] for spec in COMMANDS if len(spec.words) > 1}
+
+
+@dataclass(frozen=True)
+class Command:
+    """A parsed command: ``name`` is its words joined by a space ("show backends"),
+    ``args`` maps every argument key of its spec to a typed value (defaults filled in)."""
+
+    name: str
+    args: dict[str, Any]
+
+
+# ---------------------------------------------------------------------------------------
+# Argument parsers: text -> {key: value}; ControlError (message without usage) on failure.
+
+
+def _parse_name(spec: ArgSpec, text: str) -> dict[str, Any]:
+    return {spec.key: _check_name(text, spec.metavar)}
+
+
+def _check_name(text: str, what: str) -> str:
+    if not _NAME_RE.fullmatch(text):
+        raise ControlError(
+            f"bad {what} {text!r}: names are 1-64 letters, digits, '_', '.' or '-', "
+            "not starting with '.' or '-'"
+        )
+    return text
+
+
+def _parse_backend_ref(spec: ArgSpec, text: str) -> dict[str, Any]:
+    pool, slash, backend = text.partition("/")
+    if not slash:
+        raise ControlError(f"bad {spec.metavar} {text!r}: want POOL/BACKEND, e.g. blue/app1")
+    return {"pool": _check_name(pool, "POOL"), "backend": _check_name(backend, "BACKEND")}
+
+
+def _parse_backend_filter(spec: ArgSpec, text: str) -> dict[str, Any]:
+    if "/" in text:
+        return _parse_backend_ref(spec, text)
+    return {"pool": _check_name(text, "POOL"), "backend": None}
+
+
+def _parse_count(spec: ArgSpec, text: str) -> dict[str, Any]:
+    if not _DIGITS_RE.fullmatch(text):
+        raise ControlError(f"bad {spec.key} {text!r}: want a whole number like 50")
+    value = int(text)
+    if value < spec.low or (spec.high is not None and value > spec.high):
+        bound = f"between {spec.low} and {spec.high}" if spec.high is not None else (
+            f"at least {spec.low}")
+        raise ControlError(f"{spec.key} must be {bound}, got {text}")
+    return {spec.key: value}
+
+
+def _parse_timeout(spec: ArgSpec, text: str) -> dict[str, Any]:
+    if not _DECIMAL_RE.fullmatch(text):
+        raise ControlError(f"bad {spec.metavar} {text!r}: want seconds like 30 or 2.5")
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise ControlError(f"{spec.metavar} must be more than 0 seconds, got {text}")
+    return {spec.key: value}
+
+
+def _parse_address(spec: ArgSpec, text: str) -> dict[str, Any]:
+    return {spec.key: parse_host_port(text)}
+
+
+def _parse_split_item(text: str) -> tuple[str, int]:
+    pool, equals, pct = text.partition("=")
+    if not equals:
+        raise ControlError(f"bad POOL=PCT {text!r}: want e.g. blue=90")
+    if not _DIGITS_RE.fullmatch(pct) or int(pct) > 100:
+        raise ControlError(f"bad percentage in {text!r}: want a whole number 0..100")
+    return _check_name(pool, "POOL"), int(pct)
+
+
+def _parse_split(spec: ArgSpec, tokens: list[str]) -> dict[str, Any]:
+    shares: dict[str, int] = {}
+    for token in tokens:
+        pool, pct = _parse_split_item(token)
+        if pool in shares:
+            raise ControlError(f"pool {pool!r} appears twice in the split")
+        shares[pool] = pct
+    total = sum(shares.values())
+    if total != 100:
+        raise ControlError(f"split percentages sum to {total}, not 100")
+    return {spec.key: shares}
+
+
+# ArgKind -> parser of one token. SPLIT is variadic and handled apart (_parse_split).
+_ARG_PARSERS: dict[ArgKind, Callable[[ArgSpec, str], dict[str, Any]]] = {
+    ArgKind.NAME: _parse_name,
+    ArgKind.BACKEND_REF: _parse_backend_ref,
+    ArgKind.BACKEND_FILTER: _parse_backend_filter,
+    ArgKind.COUNT: _parse_count,
+    ArgKind.TIMEOUT: _parse_timeout,
+    ArgKind.ADDRESS: _parse_address,
+}
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """Parse ``HOST:PORT`` into ``(host, port)``; raise ControlError if malformed.
+
+    HOST is an IPv4 address, a bracketed IPv6 address (``[::1]:9001``; returned without
+    brackets, in canonical form) or an RFC 1123 hostname (returned lowercased). PORT is
+    1..65535. A bare IPv6 address, a zone id, or a dotted-decimal host that is not a valid
+    IPv4 address (``1.2.3.256``) is refused.
+    """
+    host, colon, port_text = text.rpartition(":")
+    if not colon or not host:
+        raise ControlError(f"bad HOST:PORT {text!r}: want e.g. 127.0.0.1:9001 or [::1]:9001")
+    if not _DIGITS_RE.fullmatch(port_text) or not 1 <= int(port_text) <= 65535:
+        raise ControlError(f"bad port in {text!r}: want 1..65535")
+    port = int(port_text)
+    if host.startswith("[") and host.endswith("]"):
+        inner = host[1:-1]
+        try:
+            address = ipaddress.IPv6Address(inner)
+        except ValueError:
+            raise ControlError(f"bad IPv6 address {inner!r} in {text!r}") from None
+        if address.scope_id is not None:
+            raise ControlError(f"IPv6 zone ids are not supported: {text!r}")
+        return address.compressed, port
+    if ":" in host:
+        raise ControlError(f"bad HOST:PORT {text!r}: IPv6 addresses need brackets, "
+                           f"e.g. [{host}]:{port}")
+    if all(label.isdigit() for label in host.split(".")):  # looks numeric: must be IPv4
+        try:
+            return str(ipaddress.IPv4Address(host)), port
+        except ValueError:
+            raise ControlError(f"bad IPv4 address {host!r} in {text!r}") from None
+    labels = host.removesuffix(".").split(".")
+    if len(host) > _MAX_HOSTNAME or not all(_HOSTNAME_LABEL_RE.fullmatch(x) for x in labels):
+        raise ControlError(f"bad host name {host!r} in {text!r}")
+    return host.lower(), port
+
+
+# ---------------------------------------------------------------------------------------
+# Commands
+
+
+def parse_command(line: bytes) -> Command:
+    """Parse one control line (without its newline) into a Command.
+
+    Raises ControlError, with a message meant for the client, for bad UTF-8, an empty
+    line, an unknown command (naming the closest one), missing or extra arguments (with
+    the command's usage), and any argument of the wrong type or out of range.
+    """
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ControlError(f"command is not valid UTF-8 (byte {exc.start})") from None
+    tokens = text.split()
+    if not tokens:
+        raise ControlError("empty command (try 'help')")
+    spec, rest = _find_command(tokens)
+    try:
+        args = _parse_args(spec, rest)
+    except ControlError as exc:
+        raise ControlError(f"{exc}; usage: {spec.usage}") from None
+    return Command(spec.name, args)
+
+
+def _find_command(tokens: list[str]) -> tuple[CommandSpec, list[str]]:
+    """The spec named by the first one or two tokens, and the tokens after its words."""
+    first = tokens[0].lower()
+    if first in _PREFIXES:
+        if len(tokens) == 1:
+            choices = ", ".join(s.usage for s in COMMANDS if s.words[0] == first)
+            raise ControlError(f"incomplete command {first!r}: one of {choices}")
+        name = f"{first} {tokens[1].lower()}"
+        rest = tokens[2:]
+    else:
+        name = first
+        rest = tokens[1:]
+    spec = COMMANDS_BY_NAME.get(name)
+    if spec is None:
+        raise ControlError(_unknown_command_message(name, tokens))
+    return spec, rest
+
+
+def _unknown_command_message(name: str, tokens: list[str]) -> str:
+    """Name the unknown command and the closest known one, judged on one or two words."""
+    shown = name if len(name) <= 40 else name[:40] + "..."
+    guesses = (" ".join(tokens[:2]).lower(), name)
+    matches = [m for g in guesses for m in difflib.get_close_matches(g, COMMANDS_BY_NAME, 1)]
+    hint = f"; did you mean {matches[0]!r}?" if matches else ""
+    return f"unknown command {shown!r}{hint} (try 'help')"
+
+
+def _parse_args(spec: CommandSpec, tokens: list[str]) -> dict[str, Any]:
+    """Match tokens against the spec: positionals in order, then keyword options."""
+    args: dict[str, Any] = {}
+    positional = [a for a in spec.args if a.keyword is None]
+    options = {a.keyword: a for a in spec.args if a.keyword is not None}
+    i = 0
+    for arg in positional:
+        if arg.kind is ArgKind.SPLIT:
+            if i >= len(tokens):
+                raise ControlError(f"missing {arg.metavar}")
+            args.update(_parse_split(arg, tokens[i:]))
+            i = len(tokens)
+        elif i < len(tokens) and not (arg.optional and tokens[i] in options):
+            args.update(_ARG_PARSERS[arg.kind](arg, tokens[i]))
+            i += 1
+        elif arg.optional:
+            args.update(dict.fromkeys(arg.keys, arg.default))
+        else:
+            raise ControlError(f"missing {arg.metavar}")
+    seen = set()
+    while i < len(tokens):
+        option = options.get(tokens[i])
+        if option is None:
+            extra = tokens[i] if len(tokens[i]) <= 40 else tokens[i][:40] + "..."
+            raise ControlError(f"unexpected argument {extra!r}")
+        if option.keyword in seen:
+            raise ControlError(f"{option.keyword!r} given twice")
+        if i + 1 >= len(tokens):
+            raise ControlError(f"missing {option.metavar} after {option.keyword!r}")
+        args.update(_ARG_PARSERS[option.kind](option, tokens[i + 1]))
+        seen.add(option.keyword)
+        i += 2
+    for option in options.values():
+        if option.keyword not in seen:
+            args[option.key] = option.default
+    return args
+
+
+def help_text() -> list[str]:
+    """One line per command: its usage, padded, then its summary."""
+    width = max(len(spec.usage) for spec in COMMANDS) + 2
+    return [f"{spec.usage:<{width}}{spec.summary}" for spec in COMMANDS]
+
+
+# ---------------------------------------------------------------------------------------
+# Replies
+
+
+def ok(**fields: Any) -> dict[str, Any]:
+    """The success reply ``{"ok": true, **fields}``; a field named "ok" is a TypeError."""
+    if "ok" in fields:
+        raise TypeError("a reply field cannot be named 'ok'")
+    return {"ok": True, **fields}
+
+
+def error(message: str) -> dict[str, Any]:
+    """The failure reply ``{"ok": false, "error": message}``."""
+    return {"ok": False, "error": str(message)}
+
+
+def encode_reply(obj: dict[str, Any]) -> bytes:
+    """One reply line: compact JSON, UTF-8, ending in a newline.
+
+    Raises TypeError for a value JSON cannot hold and ValueError for NaN or infinity (which
+    are not JSON, and a client's parser would choke on them): a bug in the caller, which
+    should reply with ``error()`` instead. A lone surrogate in a string is escaped, not
+    fatal.
+    """
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return text.encode("utf-8", "backslashreplace") + b"\n"
+
+
+# ---------------------------------------------------------------------------------------
+# Framing
+
+
+class LineReader:
+    """Split a byte stream into lines, bounded by MAX_LINE.
+
+    ``feed(data)`` returns, in stream order, each complete line (without its "\\n" and one
+    trailing "\\r") and, in place of each over-long line, one ControlError. A partial line
+    is kept for the next feed. Memory stays under MAX_LINE bytes per reader: the bytes of
+    an over-long line are dropped as they come, up to its newline.
+    """
+
+    def __init__(self) -> None:
+        self._partial = bytearray()  # the start of the current line, <= MAX_LINE bytes
+        self._discarding = False  # inside an over-long line, already reported
+
+    def feed(self, data: bytes) -> list[bytes | ControlError]:
+        out: list[bytes | ControlError] = []
+        start = 0
+        while (newline := data.find(b"\n", start)) != -1:
+            self._take(data, start, newline, out)
+            self._end_line(out)
+            start = newline + 1
+        self._take(data, start, len(data), out)
+        return out
+
+    def _take(self, data: bytes, start: int, end: int, out: list) -> None:
+        """Append data[start:end] to the partial line, or drop it if the line is too long."""
+        if self._discarding:
+            return
+        if len(self._partial) + (end - start) > MAX_LINE:
+            out.append(ControlError(f"line longer than {MAX_LINE} bytes"))
+            self._partial.clear()
+            self._discarding = True
+            return
+        self._partial += data[start:end]
+
+    def _end_line(self, out: list) -> None:
+        if self._discarding:
+            self._discarding = False
+            return
+        line = bytes(self._partial)
+        self._partial.clear()
+        out.append(line[:-1] if line.endswith(b"\r") else line)
