@@ -44,18 +44,39 @@ async def serve(config, ready=None) -> None:
     log = get_logger()
     soft, hard = raise_fd_limit()
     log.info("fd_limit", soft=soft, hard=hard)
+    from .control.server import ControlServer
+
     balancer = Balancer(config, loop)
-    await balancer.start()
+    control = ControlServer(balancer, config.control.socket, config.control.mode)
+    await control.start()
+    try:
+        await balancer.start()
+    except BaseException:
+        control.close()
+        raise
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda s=sig: loop.create_task(
             balancer.shutdown()))
-    if hasattr(balancer, "reload_from_file"):
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(
-            balancer.reload_from_file("sighup")))
-    log.info("started", pid=os.getpid(), version=__version__, config=str(config.path))
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(
+        reload_quietly(balancer)))
+    log.info("started", pid=os.getpid(), version=__version__, config=str(config.path),
+             control=str(config.control.socket))
     if ready is not None:
         ready(balancer)
-    await balancer.wait_stopped()
+    try:
+        await balancer.wait_stopped()
+    finally:
+        control.close()
+
+
+async def reload_quietly(balancer) -> None:
+    """SIGHUP: reload; a rejected config is already logged (config_rejected)."""
+    from .balancer import OperationError
+
+    try:
+        await balancer.reload_from_file("sighup")
+    except OperationError:
+        pass
 
 
 def cmd_run(args) -> int:
@@ -64,12 +85,36 @@ def cmd_run(args) -> int:
     path = Path(args.config) if args.config else default_config_path()
     config = load_or_exit(path)
     configure_logging(config.log.level, config.log.format)
+    from .control.server import ControlSocketError
+
     try:
         uvloop.run(serve(config))
-    except OSError as exc:
+    except (OSError, ControlSocketError) as exc:
         get_logger().error("start_failed", error=str(exc))
         return 1
     return 0
+
+
+def control_socket_path(args) -> Path:
+    """-s SOCKET, else control.socket of -c FILE, else the default config's."""
+    if args.socket:
+        return Path(args.socket)
+    return load_or_exit(Path(args.config) if args.config else default_config_path()).control.socket
+
+
+def cmd_ctl(args) -> int:
+    import json
+
+    from .control.client import ControlClientError, call, format_reply
+
+    line = " ".join(args.words)
+    try:
+        reply = call(control_socket_path(args), line, timeout=args.timeout)
+    except ControlClientError as exc:
+        print(f"l4lb ctl: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(reply) if args.json else format_reply(reply))
+    return 0 if reply.get("ok") else 1
 
 
 def cmd_check(args) -> int:
@@ -98,12 +143,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", required=True, help="config file")
     p.set_defaults(func=cmd_check)
 
+    p = sub.add_parser("ctl", help="send one command to a running balancer")
+    add_socket_options(p)
+    p.add_argument("--json", action="store_true", help="print the raw JSON reply")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds to wait for the reply (default: forever, for `wait`)")
+    p.add_argument("words", nargs="+", metavar="COMMAND", help="e.g. show backends")
+    p.set_defaults(func=cmd_ctl)
+
     p = sub.add_parser("demo", help="three demo backends with the balancer in front")
     p.add_argument("--port", type=int, default=8000, help="balancer port (default 8000)")
     p.add_argument("--backend-port", type=int, default=9001,
                    help="first demo backend port (default 9001, then +1, +2)")
     p.set_defaults(func=cmd_demo)
     return parser
+
+
+def add_socket_options(p) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("-s", "--socket", help="control socket path")
+    group.add_argument("-c", "--config", help="take control.socket from this config")
 
 
 def main(argv=None) -> int:

@@ -179,7 +179,7 @@ class Listener:
         self.name = cfg.name
         self.config = cfg
         self.runtime = _native.ListenerRuntime(cfg.name, hub)
-        self.servers: list = []
+        self.servers: dict = {}           # bind (str) -> asyncio server
         self.pool_name: str | None = None
         self.split: dict[str, int] | None = None
         self.configure(cfg, pools)
