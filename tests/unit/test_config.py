@@ -349,6 +349,32 @@ def test_schema_defaults_match_the_dataclass_defaults():
                 assert key.rule.convert(key.default, (), None) == f.default_factory()
 
 
+def test_default_config_mentions_every_key():
+    text = (ROOT / "conf" / "l4lb.toml").read_text()
+    for table in _schema_tables(SCHEMA):
+        for name in table.keys:
+            if table is SCHEMA:
+                continue
+            # as `key = ...`, a commented `# key ...` line, or a table header `[....key]`
+            assert re.search(rf"^#?\s*{name}\b|^\[.*\.{name}\]", text, re.M), \
+                f"conf/l4lb.toml lacks {name}"
+
+
+# -- shipped configs ---------------------------------------------------------------------
+
+def test_default_config_validates_and_fronts_the_demo_backends():
+    path = default_config_path()
+    assert path.name == "default.toml" and path.parent.name == "l4lb"
+    assert path.resolve() == (ROOT / "conf" / "l4lb.toml").resolve()
+    config = load_config(path)
+    [listener] = config.listeners.values()
+    assert [str(a) for a in listener.bind] == ["127.0.0.1:8000"]
+    [pool] = config.pools.values()
+    assert pool.algorithm == "rr"
+    assert [str(b.address) for b in pool.backends] == [f"127.0.0.1:{p}" for p in (9001, 9002, 9003)]
+    assert config.control.socket.name == "l4lb.sock" and config.control.socket.is_absolute()
+
+
 # -- addresses -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text, host, port, family, canonical", [
