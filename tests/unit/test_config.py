@@ -375,6 +375,16 @@ def test_default_config_validates_and_fronts_the_demo_backends():
     assert config.control.socket.name == "l4lb.sock" and config.control.socket.is_absolute()
 
 
+def test_there_are_examples():
+    assert {p.name for p in EXAMPLES} >= {"postgres.toml", "redis.toml", "canary.toml"}
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_example_config_validates(path):
+    config = load_config(path)
+    assert config.listeners and config.pools
+
+
 # -- addresses -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text, host, port, family, canonical", [
