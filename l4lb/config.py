@@ -1,74 +1,821 @@
-# TEMPORARY placeholder until the config branch merges (same public API, no validation).
-import socket, tomllib
+"""The config file: TOML in, validated dataclasses out (the format is DESIGN.md §4).
+
+How it works: tomllib turns the text into dicts and lists; one walk over SCHEMA, a tree of
+rules that mirrors the file's sections, converts every value into the dataclasses below
+and reports every problem it meets instead of stopping at the first; a last pass checks
+what spans sections (a listener naming a missing pool, one address bound twice). Every
+problem becomes a ConfigIssue `FILE:LINE key.path: message`, the line found by
+TomlLocator, and load_config raises one ConfigError carrying all of them.
+
+SCHEMA is data, not code: each key is a Key(rule, default, doc). The rule says what a
+valid value is (and, in words, what it expects), the default is written as the TOML value
+the file would hold, and the doc is the sentence the reference docs will print. Defaults
+pass through the same rule as written values, so a missing key and a written one come
+out identical.
+"""
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import json
+import math
+import re
+import socket
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
+
+from .tomlpos import KeyPath, TomlLocator
+
+__all__ = [
+    "Address", "BackendConfig", "Config", "ConfigError", "ConfigIssue", "ControlConfig",
+    "GlobalConfig", "HealthConfig", "ListenerConfig", "LogConfig", "MetricsConfig",
+    "PoolConfig", "SCHEMA", "default_config_path", "load_config", "parse_address",
+    "parse_config",
+]
+
+
+# -- errors ----------------------------------------------------------------------------
 
 class ConfigIssue(NamedTuple):
-    file: str; line: int; key: str; message: str
-    def __str__(self): return f"{self.file}:{self.line} {self.key}: {self.message}"
+    """One problem in a config file, at a line and a key path such as `pools.blue.backends[1].weight`.
+
+    `key` is empty for problems of the file as a whole (unreadable, not TOML); str()
+    then leaves the key out: `conf.toml:3: invalid TOML: ...`.
+    """
+    file: str
+    line: int
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        if not self.key:
+            return f"{self.file}:{self.line}: {self.message}"
+        return f"{self.file}:{self.line} {self.key}: {self.message}"
+
 
 class ConfigError(Exception):
-    def __init__(self, issues):
-        self.issues = issues; super().__init__("\n".join(map(str, issues)))
+    """A config file that cannot be used; `issues` holds every problem found, in line order."""
+
+    def __init__(self, issues: list[ConfigIssue]):
+        self.issues = sorted(issues, key=lambda issue: issue.line)
+        super().__init__("\n".join(str(issue) for issue in self.issues))
+
+    def __reduce__(self):
+        # Exception pickles its args (the joined text); rebuild from the issues instead.
+        return (ConfigError, (self.issues,))
+
+
+# -- addresses -------------------------------------------------------------------------
+
+# A hostname label; '_' is not RFC 1123 but container and service names use it.
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+_EXAMPLE_ADDRESSES = "'127.0.0.1:8000' or '[::1]:8000'"
+
 
 @dataclass(frozen=True)
 class Address:
-    host: str; port: int
+    """A TCP endpoint. `host` is an IP literal (IPv6 without brackets) or a hostname."""
+    host: str
+    port: int
+
     @property
-    def family(self): return socket.AF_INET6 if ":" in self.host else socket.AF_INET
-    def __str__(self): return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+    def family(self) -> socket.AddressFamily:
+        """AF_INET6 for an IPv6 literal, AF_INET for an IPv4 literal, AF_UNSPEC for a
+        hostname (it may resolve to either; let getaddrinfo decide)."""
+        if ":" in self.host:
+            return socket.AF_INET6
+        try:
+            ipaddress.IPv4Address(self.host)
+        except ValueError:
+            return socket.AF_UNSPEC
+        return socket.AF_INET
 
-def parse_address(s):
-    host, _, port = s.rpartition(":")
-    return Address(host.strip("[]"), int(port))
+    def __str__(self) -> str:
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+def parse_address(text: str) -> Address:
+    """Parse "host:port" ("[v6]:port" for IPv6) into an Address.
+
+    IP literals are normalized (`[0::1]` -> `::1`), hostnames lower-cased, so equal
+    endpoints compare equal and `parse_address(str(a)) == a`. Raises ValueError whose
+    message quotes the text and says what is wrong with it.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"bad address {text!r}: expected a string such as {_EXAMPLE_ADDRESSES}")
+
+    def bad(reason: str) -> ValueError:
+        return ValueError(f"bad address {text!r}: {reason}")
+
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise bad("no ']' closes the IPv6 address")
+        host, rest = text[1:end], text[end + 1:]
+        if not rest.startswith(":"):
+            raise bad("expected ':port' after ']'")
+        port_text = rest[1:]
+        try:
+            host = str(ipaddress.IPv6Address(host))
+        except ValueError:
+            raise bad(f"{host!r} is not an IPv6 address") from None
+    else:
+        host, colon, port_text = text.rpartition(":")
+        if not colon:
+            raise bad(f"expected host:port, such as {_EXAMPLE_ADDRESSES}")
+        if ":" in host:
+            raise bad("an IPv6 address needs brackets, as in '[::1]:8000'")
+        if not host:
+            raise bad("the host is empty (use '0.0.0.0' or '[::]' for every address)")
+        host = _normalize_host(host, bad)
+    if not (port_text.isascii() and port_text.isdigit() and len(port_text) <= 5
+            and int(port_text) <= 65535):
+        raise bad(f"the port must be a number from 0 to 65535, got {port_text!r}")
+    return Address(host, int(port_text))
+
+
+def _normalize_host(host: str, bad: Callable[[str], ValueError]) -> str:
+    """An IPv4 literal in canonical form, or a valid hostname lower-cased."""
+    if all(c.isdigit() or c == "." for c in host):
+        try:
+            return str(ipaddress.IPv4Address(host))
+        except ValueError:
+            raise bad(f"{host!r} is not an IPv4 address") from None
+    if len(host) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in host.split(".")):
+        raise bad(f"{host!r} is neither an IP address nor a hostname")
+    return host.lower()
+
+
+# -- the parsed config -----------------------------------------------------------------
+# Field defaults here must equal SCHEMA's (a unit test compares them).
 
 @dataclass
-class GlobalConfig: max_connections: int = 20000; shutdown_timeout: float = 30.0
+class GlobalConfig:
+    max_connections: int = 20000
+    shutdown_timeout: float = 30.0
+
+
 @dataclass
-class ControlConfig: socket: Path = Path("l4lb.sock"); mode: int = 0o600
+class ControlConfig:
+    socket: Path            # absolute: a relative path in the file is taken from the file's folder
+    mode: int = 0o600
+
+
 @dataclass
-class LogConfig: level: str = "info"; format: str = "json"; access: bool = True
+class LogConfig:
+    level: str = "info"
+    format: str = "json"
+    access: bool = True
+
+
 @dataclass
-class MetricsConfig: listen: Address | None = None
+class MetricsConfig:
+    listen: Address | None = None
+
+
 @dataclass
-class BackendConfig: name: str; address: Address; weight: int = 1; max_connections: int = 0
+class BackendConfig:
+    name: str
+    address: Address
+    weight: int = 1
+    max_connections: int = 0
+
+
 @dataclass
 class HealthConfig:
-    interval: float = 2.0; timeout: float = 1.0; rise: int = 2; fall: int = 3; send: str = ""; expect: str = ""; send_proxy: str = "off"
+    interval: float = 2.0
+    timeout: float = 1.0
+    rise: int = 2
+    fall: int = 3
+    send: str = ""
+    expect: str = ""
+    send_proxy: str = "off"
+
+
 @dataclass
 class PoolConfig:
-    name: str; algorithm: str = "wrr"; hash_key: str = "src_ip"; slow_start: float = 0.0; on_down: str = "keep"
-    backends: list = field(default_factory=list); health: HealthConfig | None = None
+    name: str
+    algorithm: str = "wrr"
+    hash_key: str = "src_ip"
+    slow_start: float = 0.0
+    on_down: str = "keep"
+    backends: list[BackendConfig] = field(default_factory=list)
+    health: HealthConfig | None = None
+
+
 @dataclass
 class ListenerConfig:
-    name: str; bind: list; pool: str | None = None; split: dict | None = None; sticky_split: bool = True
-    connect_timeout: float = 2.0; idle_timeout: float = 600.0; retries: int = 2; send_proxy: str = "off"
-    accept_proxy: bool = False; proxy_timeout: float = 5.0; allow: list = field(default_factory=list)
-    deny: list = field(default_factory=list); max_connections: int = 10000; per_source_max_connections: int = 0
-    per_source_rate: float = 0.0; queue_timeout: float = 5.0
+    name: str
+    bind: list[Address]
+    pool: str | None = None
+    split: dict[str, int] | None = None
+    sticky_split: bool = True
+    connect_timeout: float = 2.0
+    idle_timeout: float = 600.0
+    retries: int = 2
+    send_proxy: str = "off"
+    accept_proxy: bool = False
+    proxy_timeout: float = 5.0
+    allow: list[str] = field(default_factory=list)
+    deny: list[str] = field(default_factory=list)
+    max_connections: int = 10000
+    per_source_max_connections: int = 0
+    per_source_rate: float = 0.0
+    queue_timeout: float = 5.0
+
+
 @dataclass
 class Config:
-    path: Path; global_: GlobalConfig; control: ControlConfig; log: LogConfig; metrics: MetricsConfig
-    listeners: dict; pools: dict
+    path: Path              # absolute path of the file it was read from
+    global_: GlobalConfig
+    control: ControlConfig
+    log: LogConfig
+    metrics: MetricsConfig
+    listeners: dict[str, ListenerConfig]
+    pools: dict[str, PoolConfig]
 
-def default_config_path(): return Path(__file__).with_name("default.toml")
 
-def load_config(path):
-    path = Path(path)
-    return parse_config(path.read_text(), path)
+# -- rules: what a valid value is -------------------------------------------------------
 
-def parse_config(text, path):
-    path = Path(path); d = tomllib.loads(text)
-    pools = {}
-    for name, p in d.get("pools", {}).items():
-        p = dict(p); h = p.pop("health", None)
-        bs = [BackendConfig(**{**b, "address": parse_address(b["address"])}) for b in p.pop("backends", [])]
-        pools[name] = PoolConfig(name=name, backends=bs, health=HealthConfig(**h) if h is not None else None, **p)
-    listeners = {n: ListenerConfig(name=n, **{**l, "bind": [parse_address(b) for b in l["bind"]]}) for n, l in d.get("listeners", {}).items()}
-    c = d.get("control", {})
-    sock = Path(c.get("socket", "l4lb.sock"))
-    if not sock.is_absolute(): sock = path.parent / sock
-    m = d.get("metrics", {})
-    return Config(path, GlobalConfig(**d.get("global", {})), ControlConfig(sock, c.get("mode", 0o600)), LogConfig(**d.get("log", {})),
-                  MetricsConfig(parse_address(m["listen"]) if "listen" in m else None), listeners, pools)
+class _Marker:
+    """A named stand-in value that cannot be confused with anything read from TOML."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+# Stands in for a value already reported as wrong; a config holding it is never returned.
+INVALID: Any = _Marker("INVALID")
+# The default of a key that has none.
+REQUIRED: Any = _Marker("REQUIRED")
+
+# The compiled hot path keeps counters and limits in C ints.
+C_INT_MAX = 2**31 - 1
+# sun_path holds 108 bytes including the terminating NUL.
+UNIX_PATH_MAX = 107
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+
+Report = Callable[[KeyPath, str], None]
+
+
+def show(value: Any) -> str:
+    """A value as a message quotes it: TOML spelling for booleans, short for containers."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return repr(value if len(value) <= 60 else value[:57] + "...")
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return str(value)
+
+
+def suggest(word: str, known) -> str:
+    """' (did you mean 'x'?)' for the closest of `known`, or '' when nothing is close."""
+    close = difflib.get_close_matches(str(word), list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+class Rule:
+    """Turns one raw TOML value into its Python value, or reports why it cannot.
+
+    Scalar rules implement `check`, raising ValueError with the message; `expects` says
+    in words what a valid value looks like ("an integer from 0 to 10000") for messages
+    and for the reference docs.
+    """
+    expects = "a value"
+
+    def convert(self, raw: Any, path: KeyPath, report: Report) -> Any:
+        """The converted value, or INVALID after reporting the problem at `path`."""
+        try:
+            return self.check(raw)
+        except ValueError as exc:
+            report(path, str(exc))
+            return INVALID
+
+    def check(self, raw: Any) -> Any:
+        raise NotImplementedError
+
+    def reject(self, raw: Any) -> ValueError:
+        return ValueError(f"must be {self.expects}, got {show(raw)}")
+
+
+class Integer(Rule):
+    def __init__(self, low: int = 0, high: int = C_INT_MAX):
+        self.low, self.high = low, high
+        self.expects = f"an integer from {low} to {high}"
+
+    def check(self, raw):
+        if isinstance(raw, bool) or not isinstance(raw, int) or not self.low <= raw <= self.high:
+            raise self.reject(raw)
+        return raw
+
+
+class FileMode(Integer):
+    def __init__(self):
+        super().__init__(0, 0o777)
+        self.expects = "a file mode from 0o000 to 0o777"
+
+    def reject(self, raw):
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return ValueError(f"must be {self.expects}, got {oct(raw)}")
+        return super().reject(raw)
+
+
+class Number(Rule):
+    """A finite float; TOML integers are accepted (`timeout = 2` means 2.0)."""
+
+    def __init__(self, low: float = 0.0, *, above: bool = False, high: float | None = None):
+        self.low, self.above, self.high = low, above, high
+        low_text = f"{low:g}"
+        if high is not None:
+            self.expects = f"a number from {low_text} to {high:g}"
+        elif above:
+            self.expects = f"a number greater than {low_text}"
+        else:
+            self.expects = f"a number of at least {low_text}"
+
+    def check(self, raw):
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+            raise self.reject(raw)
+        value = float(raw)
+        if (not math.isfinite(value) or value < self.low or (self.above and value == self.low)
+                or (self.high is not None and value > self.high)):
+            raise self.reject(raw)
+        return value
+
+
+class Boolean(Rule):
+    expects = "true or false"
+
+    def check(self, raw):
+        if not isinstance(raw, bool):
+            raise self.reject(raw)
+        return raw
+
+
+class Text(Rule):
+    expects = "a string"
+
+    def check(self, raw):
+        if not isinstance(raw, str):
+            raise self.reject(raw)
+        return raw
+
+
+class Choice(Rule):
+    def __init__(self, *words: str):
+        self.words = words
+        self.expects = "one of " + ", ".join(repr(w) for w in words)
+
+    def check(self, raw):
+        if not isinstance(raw, str) or raw not in self.words:
+            hint = suggest(raw, self.words) if isinstance(raw, str) else ""
+            raise ValueError(f"must be {self.expects}, got {show(raw)}{hint}")
+        return raw
+
+
+class Name(Rule):
+    """A listener, pool or backend name: it appears in control commands (`POOL/BACKEND`,
+    `POOL=PCT`), so '/', '=', spaces and the like are kept out."""
+    expects = "a name of 1 to 64 letters, digits, '_', '-' or '.', not starting with '-' or '.'"
+
+    def check(self, raw):
+        if not isinstance(raw, str) or not NAME_PATTERN.fullmatch(raw):
+            raise self.reject(raw)
+        return raw
+
+
+class AddressRule(Rule):
+    expects = f"a 'host:port' string such as {_EXAMPLE_ADDRESSES}"
+
+    def check(self, raw):
+        if not isinstance(raw, str):
+            raise self.reject(raw)
+        return parse_address(raw)
+
+
+class Cidr(Rule):
+    """An IPv4 or IPv6 network; host bits are allowed and cleared (10.1.2.3/8 -> 10.0.0.0/8)."""
+    expects = "a CIDR such as '10.0.0.0/8' or 'fd00::/8' (a bare address means /32 or /128)"
+
+    def check(self, raw):
+        if not isinstance(raw, str):
+            raise self.reject(raw)
+        try:
+            return str(ipaddress.ip_network(raw, strict=False))
+        except ValueError:
+            raise ValueError(f"must be {self.expects}, got {show(raw)}") from None
+
+
+class SocketPath(Rule):
+    """A Unix socket path; relative paths are made absolute by the loader (see _resolve_paths)."""
+    expects = "a file path"
+
+    def check(self, raw):
+        if not isinstance(raw, str) or not raw or "\0" in raw:
+            raise self.reject(raw)
+        return Path(raw)
+
+
+class ListOf(Rule):
+    def __init__(self, item: Rule, *, min_items: int = 0, expects: str | None = None):
+        self.item, self.min_items = item, min_items
+        self.expects = expects or f"an array of ({item.expects})"
+
+    def convert(self, raw, path, report):
+        if not isinstance(raw, list):
+            report(path, f"must be {self.expects}, got {show(raw)}")
+            return INVALID
+        if len(raw) < self.min_items:
+            report(path, f"must hold at least {self.min_items} item(s), got an empty array")
+        return [self.item.convert(value, path + (i,), report) for i, value in enumerate(raw)]
+
+
+class Percentages(Rule):
+    """A table of name -> integer percentage; whether they sum to 100 is the listener's check."""
+    expects = "a table of pool = percentage, such as { blue = 90, green = 10 }"
+    percent = Integer(0, 100)
+
+    def convert(self, raw, path, report):
+        if not isinstance(raw, dict):
+            report(path, f"must be {self.expects}, got {show(raw)}")
+            return INVALID
+        return {name: self.percent.convert(value, path + (name,), report)
+                for name, value in raw.items()}
+
+
+class Key(NamedTuple):
+    """One key of a table: its rule, its default as written in TOML, and its doc line.
+
+    default: REQUIRED (no default), None (absent means None), or a TOML value that is
+    converted by `rule` exactly as if the file held it.
+    """
+    rule: Rule
+    default: Any
+    doc: str
+    attribute: str = ""   # the dataclass field, when it differs from the key ("global" -> "global_")
+
+
+class Table(Rule):
+    """A TOML table whose keys are listed in `keys`, converted into `cls`.
+
+    Unknown keys are reported with the closest known key as a hint; `check`, if given,
+    runs on the built object for rules that span several keys of this table.
+    """
+
+    def __init__(self, cls: type, keys: dict[str, Key], doc: str,
+                 check: Callable[[Any, KeyPath, Report], None] | None = None):
+        self.cls, self.keys, self.doc, self.check_object = cls, keys, doc, check
+        self.expects = "a table"
+
+    def convert(self, raw, path, report, extra: dict | None = None):
+        """The built `cls`, with `extra` fields (a table's name) beside its keys."""
+        if not isinstance(raw, dict):
+            report(path, f"must be a table, got {show(raw)}")
+            return INVALID
+        for key in raw:
+            if key not in self.keys:
+                report(path + (key,), f"unknown key {key!r}{suggest(key, self.keys)}")
+        values = dict(extra or {})
+        for key, spec in self.keys.items():
+            name = spec.attribute or key
+            if key in raw:
+                values[name] = spec.rule.convert(raw[key], path + (key,), report)
+            elif spec.default is REQUIRED:
+                report(path + (key,), "required key is missing")
+                values[name] = INVALID
+            elif spec.default is None:
+                values[name] = None
+            else:
+                values[name] = spec.rule.convert(spec.default, path + (key,), report)
+        obj = self.cls(**values)
+        if self.check_object is not None:
+            self.check_object(obj, path, report)
+        return obj
+
+
+class TableOf(Rule):
+    """A table of named tables (`[pools.NAME]`); each name is passed to the inner table."""
+
+    def __init__(self, table: Table, what: str):
+        self.table, self.what = table, what
+        self.expects = f"a table of {what}"
+
+    def convert(self, raw, path, report):
+        if not isinstance(raw, dict):
+            report(path, f"must be {self.expects}, got {show(raw)}")
+            return INVALID
+        result = {}
+        for name, body in raw.items():
+            if not NAME_PATTERN.fullmatch(name):
+                report(path + (name,), f"bad name {name!r}: must be {Name.expects}")
+            result[name] = self.table.convert(body, path + (name,), report, extra={"name": name})
+        return result
+
+
+# -- checks that span several keys -----------------------------------------------------
+
+def check_listener(listener: ListenerConfig, path: KeyPath, report: Report) -> None:
+    """Exactly one of pool/split; a split's percentages sum to 100."""
+    if listener.pool is None and listener.split is None:
+        report(path, "needs 'pool' (one active pool) or 'split' (percentages per pool)")
+    elif listener.pool is not None and listener.split is not None:
+        report(path + ("split",), "set either 'pool' or 'split', not both")
+    if isinstance(listener.split, dict):
+        percents = list(listener.split.values())
+        if all(isinstance(p, int) for p in percents) and sum(percents) != 100:
+            report(path + ("split",), f"percentages must sum to 100, got {sum(percents)}")
+
+
+def check_pool(pool: PoolConfig, path: KeyPath, report: Report) -> None:
+    """Backend names are unique within a pool (control commands name them)."""
+    if not isinstance(pool.backends, list):
+        return
+    first_index: dict[str, int] = {}
+    for i, backend in enumerate(pool.backends):
+        if not isinstance(backend, BackendConfig) or not isinstance(backend.name, str):
+            continue
+        if backend.name in first_index:
+            report(path + ("backends", i, "name"),
+                   f"duplicate backend name {backend.name!r} (also backends[{first_index[backend.name]}])")
+        else:
+            first_index[backend.name] = i
+
+
+def check_references(config: Config, report: Report) -> None:
+    """Pools named by listeners exist; no address is bound twice (listeners and metrics)."""
+    listeners = config.listeners if isinstance(config.listeners, dict) else {}
+    pools = config.pools if isinstance(config.pools, dict) else {}
+    for name, listener in listeners.items():
+        if not isinstance(listener, ListenerConfig):
+            continue
+        path = ("listeners", name)
+        if isinstance(listener.pool, str) and listener.pool not in pools:
+            report(path + ("pool",), f"no pool named {listener.pool!r}{_pools_hint(listener.pool, pools)}")
+        if isinstance(listener.split, dict):
+            for pool in listener.split:
+                if pool not in pools:
+                    report(path + ("split", pool), f"no pool named {pool!r}{_pools_hint(pool, pools)}")
+
+    bound: dict[Address, KeyPath] = {}
+    for path, address in _bound_addresses(config, listeners):
+        # Port 0 asks the kernel for a fresh port on each bind: never a clash.
+        if address.port == 0:
+            continue
+        if address in bound:
+            report(path, f"{address} is already bound by {format_path(bound[address])}")
+        else:
+            bound[address] = path
+
+
+def _bound_addresses(config: Config, listeners: dict):
+    for name, listener in listeners.items():
+        if isinstance(listener, ListenerConfig) and isinstance(listener.bind, list):
+            for i, address in enumerate(listener.bind):
+                if isinstance(address, Address):
+                    yield ("listeners", name, "bind", i), address
+    if isinstance(config.metrics, MetricsConfig) and isinstance(config.metrics.listen, Address):
+        yield ("metrics", "listen"), config.metrics.listen
+
+
+def _pools_hint(name: str, pools: dict) -> str:
+    hint = suggest(name, pools)
+    if hint or not pools:
+        return hint or " (no pools are defined)"
+    return f" (pools: {', '.join(sorted(pools))})"
+
+
+def _resolve_paths(config: Config, folder: Path, report: Report) -> None:
+    """Make control.socket absolute (relative to the config file's folder) and check its length."""
+    control = config.control
+    if not isinstance(control, ControlConfig) or not isinstance(control.socket, Path):
+        return
+    control.socket = folder / control.socket   # an absolute socket path stays as it is
+    size = len(str(control.socket).encode("utf-8", "surrogateescape"))
+    if size > UNIX_PATH_MAX:
+        report(("control", "socket"),
+               f"{str(control.socket)!r} is {size} bytes long; Unix socket paths are limited "
+               f"to {UNIX_PATH_MAX}: use a shorter or absolute path")
+
+
+# -- the schema ------------------------------------------------------------------------
+
+SEND_PROXY = Choice("off", "v1", "v2")
+
+GLOBAL = Table(GlobalConfig, {
+    "max_connections": Key(Integer(), 20000,
+        "Client connections open at once across all listeners; beyond it, accepting "
+        "pauses until some close (the process never crashes for lack of room). 0 = unlimited."),
+    "shutdown_timeout": Key(Number(), 30.0,
+        "Seconds open connections get to finish on SIGTERM/SIGINT before they are closed; "
+        "0 closes them at once."),
+}, doc="Process-wide limits.")
+
+CONTROL = Table(ControlConfig, {
+    "socket": Key(SocketPath(), "l4lb.sock",
+        "Path of the Unix control socket used by `l4lb ctl` and `l4lb deploy`; a relative "
+        "path is taken from the folder of this config file."),
+    "mode": Key(FileMode(), 0o600,
+        "File mode the socket is created with (before it listens): who may control the "
+        "balancer."),
+}, doc="The control socket.")
+
+LOG = Table(LogConfig, {
+    "level": Key(Choice("debug", "info", "warning", "error"), "info",
+        "Least severe event written: debug | info | warning | error."),
+    "format": Key(Choice("json", "console"), "json",
+        "json: one JSON object per line on stderr, for machines; console: aligned text for people."),
+    "access": Key(Boolean(), True,
+        "Write one `connection_closed` line per closed connection (the access log)."),
+}, doc="Logging (structlog, to stderr).")
+
+METRICS = Table(MetricsConfig, {
+    "listen": Key(AddressRule(), None,
+        "host:port of the Prometheus endpoint (GET /metrics); leave the key out to turn "
+        "metrics off."),
+}, doc="The Prometheus endpoint.")
+
+BACKEND = Table(BackendConfig, {
+    "name": Key(Name(), REQUIRED,
+        "The backend's name, unique in its pool; control commands call it POOL/NAME."),
+    "address": Key(AddressRule(), REQUIRED,
+        "host:port the balancer connects to (IPv6 as \"[::1]:9001\")."),
+    "weight": Key(Integer(0, 10000), 1,
+        "Share of new connections relative to the pool's other backends; 0 = none."),
+    "max_connections": Key(Integer(), 0,
+        "Connections open to this backend at once; a full backend is skipped, and when "
+        "all are full clients queue (listener queue_timeout). 0 = unlimited."),
+}, doc="One backend server of a pool.")
+
+HEALTH = Table(HealthConfig, {
+    "interval": Key(Number(0, above=True), 2.0, "Seconds between two probes of a backend."),
+    "timeout": Key(Number(0, above=True), 1.0,
+        "Seconds a probe may take (connect, send, and reading the reply) before it counts as failed."),
+    "rise": Key(Integer(1), 2, "Consecutive passed probes that mark a down backend up."),
+    "fall": Key(Integer(1), 3, "Consecutive failed probes that mark an up backend down."),
+    "send": Key(Text(), "",
+        "Text sent (UTF-8) after connecting; empty = a plain TCP connect check."),
+    "expect": Key(Text(), "",
+        "Text the reply must contain for the probe to pass; empty = connecting is enough."),
+    "send_proxy": Key(SEND_PROXY, "off",
+        "off | v1 | v2: send a PROXY protocol header first, for backends that require one."),
+}, doc="Active health checks of a pool's backends; without this table backends stay up.")
+
+POOL = Table(PoolConfig, {
+    "algorithm": Key(Choice("rr", "wrr", "leastconn", "hash", "lrt", "p2c"), "wrr",
+        "How a backend is picked: rr round robin, wrr smooth weighted round robin, "
+        "leastconn fewest active connections (per weight), hash consistent hashing "
+        "(Maglev) of hash_key, lrt lowest response time, p2c power of two random choices."),
+    "hash_key": Key(Choice("src_ip", "src_ip_port"), "src_ip",
+        "What `hash` hashes: the client IP (a client keeps its backend) or IP and port."),
+    "slow_start": Key(Number(), 0.0,
+        "Seconds over which a backend that comes back up ramps from little to its full weight; 0 = at once."),
+    "on_down": Key(Choice("keep", "close"), "keep",
+        "keep | close: what happens to a backend's open connections when it is marked down."),
+    "backends": Key(ListOf(BACKEND, expects="an array of backend tables"), [],
+        "The servers of this pool, as an array of inline tables "
+        "{ name, address, weight, max_connections }; may be empty (add them at run time)."),
+    "health": Key(HEALTH, None, "The [pools.NAME.health] table; absent = no active checks."),
+}, doc="A named set of backends and how to pick among them.", check=check_pool)
+
+LISTENER = Table(ListenerConfig, {
+    "bind": Key(ListOf(AddressRule(), min_items=1,
+                       expects="an array of 'host:port' strings such as [\"127.0.0.1:8000\"]"),
+                REQUIRED,
+        "Addresses to accept on, as host:port strings; IPv6 as \"[::1]:8000\"."),
+    "pool": Key(Name(), None, "The pool new connections go to; set this or split."),
+    "split": Key(Percentages(), None,
+        "Instead of pool: percentages of new connections per pool, summing to 100 (canary, A/B)."),
+    "sticky_split": Key(Boolean(), True,
+        "With split: a client IP always lands on the same side, as long as the split is unchanged."),
+    "connect_timeout": Key(Number(0, above=True), 2.0,
+        "Seconds to establish the connection to a backend before trying another."),
+    "idle_timeout": Key(Number(0, above=True), 600.0,
+        "Seconds with no byte in either direction after which both sides are closed."),
+    "retries": Key(Integer(0, 32), 2,
+        "Other backends tried when connecting to one fails (never the one that just failed)."),
+    "send_proxy": Key(SEND_PROXY, "off",
+        "off | v1 | v2: send a PROXY protocol header with the client's address to the backend first."),
+    "accept_proxy": Key(Boolean(), False,
+        "Expect a PROXY v1 or v2 header from the client side (an upstream balancer); its "
+        "address then stands for the client's everywhere."),
+    "proxy_timeout": Key(Number(0, above=True), 5.0,
+        "With accept_proxy: seconds a client has to send its whole PROXY header; a slower "
+        "one is closed and counted (a slowloris guard)."),
+    "allow": Key(ListOf(Cidr(), expects="an array of CIDR strings"), [],
+        "CIDRs whose clients may connect; empty = everyone."),
+    "deny": Key(ListOf(Cidr(), expects="an array of CIDR strings"), [],
+        "CIDRs whose clients are refused; checked after allow."),
+    "max_connections": Key(Integer(), 10000,
+        "Client connections open at once on this listener; beyond it a new one is closed "
+        "at once and counted. 0 = unlimited."),
+    "per_source_max_connections": Key(Integer(), 0,
+        "Connections open at once from one client IP; 0 = unlimited."),
+    "per_source_rate": Key(Number(), 0.0,
+        "New connections per second allowed from one client IP (burst of the same size); 0 = unlimited."),
+    "queue_timeout": Key(Number(), 5.0,
+        "Seconds a client may wait for a slot when every backend is at its max_connections; "
+        "0 = do not queue, close at once."),
+}, doc="A set of listening addresses in front of a pool or a split of pools.",
+    check=check_listener)
+
+SCHEMA = Table(Config, {
+    "global": Key(GLOBAL, {}, GLOBAL.doc, attribute="global_"),
+    "control": Key(CONTROL, {}, CONTROL.doc),
+    "log": Key(LOG, {}, LOG.doc),
+    "metrics": Key(METRICS, {}, METRICS.doc),
+    "listeners": Key(TableOf(LISTENER, "listeners"), {},
+        "[listeners.NAME] tables. A config without listeners is valid (HAProxy accepts one "
+        "without frontends) but serves nothing."),
+    "pools": Key(TableOf(POOL, "pools"), {},
+        "[pools.NAME] tables; a pool no listener names is kept ready (blue-green standby)."),
+}, doc="An l4lb config file.")
+
+
+# -- loading ---------------------------------------------------------------------------
+
+_TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
+_TOML_END = re.compile(r"\s*\(at end of document\)$")
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def format_path(path: KeyPath) -> str:
+    """('pools', 'blue', 'backends', 1, 'weight') -> 'pools.blue.backends[1].weight'."""
+    text = ""
+    for part in path:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            key = part if _BARE_KEY.fullmatch(part) else json.dumps(part, ensure_ascii=False)
+            text += f".{key}" if text else key
+    return text
+
+
+def default_config_path() -> Path:
+    """The annotated default config shipped in the package (conf/l4lb.toml in the source tree)."""
+    return Path(__file__).with_name("default.toml")
+
+
+def load_config(path) -> Config:
+    """Read and validate the config file at `path`.
+
+    Raises ConfigError listing every problem, including an unreadable file, bytes that
+    are not UTF-8 and TOML syntax errors (with the line tomllib reports).
+    """
+    name = str(path)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigError([ConfigIssue(name, 1, "", f"cannot read the config file: {reason}")]) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError([ConfigIssue(name, line, "", "the file is not UTF-8 text")]) from None
+    return parse_config(text, path)
+
+
+def parse_config(text: str, path) -> Config:
+    """Validate the TOML `text` of the config file `path` (named in messages; relative
+    control.socket paths are taken from its folder). Raises ConfigError listing every problem."""
+    name = str(path)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([_syntax_issue(name, text, str(exc))]) from None
+
+    locator = TomlLocator(text)
+    issues: list[ConfigIssue] = []
+
+    def report(key_path: KeyPath, message: str) -> None:
+        issues.append(ConfigIssue(name, locator.line_of(key_path), format_path(key_path), message))
+
+    absolute = Path(path).absolute()
+    config = SCHEMA.convert(data, (), report, extra={"path": absolute})
+    check_references(config, report)
+    _resolve_paths(config, absolute.parent, report)
+    if issues:
+        raise ConfigError(issues)
+    return config
+
+
+def _syntax_issue(name: str, text: str, message: str) -> ConfigIssue:
+    """A TOML syntax error as an issue at the line tomllib names (the last line at end of text)."""
+    position = _TOML_POSITION.search(message)
+    if position:
+        line = int(position.group(1))
+        message = f"{message[:position.start()]} (column {position.group(2)})"
+    else:
+        line = text.count("\n") + 1
+        message = _TOML_END.sub(" (at the end of the file)", message)
+    return ConfigIssue(name, line, "", f"invalid TOML: {message}")
