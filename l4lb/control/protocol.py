@@ -458,7 +458,8 @@ def _find_command(tokens: list[str]) -> tuple[CommandSpec, list[str]]:
 
 def _unknown_command_message(name: str, tokens: list[str]) -> str:
     """Name the unknown command and the closest known one, judged on one or two words."""
-    guesses = (" ".join(tokens[:2]).lower(), name)
+    # Only short guesses: nothing long is close to a command, and difflib is quadratic.
+    guesses = [g for g in (" ".join(tokens[:2]).lower(), name) if len(g) <= _QUOTE_MAX]
     matches = [m for g in guesses for m in difflib.get_close_matches(g, COMMANDS_BY_NAME, 1)]
     hint = f"; did you mean {matches[0]!r}?" if matches else ""
     return f"unknown command {_quote(name)}{hint} (try 'help')"
