@@ -66,7 +66,10 @@ MAX_LINE = 64 * 1024
 # no other names, or some objects could not be addressed from here.
 NAME_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}"
 _NAME_RE = re.compile(NAME_PATTERN)
-_DIGITS_RE = re.compile(r"[0-9]+")  # not int(): it also takes "+5", "1_000" and "٥"
+_DIGITS_RE = re.compile(r"[0-9]+")  # not int() alone: it also takes "+5", "1_000" and "٥"
+# Digits beyond this make any number out of every range here; int() of a string over 4300
+# digits raises ValueError (CVE-2020-10735 limit), so longer ones are never converted.
+_MAX_DIGITS = 18
 _DECIMAL_RE = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")  # not float(): "inf", "nan", "1e9"
 _HOSTNAME_LABEL_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _MAX_HOSTNAME = 253  # RFC 1035 §2.3.4, without the trailing dot
@@ -259,6 +262,18 @@ class Command:
 # ---------------------------------------------------------------------------------------
 # Argument parsers: text -> {key: value}; ControlError (message without usage) on failure.
 
+_QUOTE_MAX = 40  # characters of client input echoed in an error message
+
+
+def _quote(text: str) -> str:
+    """``text`` quoted for an error message, cut short: a 64 KiB token is not echoed."""
+    return repr(text) if len(text) <= _QUOTE_MAX else repr(text[:_QUOTE_MAX]) + "..."
+
+
+def _shorten(text: str) -> str:
+    """``text`` as is for an error message, cut short like _quote."""
+    return text if len(text) <= _QUOTE_MAX else text[:_QUOTE_MAX] + "..."
+
 
 def _parse_name(spec: ArgSpec, text: str) -> dict[str, Any]:
     return {spec.key: _check_name(text, spec.metavar)}
@@ -267,7 +282,7 @@ def _parse_name(spec: ArgSpec, text: str) -> dict[str, Any]:
 def _check_name(text: str, what: str) -> str:
     if not _NAME_RE.fullmatch(text):
         raise ControlError(
-            f"bad {what} {text!r}: names are 1-64 letters, digits, '_', '.' or '-', "
+            f"bad {what} {_quote(text)}: names are 1-64 letters, digits, '_', '.' or '-', "
             "not starting with '.' or '-'"
         )
     return text
@@ -276,7 +291,9 @@ def _check_name(text: str, what: str) -> str:
 def _parse_backend_ref(spec: ArgSpec, text: str) -> dict[str, Any]:
     pool, slash, backend = text.partition("/")
     if not slash:
-        raise ControlError(f"bad {spec.metavar} {text!r}: want POOL/BACKEND, e.g. blue/app1")
+        raise ControlError(
+            f"bad {spec.metavar} {_quote(text)}: want POOL/BACKEND, e.g. blue/app1"
+        )
     return {"pool": _check_name(pool, "POOL"), "backend": _check_name(backend, "BACKEND")}
 
 
@@ -286,23 +303,33 @@ def _parse_backend_filter(spec: ArgSpec, text: str) -> dict[str, Any]:
     return {"pool": _check_name(text, "POOL"), "backend": None}
 
 
-def _parse_count(spec: ArgSpec, text: str) -> dict[str, Any]:
+def _parse_natural(text: str) -> int | None:
+    """ASCII decimal digits -> int (saturated at 10**_MAX_DIGITS); None if not digits."""
     if not _DIGITS_RE.fullmatch(text):
-        raise ControlError(f"bad {spec.key} {text!r}: want a whole number like 50")
-    value = int(text)
+        return None
+    digits = text.lstrip("0") or "0"
+    return int(digits) if len(digits) <= _MAX_DIGITS else 10**_MAX_DIGITS
+
+
+def _parse_count(spec: ArgSpec, text: str) -> dict[str, Any]:
+    value = _parse_natural(text)
+    if value is None:
+        raise ControlError(f"bad {spec.key} {_quote(text)}: want a whole number like 50")
     if value < spec.low or (spec.high is not None and value > spec.high):
         bound = f"between {spec.low} and {spec.high}" if spec.high is not None else (
             f"at least {spec.low}")
-        raise ControlError(f"{spec.key} must be {bound}, got {text}")
+        raise ControlError(f"{spec.key} must be {bound}, got {_shorten(text)}")
     return {spec.key: value}
 
 
 def _parse_timeout(spec: ArgSpec, text: str) -> dict[str, Any]:
     if not _DECIMAL_RE.fullmatch(text):
-        raise ControlError(f"bad {spec.metavar} {text!r}: want seconds like 30 or 2.5")
+        raise ControlError(f"bad {spec.metavar} {_quote(text)}: want seconds like 30 or 2.5")
     value = float(text)
     if not (value > 0 and math.isfinite(value)):
-        raise ControlError(f"{spec.metavar} must be more than 0 seconds, got {text}")
+        raise ControlError(
+            f"{spec.metavar} must be a positive, finite number of seconds, got {_shorten(text)}"
+        )
     return {spec.key: value}
 
 
@@ -313,10 +340,11 @@ def _parse_address(spec: ArgSpec, text: str) -> dict[str, Any]:
 def _parse_split_item(text: str) -> tuple[str, int]:
     pool, equals, pct = text.partition("=")
     if not equals:
-        raise ControlError(f"bad POOL=PCT {text!r}: want e.g. blue=90")
-    if not _DIGITS_RE.fullmatch(pct) or int(pct) > 100:
-        raise ControlError(f"bad percentage in {text!r}: want a whole number 0..100")
-    return _check_name(pool, "POOL"), int(pct)
+        raise ControlError(f"bad POOL=PCT {_quote(text)}: want e.g. blue=90")
+    value = _parse_natural(pct)
+    if value is None or value > 100:
+        raise ControlError(f"bad percentage in {_quote(text)}: want a whole number 0..100")
+    return _check_name(pool, "POOL"), value
 
 
 def _parse_split(spec: ArgSpec, tokens: list[str]) -> dict[str, Any]:
@@ -353,30 +381,34 @@ def parse_host_port(text: str) -> tuple[str, int]:
     """
     host, colon, port_text = text.rpartition(":")
     if not colon or not host:
-        raise ControlError(f"bad HOST:PORT {text!r}: want e.g. 127.0.0.1:9001 or [::1]:9001")
-    if not _DIGITS_RE.fullmatch(port_text) or not 1 <= int(port_text) <= 65535:
-        raise ControlError(f"bad port in {text!r}: want 1..65535")
-    port = int(port_text)
+        raise ControlError(
+            f"bad HOST:PORT {_quote(text)}: want e.g. 127.0.0.1:9001 or [::1]:9001"
+        )
+    port = _parse_natural(port_text)
+    if port is None or not 1 <= port <= 65535:
+        raise ControlError(f"bad port in {_quote(text)}: want 1..65535")
     if host.startswith("[") and host.endswith("]"):
         inner = host[1:-1]
         try:
             address = ipaddress.IPv6Address(inner)
         except ValueError:
-            raise ControlError(f"bad IPv6 address {inner!r} in {text!r}") from None
+            raise ControlError(f"bad IPv6 address {_quote(inner)} in {_quote(text)}") from None
         if address.scope_id is not None:
-            raise ControlError(f"IPv6 zone ids are not supported: {text!r}")
+            raise ControlError(f"IPv6 zone ids are not supported: {_quote(text)}")
         return address.compressed, port
     if ":" in host:
-        raise ControlError(f"bad HOST:PORT {text!r}: IPv6 addresses need brackets, "
-                           f"e.g. [{host}]:{port}")
+        example = f"[{host}]:{port}" if len(host) <= _QUOTE_MAX else "[::1]:9001"
+        raise ControlError(
+            f"bad HOST:PORT {_quote(text)}: IPv6 addresses need brackets, e.g. {example}"
+        )
     if all(label.isdigit() for label in host.split(".")):  # looks numeric: must be IPv4
         try:
             return str(ipaddress.IPv4Address(host)), port
         except ValueError:
-            raise ControlError(f"bad IPv4 address {host!r} in {text!r}") from None
+            raise ControlError(f"bad IPv4 address {_quote(host)} in {_quote(text)}") from None
     labels = host.removesuffix(".").split(".")
     if len(host) > _MAX_HOSTNAME or not all(_HOSTNAME_LABEL_RE.fullmatch(x) for x in labels):
-        raise ControlError(f"bad host name {host!r} in {text!r}")
+        raise ControlError(f"bad host name {_quote(host)} in {_quote(text)}")
     return host.lower(), port
 
 
@@ -412,7 +444,7 @@ def _find_command(tokens: list[str]) -> tuple[CommandSpec, list[str]]:
     if first in _PREFIXES:
         if len(tokens) == 1:
             choices = ", ".join(s.usage for s in COMMANDS if s.words[0] == first)
-            raise ControlError(f"incomplete command {first!r}: one of {choices}")
+            raise ControlError(f"incomplete command {_quote(first)}: one of {choices}")
         name = f"{first} {tokens[1].lower()}"
         rest = tokens[2:]
     else:
@@ -426,11 +458,11 @@ def _find_command(tokens: list[str]) -> tuple[CommandSpec, list[str]]:
 
 def _unknown_command_message(name: str, tokens: list[str]) -> str:
     """Name the unknown command and the closest known one, judged on one or two words."""
-    shown = name if len(name) <= 40 else name[:40] + "..."
-    guesses = (" ".join(tokens[:2]).lower(), name)
+    # Only short guesses: nothing long is close to a command, and difflib is quadratic.
+    guesses = [g for g in (" ".join(tokens[:2]).lower(), name) if len(g) <= _QUOTE_MAX]
     matches = [m for g in guesses for m in difflib.get_close_matches(g, COMMANDS_BY_NAME, 1)]
     hint = f"; did you mean {matches[0]!r}?" if matches else ""
-    return f"unknown command {shown!r}{hint} (try 'help')"
+    return f"unknown command {_quote(name)}{hint} (try 'help')"
 
 
 def _parse_args(spec: CommandSpec, tokens: list[str]) -> dict[str, Any]:
@@ -456,8 +488,7 @@ def _parse_args(spec: CommandSpec, tokens: list[str]) -> dict[str, Any]:
     while i < len(tokens):
         option = options.get(tokens[i])
         if option is None:
-            extra = tokens[i] if len(tokens[i]) <= 40 else tokens[i][:40] + "..."
-            raise ControlError(f"unexpected argument {extra!r}")
+            raise ControlError(f"unexpected argument {_quote(tokens[i])}")
         if option.keyword in seen:
             raise ControlError(f"{option.keyword!r} given twice")
         if i + 1 >= len(tokens):
