@@ -28,12 +28,20 @@ FD_EXHAUSTED_LOG_INTERVAL = 10.0
 def open_listening_socket(addr: Address) -> socket.socket:
     """A bound, listening, non-blocking socket for `addr`. OSError (e.g. EADDRINUSE)
     propagates with the address in its message."""
-    sock = socket.socket(addr.family, socket.SOCK_STREAM)
+    family = addr.family
+    host = addr.host
+    if family == socket.AF_UNSPEC:               # a hostname: listen on its first address
+        try:
+            info = socket.getaddrinfo(host, addr.port, type=socket.SOCK_STREAM)[0]
+        except socket.gaierror as exc:
+            raise OSError(exc.errno, f"cannot listen on {addr}: {exc.strerror}") from None
+        family, host = info[0], info[4][0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if addr.family == socket.AF_INET6:
+        if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((addr.host, addr.port))
+        sock.bind((host, addr.port))
         sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
     except OSError as exc:

@@ -26,14 +26,21 @@ def raise_fd_limit() -> tuple[int, int]:
     return soft, hard
 
 
-def load_or_exit(path) -> "Config":
-    """Load a config or print every error (FILE:LINE key: message) and exit 1."""
+def load_or_exit(path=None) -> "Config":
+    """Load a config (the shipped default when `path` is None) or print every error
+    (FILE:LINE key: message) and exit 1.
+
+    The default config lives inside the installed package, which may not be writable, so
+    its relative control socket is taken from the current directory instead."""
     try:
-        return load_config(path)
+        config = load_config(path if path is not None else default_config_path())
     except ConfigError as exc:
         for issue in exc.issues:
             print(str(issue), file=sys.stderr)
         raise SystemExit(1)
+    if path is None:
+        config.control.socket = Path.cwd() / config.control.socket.name
+    return config
 
 
 async def serve(config, ready=None) -> None:
@@ -82,8 +89,7 @@ async def reload_quietly(balancer) -> None:
 def cmd_run(args) -> int:
     import uvloop
 
-    path = Path(args.config) if args.config else default_config_path()
-    config = load_or_exit(path)
+    config = load_or_exit(Path(args.config) if args.config else None)
     configure_logging(config.log.level, config.log.format)
     from .control.server import ControlSocketError
 
@@ -99,7 +105,7 @@ def control_socket_path(args) -> Path:
     """-s SOCKET, else control.socket of -c FILE, else the default config's."""
     if args.socket:
         return Path(args.socket)
-    return load_or_exit(Path(args.config) if args.config else default_config_path()).control.socket
+    return load_or_exit(Path(args.config) if args.config else None).control.socket
 
 
 def cmd_ctl(args) -> int:
