@@ -2,15 +2,49 @@
 
 The config word (`pools.*.algorithm`), the module of the twin and the class are one name.
 """
+import ipaddress
+
 from . import _native
+from .reference.hash import MaglevHash as MaglevHashReference
+from .reference.leastconn import LeastConn as LeastConnReference
+from .reference.lrt import LeastResponseTime as LeastResponseTimeReference
+from .reference.p2c import PowerOfTwo as PowerOfTwoReference
 from .reference.roundrobin import RoundRobin as RoundRobinReference
+from .reference.wrr import WeightedRoundRobin as WeightedRoundRobinReference
 
 # word: (compiled class used by the balancer, plain-Python reference twin used by tests)
 ALGORITHMS = {
     "rr": (_native.RoundRobin, RoundRobinReference),
+    "wrr": (_native.WeightedRoundRobin, WeightedRoundRobinReference),
+    "leastconn": (_native.LeastConn, LeastConnReference),
+    "hash": (_native.MaglevHash, MaglevHashReference),
+    "lrt": (_native.LeastResponseTime, LeastResponseTimeReference),
+    "p2c": (_native.PowerOfTwo, PowerOfTwoReference),
 }
+
+# pools.*.hash_key values: what of the client's address the `hash` algorithm routes on.
+HASH_KEYS = ("src_ip", "src_ip_port")
 
 
 def create_algorithm(word: str, seed: int = 0):
     """A new compiled algorithm instance for config word `word` (KeyError if unknown)."""
     return ALGORITHMS[word][0](seed)
+
+
+def routing_key(hash_key: str, host: str, port: int = 0) -> int:
+    """The 64-bit routing key of a client address for `pick(key)`.
+
+    hash64 of the packed address (IPv4-mapped IPv6 taken as IPv4, so a dual-stack
+    listener routes a client like a v4 one), followed by the port as two big-endian bytes
+    when hash_key is "src_ip_port". Explicit bytes and hash, never hash(): the same client
+    maps the same in every process and after every restart. Raises ValueError for an
+    unknown hash_key or an unparsable host.
+    """
+    addr = ipaddress.ip_address(host.split("%", 1)[0])
+    if addr.version == 6 and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    if hash_key == "src_ip":
+        return _native.hash64(addr.packed)
+    if hash_key == "src_ip_port":
+        return _native.hash64(addr.packed + port.to_bytes(2, "big"))
+    raise ValueError(f"hash_key must be one of {', '.join(HASH_KEYS)}, not {hash_key!r}")

@@ -16,3 +16,8 @@ DEBUG_BUILD = L4LB_DEBUG
 include "hashing.pxi"
 include "algorithm.pxi"
 include "roundrobin.pxi"
+include "wrr.pxi"
+include "leastconn.pxi"
+include "lrt.pxi"
+include "hash.pxi"
+include "p2c.pxi"

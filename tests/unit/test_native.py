@@ -1,0 +1,40 @@
+"""The compiled module is really compiled, and every registered class works from Python."""
+import pytest
+
+import l4lb._native
+from algo_ops import add_up, make
+from l4lb.algorithms import ALGORITHMS, create_algorithm
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def test_the_native_module_is_a_compiled_shared_object():
+    # A pure-Python fallback would keep every other test green while running slow code.
+    assert l4lb._native.__file__.endswith(".so")
+
+
+@pytest.mark.parametrize("word", sorted(ALGORITHMS))
+def test_each_class_is_named_by_its_config_word_and_picks(word):
+    compiled, twin = ALGORITHMS[word]
+    assert compiled.name == twin.name == word
+    algo = create_algorithm(word, seed=1)
+    assert isinstance(algo, compiled)
+    assert algo.pick(5) == -1
+    add_up(algo, [1, 2])
+    assert algo.pick(5) in (0, 1)
+    assert algo.pick(5, avoid=[0]) == 1
+    assert algo.bench_pick(1000, 0) == 0            # the C loop finds a backend every time
+    assert algo.bench_pick(1000, 0, True) == 0
+
+
+@pytest.mark.parametrize("word", sorted(ALGORITHMS))
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "twin"])
+def test_bad_arguments_raise_instead_of_corrupting_state(word, compiled):
+    algo = make(word, compiled)
+    add_up(algo, [1])
+    for call in (lambda: algo.set_weight(1, 1), lambda: algo.conn_opened(-1),
+                 lambda: algo.set_weight(0, -1), lambda: algo.add("x", 1 << 25),
+                 lambda: algo.pick(0, avoid=range(33))):
+        with pytest.raises((IndexError, ValueError)):
+            call()
+    assert len(algo) == 1 and algo.pick() == 0
