@@ -151,17 +151,6 @@ cdef class Algorithm:
             self.ewma[i] += EWMA_ALPHA * (seconds - self.ewma[i])
         self.load_changed(i)
 
-    cdef inline bint eligible(self, int i) noexcept:
-        return (self.present[i] and self.up[i] and self.weight[i] > 0
-                and (self.max_conns[i] == 0 or self.active[i] < self.max_conns[i]))
-
-    cdef inline bint avoided(self, int i, const int* avoid, int navoid) noexcept:
-        cdef int k
-        for k in range(navoid):
-            if avoid[k] == i:
-                return True
-        return False
-
     cdef inline uint64_t draw(self) noexcept:
         """The next splitmix64 draw from this instance's seeded stream."""
         return splitmix64_next(&self.rng)
