@@ -36,6 +36,8 @@ cdef class Algorithm:
         return False
 
     cdef uint64_t draw(self) noexcept
+    # The slot for a new connection, or -1. Contract: navoid <= ALGO_MAX_AVOID (pick()
+    # enforces it for Python callers; C callers must); a pick never allocates.
     cdef int pick_c(self, uint64_t key, const int* avoid, int navoid) noexcept
     cdef void changed(self, int i) except *
     cdef void load_changed(self, int i) noexcept

@@ -13,9 +13,10 @@
 # refresh(i) on every change (changed / load_changed: O(log n)). A pick with nothing to
 # avoid is the heap's root, O(1). With `avoid`, a best-first walk down the heap pops at
 # most navoid + 1 entries (each avoided entry uncovers its two children), so a retry costs
-# O(navoid^2), never a scan. Why a heap and not a scan: the scan is O(n) per pick
-# (about 1 us at 1000 backends); the heap moves that cost to open/close, O(log n)
-# there, and a pick stays flat at any pool size (loadtests/RESULTS-picks.md).
+# O(navoid^2), never a scan. Why a heap and not a scan: a scan is O(n) per pick (wrr's
+# scan, with the same per-backend work, takes about 1.3 us at 1000 backends); the heap
+# moves the cost to open/close, O(log n) each, so pick + open + close at 1000 backends
+# costs ~0.1 us and a bare pick is the root at any pool size (loadtests/RESULTS-picks.md).
 
 
 cdef class LeastConn(Algorithm):
@@ -116,6 +117,8 @@ cdef class LeastConn(Algorithm):
             return -1
         if navoid == 0:
             return self.heap[0]
+        if navoid > ALGO_MAX_AVOID:     # broken caller contract: refuse, never overrun `front`
+            return -1
         front[0] = 0
         nf = 1
         while nf > 0:
