@@ -23,14 +23,13 @@ import time
 from typing import Callable
 
 from . import _native
-from .algorithms import create_algorithm
+from .algorithms import HASH_KEY_CODES, create_algorithm
 from .config import BackendConfig, ListenerConfig, PoolConfig
 
 # Weights are pushed to the algorithms scaled by this factor so that slow start can ramp
 # a weight of 1 smoothly; every algorithm is invariant to scaling all weights alike.
 WEIGHT_SCALE = 100
 
-HASH_KEYS = {"src_ip": _native.HASH_KEY_SRC_IP, "src_ip_port": _native.HASH_KEY_SRC_IP_PORT}
 
 
 class BackendState(str, enum.Enum):
@@ -100,7 +99,7 @@ class Pool:
         self.clock = clock
         self.on_state_change = on_state_change
         self.algo = create_algorithm(cfg.algorithm)
-        self.runtime = _native.PoolRuntime(cfg.name, self.algo, HASH_KEYS[cfg.hash_key],
+        self.runtime = _native.PoolRuntime(cfg.name, self.algo, HASH_KEY_CODES[cfg.hash_key],
                                            cfg.algorithm == "hash")
         self.backends: dict[str, Backend] = {}
         for b in cfg.backends:

@@ -641,14 +641,39 @@ cdef bint _any_full(Algorithm algo, Relay r) except -1:
     return False
 
 
+cdef extern from "arpa/inet.h" nogil:
+    int inet_pton(int af, const char* src, void* dst)
+
+cdef extern from "sys/socket.h":
+    enum: AF_INET
+    enum: AF_INET6
+
+
 cdef uint64_t _address_key(str host, object port, int kind) except? 0:
-    """The routing key of a client address: hash64 of its IP text (canonical from the
-    kernel or the PROXY header), mixed with the port for src_ip_port."""
-    cdef bytes raw = host.encode("ascii") if host is not None else b""
-    cdef uint64_t h = hash64_c(<const unsigned char*>raw, len(raw))
-    if kind == HASH_KEY_SRC_IP_PORT and port is not None:
-        h = mix64(h ^ <uint64_t>(<int>port))
-    return h
+    """The routing key of a client address: hash64 of its packed IP (an IPv4-mapped IPv6
+    address counts as the IPv4 one), followed by the port as two big-endian bytes for
+    src_ip_port. Explicit bytes and hash: the same client maps the same way in every
+    process and after every restart. An unparsable host hashes as its text."""
+    cdef unsigned char buf[18]
+    cdef Py_ssize_t n
+    cdef int p
+    cdef bytes raw = (host or "").split("%", 1)[0].encode("ascii", "replace")
+    if inet_pton(AF_INET, raw, buf) == 1:
+        n = 4
+    elif inet_pton(AF_INET6, raw, buf) == 1:
+        n = 16
+        if (buf[0] | buf[1] | buf[2] | buf[3] | buf[4] | buf[5] | buf[6] | buf[7]
+                | buf[8] | buf[9]) == 0 and buf[10] == 0xff and buf[11] == 0xff:
+            memcpy(buf, buf + 12, 4)         # ::ffff:a.b.c.d routes like a.b.c.d
+            n = 4
+    else:
+        return hash64_c(<const unsigned char*>raw, len(raw))
+    if kind == HASH_KEY_SRC_IP_PORT:
+        p = int(port or 0)
+        buf[n] = (p >> 8) & 0xff
+        buf[n + 1] = p & 0xff
+        n += 2
+    return hash64_c(buf, n)
 
 
 def address_key(str host, port=None, int kind=HASH_KEY_SRC_IP):

@@ -2,6 +2,6 @@
 
 Each twin is the executable spec of its Cython class: same constructor, same methods,
 same picks for the same sequence of operations and the same seed. The tests drive both
-with one random sequence and compare (tests/unit/test_algorithms_*.py). Never used on the
+with one random sequence and compare (tests/unit/test_algorithm_parity.py). Never used on the
 data path.
 """

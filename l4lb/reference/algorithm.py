@@ -1,14 +1,21 @@
 """Reference twin of ext/l4lb/algorithm.pxi: the per-backend bookkeeping every algorithm shares."""
-from .hashing import SplitMix64, hash64
+from .hashing import MASK64, SPLITMIX64_GAMMA, hash64, mix64
 
 EWMA_ALPHA = 0.2
 MAX_AVOID = 32
+# 10000 (config cap) x 100 (slow-start scale) with 16x headroom; see algorithm.pxd.
+WEIGHT_MAX = 1 << 24
+
+
+def check_weight(weight: int) -> None:
+    if not 0 <= weight <= WEIGHT_MAX:
+        raise ValueError(f"weight must be in 0..{WEIGHT_MAX}")
 
 
 class Algorithm:
     name = ""
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, **kwargs):
         self.weight: list[int] = []
         self.active: list[int] = []
         self.max_conns: list[int] = []
@@ -16,7 +23,8 @@ class Algorithm:
         self.ident: list[int] = []
         self.up: list[bool] = []
         self.present: list[bool] = []
-        self.rng = SplitMix64(seed)
+        # The raw splitmix64 state, like the Cython class's readonly `rng`.
+        self.rng = seed & MASK64
 
     @property
     def n(self) -> int:
@@ -30,8 +38,7 @@ class Algorithm:
             raise IndexError(f"no backend slot {i}")
 
     def add(self, name: str, weight: int = 1) -> int:
-        if weight < 0:
-            raise ValueError("weight must be >= 0")
+        check_weight(weight)
         i = self.n
         self.weight.append(weight)
         self.active.append(0)
@@ -59,8 +66,7 @@ class Algorithm:
 
     def set_weight(self, i: int, weight: int) -> None:
         self.check_index(i)
-        if weight < 0:
-            raise ValueError("weight must be >= 0")
+        check_weight(weight)
         if self.weight[i] != weight:
             self.weight[i] = weight
             self.changed(i)
@@ -68,22 +74,28 @@ class Algorithm:
     def set_max_connections(self, i: int, limit: int) -> None:
         self.check_index(i)
         self.max_conns[i] = max(limit, 0)
+        self.load_changed(i)
 
     def conn_opened(self, i: int) -> None:
         self.check_index(i)
         self.active[i] += 1
+        self.load_changed(i)
 
     def conn_closed(self, i: int) -> None:
         self.check_index(i)
         if self.active[i] > 0:
             self.active[i] -= 1
+        self.load_changed(i)
 
     def observe_rt(self, i: int, seconds: float) -> None:
         self.check_index(i)
+        if not seconds >= 0.0:      # negative or NaN: a clock step, not a measurement
+            seconds = 0.0
         if self.ewma[i] < 0:
             self.ewma[i] = seconds
         else:
             self.ewma[i] += EWMA_ALPHA * (seconds - self.ewma[i])
+        self.load_changed(i)
 
     def eligible(self, i: int) -> bool:
         return (self.present[i] and self.up[i] and self.weight[i] > 0
@@ -101,8 +113,16 @@ class Algorithm:
         self.check_index(i)
         return None if self.ewma[i] < 0 else self.ewma[i]
 
+    def draw(self) -> int:
+        """The next splitmix64 draw (splitmix64_next in hashing.pxi)."""
+        self.rng = (self.rng + SPLITMIX64_GAMMA) & MASK64
+        return mix64(self.rng)
+
     def changed(self, i: int) -> None:
-        pass
+        """add / remove / set_up / set_weight touched slot i."""
+
+    def load_changed(self, i: int) -> None:
+        """conn_opened / conn_closed / observe_rt / set_max_connections touched slot i."""
 
     def pick(self, key: int = 0, avoid=()) -> int:
         avoid = tuple(avoid)

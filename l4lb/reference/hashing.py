@@ -3,6 +3,7 @@
 MASK64 = (1 << 64) - 1
 FNV64_OFFSET = 0xCBF29CE484222325
 FNV64_PRIME = 0x100000001B3
+SPLITMIX64_GAMMA = 0x9E3779B97F4A7C15
 
 
 def mix64(z: int) -> int:
@@ -25,5 +26,5 @@ class SplitMix64:
         self.state = seed & MASK64
 
     def next(self) -> int:
-        self.state = (self.state + 0x9E3779B97F4A7C15) & MASK64
+        self.state = (self.state + SPLITMIX64_GAMMA) & MASK64
         return mix64(self.state)
