@@ -225,7 +225,7 @@ def draw_chart(meds, png: Path, title: str, ref: str = "haproxy") -> None:
     plt.close(fig)
 
 
-def summarize(records, stem: Path, title: str) -> None:
+def summarize(records, stem: Path, title: str, append_report: bool = True) -> None:
     meds = medians(records)
     if "haproxy" not in meds:
         print("bench: no haproxy results, no ratios to chart", file=sys.stderr)
@@ -233,8 +233,9 @@ def summarize(records, stem: Path, title: str) -> None:
     table = targets_table(meds)
     print("\nl4lb against the targets of issue 6 (pinned, medians):\n")
     print(table)
-    with open(stem.with_suffix(".md"), "a") as f:
-        f.write("\nl4lb against the targets of issue 6 (pinned, medians):\n\n" + table + "\n")
+    if append_report:
+        with open(stem.with_suffix(".md"), "a") as f:
+            f.write("\nl4lb against the targets of issue 6 (pinned, medians):\n\n" + table + "\n")
     png = stem.with_suffix(".png")
     draw_chart(meds, png, title)
     print("\nchart: %s" % png)
@@ -259,7 +260,8 @@ def main(argv=None) -> int:
     if args.chart_only:
         stem = Path(args.chart_only[0]).with_suffix("")
         summarize(load_records(args.chart_only), stem,
-                  "l4lb vs HAProxy and nginx — %s" % ", ".join(Path(p).name for p in args.chart_only))
+                  "l4lb vs HAProxy and nginx — %s" % ", ".join(Path(p).name for p in args.chart_only),
+                  append_report=False)
         return 0
 
     bench_dir = find_shared_bench()
