@@ -1,0 +1,285 @@
+#!/usr/bin/env python3
+"""One command: l4lb side by side with HAProxy and nginx, ratios to HAProxy, and a chart.
+
+    python loadtests/bench.py                       # 2 reps x 10 s per workload (about 15 min)
+    python loadtests/bench.py --reps 1 --duration 5 # a quick look (about 5 min)
+    python loadtests/bench.py --chart-only loadtests/results/bench-*.jsonl   # redraw
+
+It runs the shared harness (`../shared/bench/bench.sh`, found relative to the repo root;
+`L4LB_SHARED_BENCH=DIR` overrides) with haproxy, haproxy-tuned, haproxy-splice, nginx and
+`cmd:l4lb 'loadtests/run-l4lb.sh {listen} {backend}'`, proxy pinned to CPU 0 and the load
+on CPU 1 (the harness's fair single-core comparison). The harness prints medians and the
+ratio table against HAProxy; this script then checks l4lb against the speed targets of
+issue 6 and draws the ratios per workload into loadtests/results/bench-<time>.png, beside
+the raw JSON lines (bench-<time>.jsonl) and the printed report (bench-<time>.md).
+
+Nothing here measures time itself: every figure comes from the harness, which bounds each
+run (wrk -d, iperf3 -t, hard timeouts) and stops every process it started. This script
+bounds the whole harness run as well and interrupts it (SIGINT, so it cleans up) on
+timeout or Ctrl-C.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+RESULTS = HERE / "results"
+REFERENCE_PROXIES = ["haproxy", "haproxy-tuned", "haproxy-splice", "nginx"]
+WORKLOADS = ["ka", "close", "bulk1", "bulk8", "bulk1R", "bulk8R"]
+
+# Ratio panels of the chart: (label, workload, key). Throughput: higher is better.
+THROUGHPUT = [("ka req/s", "ka", "rps"), ("conn/s", "close", "rps"),
+              ("bulk1 Gbit/s", "bulk1", "gbps"), ("bulk8 Gbit/s", "bulk8", "gbps"),
+              ("bulk1R Gbit/s", "bulk1R", "gbps"), ("bulk8R Gbit/s", "bulk8R", "gbps")]
+# Cost: lower is better.
+COST = [("CPU/req ka", "ka", "cpu_s_per_100k"), ("CPU/conn", "close", "cpu_s_per_100k"),
+        ("CPU/GB bulk1", "bulk1", "cpu_s_per_gb"), ("CPU/GB bulk8", "bulk8", "cpu_s_per_gb"),
+        ("p99 ka", "ka", "p99_ms"), ("p99 conn", "close", "p99_ms")]
+
+# The speed targets of issue 6: (what, workload, key, reference proxy, bound, higher_is_better)
+TARGETS = [
+    ("new connections/s >= 1.0x haproxy", "close", "rps", "haproxy", 1.0, True),
+    ("ka CPU per request <= 1.0x haproxy", "ka", "cpu_s_per_100k", "haproxy", 1.0, False),
+    ("ka p99 <= 1.2x haproxy", "ka", "p99_ms", "haproxy", 1.2, False),
+    ("bulk8 Gbit/s >= 1.0x haproxy-tuned", "bulk8", "gbps", "haproxy-tuned", 1.0, True),
+    ("bulk8 CPU per GB <= 0.7x haproxy-splice", "bulk8", "cpu_s_per_gb", "haproxy-splice", 0.7, False),
+]
+
+
+def find_shared_bench() -> Path:
+    """The shared harness folder: L4LB_SHARED_BENCH, else ../shared/bench from the repo root
+    (or from any folder above it, for worktrees nested deeper). Exits with a message if absent."""
+    env = os.environ.get("L4LB_SHARED_BENCH")
+    candidates = [Path(env)] if env else []
+    candidates += [p / "shared" / "bench" for p in REPO.parents]
+    for c in candidates:
+        if (c / "bench.sh").is_file():
+            return c.resolve()
+    sys.exit("bench: ../shared/bench/bench.sh not found relative to %s; set L4LB_SHARED_BENCH=DIR"
+             % REPO)
+
+
+def l4lb_command() -> str:
+    """The cmd: template the harness fills in; quoted so paths with spaces survive."""
+    return "%s {listen} {backend}" % shlex.quote(str(HERE / "run-l4lb.sh"))
+
+
+def estimated_seconds(reps: int, duration: int, n_proxies: int, n_workloads: int) -> int:
+    # per run: the load itself plus about 8 s to start/stop the proxy and settle
+    return reps * n_proxies * n_workloads * (duration + 8)
+
+
+def run_harness(bench_dir: Path, args, out: Path, report: Path) -> int:
+    """Run bench.sh; stream its output and keep stdout (the report) in `report`.
+
+    On timeout or Ctrl-C the harness gets SIGINT (its finally-blocks stop the proxies and
+    backends it started), then SIGKILL if it is still there 30 s later."""
+    proxies = [p for p in REFERENCE_PROXIES if p not in args.skip] + ["cmd:l4lb", l4lb_command()]
+    cmd = [str(bench_dir / "bench.sh"), "--mode", args.mode, "--reps", str(args.reps),
+           "--duration", str(args.duration), "--workloads", args.workloads,
+           "--out", str(out), *args.bench_arg, *proxies]
+    n_proxies = len(proxies) - 1
+    limit = args.timeout or 3 * estimated_seconds(
+        args.reps * (2 if args.mode == "both" else 1), args.duration, n_proxies,
+        len(args.workloads.split(","))) + 120
+    print("bench: %s" % " ".join(shlex.quote(c) for c in cmd), file=sys.stderr, flush=True)
+    print("bench: about %d s (hard limit %d s)" % (
+        estimated_seconds(args.reps, args.duration, n_proxies, len(args.workloads.split(","))),
+        limit), file=sys.stderr, flush=True)
+    env = dict(os.environ)
+    # {python} in the harness is only used by its py-* baselines; point it at this interpreter
+    env.setdefault("BENCH_PYTHON", sys.executable)
+    env.setdefault("L4LB_PYTHON", sys.executable)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    deadline = time.monotonic() + limit
+    lines = []
+
+    def interrupt():
+        try:
+            os.killpg(proc.pid, signal.SIGINT)
+            proc.wait(30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+
+    timer = threading.Timer(limit, interrupt)
+    timer.daemon = True
+    timer.start()
+    try:
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            lines.append(line)
+        rc = proc.wait()
+    except KeyboardInterrupt:
+        interrupt()
+        raise
+    finally:
+        timer.cancel()
+    if time.monotonic() > deadline:
+        print("bench: harness stopped after the %d s limit" % limit, file=sys.stderr)
+        rc = rc or 124
+    report.write_text("".join(lines))
+    return rc
+
+
+# --- reading results (the harness's rules: errors out, non-noisy runs preferred, medians) ---
+
+def load_records(paths) -> list[dict]:
+    records = []
+    for p in paths:
+        with open(p) as f:
+            records += [json.loads(line) for line in f if line.strip()]
+    return records
+
+
+def medians(records: list[dict], mode: str = "pinned") -> dict[str, dict[tuple[str, str], float]]:
+    """{proxy: {(workload, key): median}} over runs without errors, non-noisy ones if any."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in records:
+        if r.get("mode") == mode and not r.get("error"):
+            groups.setdefault((r["proxy"], r["workload"]), []).append(r)
+    out: dict[str, dict] = {}
+    for (proxy, wl), runs in groups.items():
+        clean = [r for r in runs if not r.get("noisy")] or runs
+        for key in {"rps", "gbps", "p50_ms", "p99_ms", "cpu_s_per_100k", "cpu_s_per_gb"}:
+            vals = [r[key] for r in clean if r.get(key) is not None]
+            if vals:
+                out.setdefault(proxy, {})[(wl, key)] = statistics.median(vals)
+    return out
+
+
+def ratio(meds, proxy, ref, wl, key):
+    a = meds.get(proxy, {}).get((wl, key))
+    b = meds.get(ref, {}).get((wl, key))
+    return a / b if a is not None and b else None
+
+
+def targets_table(meds, proxy: str = "l4lb") -> str:
+    """Markdown: l4lb against each speed target of issue 6."""
+    rows = ["| target (issue 6) | l4lb ratio | met |", "|---|---|---|"]
+    for what, wl, key, ref, bound, higher in TARGETS:
+        r = ratio(meds, proxy, ref, wl, key)
+        if r is None:
+            rows.append("| %s | - | not measured |" % what)
+            continue
+        met = r >= bound if higher else r <= bound
+        rows.append("| %s | %.2f | %s |" % (what, r, "yes" if met else "**no**"))
+    return "\n".join(rows)
+
+
+def draw_chart(meds, png: Path, title: str, ref: str = "haproxy") -> None:
+    """Two panels of grouped bars, one bar per proxy: throughput ratios (higher is better)
+    and cost ratios (CPU, p99: lower is better), each against `ref`, with 1.0 marked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    proxies = [p for p in REFERENCE_PROXIES + ["l4lb"] if p in meds and p != ref]
+    proxies += [p for p in meds if p not in proxies and p != ref and p != "direct"]
+    colors = {"haproxy-tuned": "#9ecae1", "haproxy-splice": "#4292c6", "nginx": "#74c476",
+              "l4lb": "#e6550d"}
+    fig, axes = plt.subplots(2, 1, figsize=(12, 8.5))
+    panels = [(axes[0], THROUGHPUT, "throughput / %s  (higher is better)" % ref),
+              (axes[1], COST, "cost / %s  (lower is better)" % ref)]
+    width = 0.8 / max(1, len(proxies))
+    for ax, cols, ylabel in panels:
+        for i, proxy in enumerate(proxies):
+            xs, ys = [], []
+            for j, (_, wl, key) in enumerate(cols):
+                r = ratio(meds, proxy, ref, wl, key)
+                if r is not None:
+                    xs.append(j - 0.4 + width * (i + 0.5))
+                    ys.append(r)
+            bars = ax.bar(xs, ys, width, label=proxy, color=colors.get(proxy, None),
+                          edgecolor="black" if proxy == "l4lb" else "none", linewidth=0.8)
+            if proxy == "l4lb":
+                for b, y in zip(bars, ys):
+                    ax.annotate("%.2f" % y, (b.get_x() + b.get_width() / 2, y),
+                                ha="center", va="bottom", fontsize=8, fontweight="bold")
+        ax.axhline(1.0, color="black", linewidth=1, linestyle="--")
+        ax.set_xticks(range(len(cols)), [c[0] for c in cols])
+        ax.set_ylabel(ylabel)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(ncol=len(proxies), loc="upper left", fontsize=9)
+    fig.suptitle(title)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def summarize(records, stem: Path, title: str, append_report: bool = True) -> None:
+    meds = medians(records)
+    if "haproxy" not in meds:
+        print("bench: no haproxy results, no ratios to chart", file=sys.stderr)
+        return
+    table = targets_table(meds)
+    print("\nl4lb against the targets of issue 6 (pinned, medians):\n")
+    print(table)
+    if append_report:
+        with open(stem.with_suffix(".md"), "a") as f:
+            f.write("\nl4lb against the targets of issue 6 (pinned, medians):\n\n" + table + "\n")
+    png = stem.with_suffix(".png")
+    draw_chart(meds, png, title)
+    print("\nchart: %s" % png)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=2, help="alternating repetitions (default 2)")
+    ap.add_argument("--duration", type=int, default=10, help="seconds per workload (default 10)")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--mode", choices=["pinned", "unpinned", "both"], default="pinned")
+    ap.add_argument("--skip", action="append", default=[], choices=REFERENCE_PROXIES,
+                    help="leave a reference proxy out (repeatable); haproxy is needed for ratios")
+    ap.add_argument("--bench-arg", action="append", default=[],
+                    help="extra option passed to bench.sh, e.g. --bench-arg=--max-noise=20")
+    ap.add_argument("--timeout", type=int, default=0, help="hard limit for the whole run, s")
+    ap.add_argument("--chart-only", nargs="+", metavar="JSONL",
+                    help="do not run: redraw the chart and targets from earlier results")
+    args = ap.parse_args(argv)
+
+    if args.chart_only:
+        stem = Path(args.chart_only[0]).with_suffix("")
+        summarize(load_records(args.chart_only), stem,
+                  "l4lb vs HAProxy and nginx — %s" % ", ".join(Path(p).name for p in args.chart_only),
+                  append_report=False)
+        return 0
+
+    bench_dir = find_shared_bench()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stem = RESULTS / ("bench-" + stamp)
+    out = stem.with_suffix(".jsonl")
+    rc = run_harness(bench_dir, args, out, stem.with_suffix(".md"))
+    if out.exists():
+        summarize(load_records([out]), stem,
+                  "l4lb vs HAProxy and nginx, pinned to one core — %s, %d rep(s) x %d s"
+                  % (dt.date.today().isoformat(), args.reps, args.duration))
+    print("raw results: %s\nreport: %s" % (out, stem.with_suffix(".md")))
+    return rc
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,593 @@
+#!/usr/bin/env python3
+"""Deploys under load: Locust drives l4lb in front of versioned backends while a deploy runs.
+
+    python loadtests/deploy_under_load.py restart-backends            # works today
+    python loadtests/deploy_under_load.py rolling | blue-green | canary   # need `l4lb deploy`
+    python loadtests/deploy_under_load.py --list
+
+A scenario starts line-echo backends (loadtests/echo_server.py) tagged with a version name
+(v1, v2), l4lb in front of them (`python -m l4lb run -c`, a config written for the
+scenario), and Locust as a subprocess (headless, --csv, plus a per-second timeline from
+locustfile.py: requests, failures, error kinds and the version that served each request).
+Once the load is steady it calls the scenario's deploy function, lets the load run on for a
+few seconds, stops everything, prints the failed requests and draws one PNG:
+
+  1. requests/s and failures/s over time,
+  2. the share of requests served by each backend version,
+  with every deploy step marked by a vertical line.
+
+Deploy functions are pluggable: any callable `deploy(run: ScenarioRun) -> None`. It changes
+things through `run` (replace a backend process, call `l4lb ctl` / `l4lb deploy`) and marks
+its steps with `run.mark("label")`. The zero-downtime scenarios (rolling, blue-green, canary)
+exit 1 when a request failed; restart-backends is the baseline without draining: it kills
+and restarts each backend process in turn on the same port, and failures are expected.
+
+Files go to loadtests/results/deploy-<scenario>-<time>{.png,.jsonl,_stats.csv,...} and a
+scratch folder (config, backend pid files, logs) under $TMPDIR. Every process started here
+is stopped at the end, on error and on Ctrl-C.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+RESULTS = HERE / "results"
+ECHO_SERVER = HERE / "echo_server.py"
+LOCUSTFILE = HERE / "locustfile.py"
+
+# Seconds Locust runs before the deploy starts (users spawned, rates steady) and after it
+# ends (the tail shows whether the new version carries everything).
+WARMUP_S = 4.0
+COOLDOWN_S = 4.0
+# Hard ceiling on a whole scenario's Locust run; a deploy that hangs is cut off here.
+MAX_RUN_S = 300
+
+
+# --- processes -------------------------------------------------------------------------
+
+def free_port() -> int:
+    """A free loopback port (backends keep their port across restarts, so it is fixed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(port: int, timeout: float = 10.0, proc: subprocess.Popen | None = None) -> None:
+    """Return once 127.0.0.1:port accepts; RuntimeError on timeout or if `proc` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError("process exited with %s before listening on %d"
+                               % (proc.returncode, port))
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("nothing listening on 127.0.0.1:%d after %.0f s" % (port, timeout))
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 5.0, sig=signal.SIGTERM) -> None:
+    """Signal one process we started and reap it; SIGKILL if it ignores `sig`."""
+    if proc.poll() is None:
+        try:
+            proc.send_signal(sig)
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@dataclasses.dataclass
+class BackendProcess:
+    """One echo backend: `name` (its identity in the l4lb pool), fixed `port`, and the
+    `version` its replies are tagged with. Restarting it keeps the name and port."""
+
+    pool: str
+    name: str
+    port: int
+    version: str
+    log_dir: Path
+    proc: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return "127.0.0.1:%d" % self.port
+
+    def start(self, version: str | None = None) -> None:
+        """Start (or start again, as `version`); RuntimeError if it does not listen in 10 s."""
+        self.version = version or self.version
+        log = open(self.log_dir / ("%s.log" % self.name), "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ECHO_SERVER), "--port", str(self.port), "--name", self.version],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        wait_listening(self.port, proc=self.proc)
+
+    def stop(self, sig=signal.SIGTERM) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, sig=sig)
+            self.proc = None
+
+
+class L4LBProcess:
+    """`python -m l4lb run -c CONFIG` from this checkout, its JSON log kept in a file."""
+
+    def __init__(self, config_text: str, workdir: Path):
+        self.config = workdir / "l4lb.toml"
+        self.config.write_text(config_text)
+        self.log_path = workdir / "l4lb.log"
+        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "l4lb", "run", "-c", str(self.config)],
+                cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        self.port = self.wait_listener_port()
+
+    def events(self) -> list[dict]:
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+        return out
+
+    def wait_listener_port(self, timeout: float = 15.0) -> int:
+        """The port of the first `listener_started` event (binds use port 0)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for ev in self.events():
+                if ev.get("event") == "listener_started":
+                    return int(ev["port"])
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise RuntimeError("l4lb did not start; log:\n" + self.log_path.read_text()[-3000:])
+
+    def cli(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+        """Run `l4lb ARGS... -c CONFIG` (ctl, deploy) from this checkout; raise on failure."""
+        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        cmd = [sys.executable, "-m", "l4lb", *args, "-c", str(self.config)]
+        res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=timeout)
+        if res.returncode != 0:
+            raise RuntimeError("%s failed (%d): %s" % (" ".join(map(shlex.quote, cmd)),
+                                                       res.returncode, res.stderr or res.stdout))
+        return res
+
+    def stop(self) -> None:
+        stop_process(self.proc, timeout=10.0)
+
+
+# --- a scenario run --------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Scenario:
+    """What a scenario sets up and which deploy it runs.
+
+    pools: {pool: version of its backends at start}; the listener starts on `active_pool`.
+    zero_failures: the deploy promises no failed request (exit 1 otherwise)."""
+
+    name: str
+    deploy: Callable[["ScenarioRun"], None]
+    pools: dict[str, str]
+    active_pool: str
+    zero_failures: bool
+    about: str
+    needs_deploy_cli: bool = True
+
+
+class ScenarioRun:
+    """The live state a deploy function works on: backends by pool, l4lb, step marks."""
+
+    def __init__(self, scenario: Scenario, args, workdir: Path):
+        self.scenario = scenario
+        self.args = args
+        self.workdir = workdir
+        self.backends: dict[str, list[BackendProcess]] = {}
+        self.l4lb: L4LBProcess | None = None
+        self.locust: subprocess.Popen | None = None
+        self.marks: list[tuple[float, str]] = []   # (unix time, label)
+
+    # for deploy functions
+    def mark(self, label: str) -> None:
+        """Record a deploy step; it becomes a labelled vertical line on the chart."""
+        self.marks.append((time.time(), label))
+        print("  %s  %s" % (time.strftime("%H:%M:%S"), label), flush=True)
+
+    def replace_backend(self, backend: BackendProcess, version: str, down_s: float = 0.0,
+                        sig=signal.SIGTERM) -> None:
+        """Stop a backend process (SIGTERM: it closes its connections) and start `version`
+        on the same port after `down_s` seconds."""
+        backend.stop(sig)
+        if down_s:
+            time.sleep(down_s)
+        backend.start(version)
+
+    # setup and teardown
+    def config_text(self) -> str:
+        pools = []
+        for pool, members in self.backends.items():
+            rows = ",\n".join('  { name = "%s", address = "%s" }' % (b.name, b.address)
+                              for b in members)
+            pools.append('[pools.%s]\nalgorithm = "%s"\nbackends = [\n%s\n]\n'
+                         % (pool, self.args.algorithm, rows))
+        return """# written by deploy_under_load.py, scenario %s
+[global]
+shutdown_timeout = 2.0
+
+[control]
+socket = "l4lb.sock"
+
+[log]
+level = "info"
+format = "json"
+access = false
+
+[listeners.app]
+bind = ["127.0.0.1:0"]
+pool = "%s"
+connect_timeout = 1.0
+retries = 2
+
+%s""" % (self.scenario.name, self.scenario.active_pool, "\n".join(pools))
+
+    def start_backends(self) -> None:
+        for pool, version in self.scenario.pools.items():
+            self.backends[pool] = []
+            for i in range(1, self.args.backends + 1):
+                b = BackendProcess(pool, "%s%d" % (pool, i), free_port(), version, self.workdir)
+                self.backends[pool].append(b)
+                b.start()
+
+    def start_locust(self, out_prefix: Path, timeline: Path) -> None:
+        cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), self.args.user_class,
+               "-H", "127.0.0.1:%d" % self.l4lb.port, "--headless",
+               "-u", str(self.args.users), "-r", str(self.args.users), "-t", "%ds" % MAX_RUN_S,
+               "--only-summary", "--csv", str(out_prefix), "--exit-code-on-error", "0",
+               "--tcp-wait", str(self.args.wait), "--tcp-timeout", "2",
+               "--timeline", str(timeline), "--loglevel", "WARNING"]
+        self.locust_log = open(self.workdir / "locust.log", "wb")
+        # cwd = workdir: no stray locust.conf is picked up
+        self.locust = subprocess.Popen(cmd, cwd=self.workdir, stdin=subprocess.DEVNULL,
+                                       stdout=self.locust_log, stderr=subprocess.STDOUT)
+
+    def stop_locust(self) -> None:
+        """SIGINT: Locust stops the users, writes the CSV and the last timeline seconds."""
+        if self.locust is not None:
+            stop_process(self.locust, timeout=20.0, sig=signal.SIGINT)
+            self.locust_log.close()
+
+    def stop_all(self) -> None:
+        self.stop_locust()
+        if self.l4lb is not None:
+            self.l4lb.stop()
+        ours = set()
+        for members in self.backends.values():
+            for b in members:
+                if b.proc:
+                    ours.add(b.proc.pid)
+                b.stop()
+        # backends that `replace-backend` started for l4lb deploy (detached, pid written back)
+        state = self.workdir / "backends.json"
+        if state.exists():
+            for entry in json.loads(state.read_text()).values():
+                if entry["pid"] not in ours:
+                    try:
+                        os.kill(entry["pid"], signal.SIGTERM)
+                    except ProcessLookupError:
+                        pass
+
+
+# --- deploy functions ------------------------------------------------------------------
+
+def deploy_restart_backends(run: ScenarioRun) -> None:
+    """Restart each backend of the active pool in turn as v2, on the same port, without
+    telling l4lb: no drain, so requests on the killed connections fail (the baseline)."""
+    for b in run.backends[run.scenario.active_pool]:
+        run.mark("restart %s" % b.name)
+        run.replace_backend(b, "v2", down_s=run.args.down_time)
+        time.sleep(run.args.step_pause)
+    run.mark("done")
+
+
+def require_deploy_cli(what: str) -> None:
+    """NotImplementedError until this checkout's CLI has `l4lb deploy` (it lands with the
+    control socket, DESIGN.md §3 and §6)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-m", "l4lb", "deploy", "--help"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=30)
+    if res.returncode != 0:
+        raise NotImplementedError(
+            "the %s scenario shells out to `l4lb deploy`, which this checkout does not have "
+            "yet (it comes with the control socket). Run `restart-backends` for now." % what)
+
+
+def deploy_rolling(run: ScenarioRun) -> None:
+    """`l4lb deploy rolling POOL --exec CMD`: per backend drain, wait, CMD, enable, healthy.
+
+    CMD is this file's `replace-backend` subcommand, which l4lb calls with L4LB_BACKEND and
+    L4LB_ADDRESS set; it stops that backend's process (pid file in the scenario's workdir)
+    and starts v2 on the same port."""
+    require_deploy_cli("rolling")
+    pool = run.scenario.active_pool
+    exec_cmd = "%s %s replace-backend --workdir %s --version v2" % (
+        shlex.quote(sys.executable), shlex.quote(str(Path(__file__).resolve())),
+        shlex.quote(str(run.workdir)))
+    write_pid_files(run)
+    run.mark("deploy rolling %s" % pool)
+    run.l4lb.cli("deploy", "rolling", pool, "--exec", exec_cmd, "--drain-timeout", "30")
+    run.mark("done")
+
+
+def deploy_blue_green(run: ScenarioRun) -> None:
+    """`l4lb deploy blue-green app --to green`: switch once green is up, blue drains."""
+    require_deploy_cli("blue-green")
+    run.mark("switch to green")
+    run.l4lb.cli("deploy", "blue-green", "app", "--to", "green", "--drain-timeout", "30")
+    run.mark("blue drained")
+
+
+def deploy_canary(run: ScenarioRun) -> None:
+    """`l4lb deploy canary app --to green --steps 10,25,50,100`: the chart shows the green
+    share stepping up; each step is marked when the command reports it."""
+    require_deploy_cli("canary")
+    run.mark("canary start")
+    run.l4lb.cli("deploy", "canary", "app", "--to", "green", "--steps", "10,25,50,100",
+                 "--interval", str(run.args.step_pause), timeout=MAX_RUN_S)
+    run.mark("100% green")
+
+
+SCENARIOS = {s.name: s for s in [
+    Scenario("restart-backends", deploy_restart_backends, {"app": "v1"}, "app", False,
+             "kill and restart each backend as v2 on its port, no drain (failures expected)",
+             needs_deploy_cli=False),
+    Scenario("rolling", deploy_rolling, {"app": "v1"}, "app", True,
+             "l4lb deploy rolling: drain, replace with v2, enable, one backend at a time"),
+    Scenario("blue-green", deploy_blue_green, {"blue": "v1", "green": "v2"}, "blue", True,
+             "l4lb deploy blue-green: switch the listener from pool blue (v1) to green (v2)"),
+    Scenario("canary", deploy_canary, {"blue": "v1", "green": "v2"}, "blue", True,
+             "l4lb deploy canary: shift 10/25/50/100 % from blue (v1) to green (v2)"),
+]}
+
+
+# --- `replace-backend`: the --exec command of a rolling deploy ---------------------------
+
+def write_pid_files(run: ScenarioRun) -> None:
+    """workdir/backends.json: name -> pid, port, for `replace-backend` run by l4lb deploy."""
+    state = {b.name: {"pid": b.proc.pid, "port": b.port}
+             for members in run.backends.values() for b in members if b.proc}
+    (run.workdir / "backends.json").write_text(json.dumps(state))
+
+
+def cmd_replace_backend(args) -> int:
+    """Replace the backend named by $L4LB_BACKEND: SIGTERM its pid, start --version on its
+    port, detached (the scenario runner stops it at the end by the pid written back)."""
+    name = os.environ["L4LB_BACKEND"]
+    path = Path(args.workdir) / "backends.json"
+    state = json.loads(path.read_text())
+    entry = state[name]
+    try:
+        os.kill(entry["pid"], signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    log = open(Path(args.workdir) / ("%s.log" % name), "ab")
+    proc = subprocess.Popen([sys.executable, str(ECHO_SERVER), "--port", str(entry["port"]),
+                             "--name", args.version], stdin=subprocess.DEVNULL, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    wait_listening(entry["port"], timeout=10, proc=proc)
+    state[name] = {"pid": proc.pid, "port": entry["port"]}
+    path.write_text(json.dumps(state))
+    return 0
+
+
+# --- results -----------------------------------------------------------------------------
+
+def read_timeline(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    merged: dict[int, dict] = {}
+    for r in rows:   # a second can appear twice (flushed, then more requests finished in it)
+        m = merged.setdefault(r["t"], {"t": r["t"], "requests": 0, "failures": 0,
+                                       "errors": {}, "versions": {}})
+        m["requests"] += r["requests"]
+        m["failures"] += r["failures"]
+        for key in ("errors", "versions"):
+            for k, v in r[key].items():
+                m[key][k] = m[key].get(k, 0) + v
+    return [merged[t] for t in sorted(merged)]
+
+
+def read_totals(prefix: Path) -> dict:
+    try:
+        with open("%s_stats.csv" % prefix, newline="") as f:
+            for row in csv.DictReader(f):
+                if row["Name"] == "Aggregated":
+                    return {"requests": int(row["Request Count"]),
+                            "failures": int(row["Failure Count"]),
+                            "rps": float(row["Requests/s"]),
+                            "p50_ms": row.get("50%"), "p99_ms": row.get("99%")}
+    except FileNotFoundError:
+        pass
+    return {}
+
+
+def draw_timeline(timeline: list[dict], marks, png: Path, title: str) -> None:
+    """Requests/s and failures/s on top, share per version below, deploy steps marked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t0 = marks[0][0] if marks else timeline[0]["t"]   # 0 s = the load was switched on
+    xs = [r["t"] - t0 for r in timeline]
+    ok = [r["requests"] - r["failures"] for r in timeline]
+    failed = [r["failures"] for r in timeline]
+    versions = sorted({v for r in timeline for v in r["versions"]})
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(11, 7), sharex=True,
+                                   gridspec_kw={"height_ratios": [3, 2]})
+    ax1.plot(xs, ok, color="#2b8cbe", label="successful requests/s", drawstyle="steps-post")
+    ax1.set_ylabel("requests/s")
+    ax1.set_ylim(bottom=0)
+    axf = ax1.twinx()
+    axf.bar(xs, failed, width=0.9, align="edge", color="#de2d26", alpha=0.7,
+            label="failed requests/s")
+    axf.set_ylabel("failed requests/s", color="#de2d26")
+    axf.set_ylim(0, max(1, max(failed)) * 1.3)
+    handles = ax1.get_legend_handles_labels()[0] + axf.get_legend_handles_labels()[0]
+    ax1.legend(handles, [h.get_label() for h in handles], loc="lower left", fontsize=9)
+    ax1.grid(alpha=0.3)
+
+    palette = ["#9ecae1", "#fd8d3c", "#74c476", "#9e9ac8", "#bdbdbd"]
+    shares = []
+    for v in versions:
+        shares.append([100.0 * r["versions"].get(v, 0) / max(1, sum(r["versions"].values()))
+                       for r in timeline])
+    ax2.stackplot(xs, *shares, labels=versions, colors=palette[:len(versions)], step="post")
+    ax2.set_ylabel("% served by version")
+    ax2.set_ylim(0, 100)
+    ax2.set_xlabel("seconds")
+    ax2.legend(loc="lower left", fontsize=9)
+    for when, label in marks:
+        x = when - t0
+        for ax in (ax1, ax2):
+            ax.axvline(x, color="black", linestyle="--", linewidth=0.8)
+        ax1.annotate(label, (x, 1.0), xycoords=("data", "axes fraction"), rotation=90,
+                     va="top", ha="right", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+# --- main ----------------------------------------------------------------------------------
+
+def run_scenario(scenario: Scenario, args) -> int:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS / ("deploy-%s-%s" % (scenario.name, time.strftime("%Y%m%d-%H%M%S")))
+    timeline_path = stem.with_suffix(".jsonl")
+    if scenario.needs_deploy_cli:   # fail before starting anything, not after the warm-up
+        require_deploy_cli(scenario.name)
+    workdir = Path(tempfile.mkdtemp(prefix="l4lb-deploy-"))
+    run = ScenarioRun(scenario, args, workdir)
+    print("scenario %s: %s" % (scenario.name, scenario.about))
+    print("scratch: %s" % workdir)
+    deploy_error = None
+    try:
+        run.start_backends()
+        run.l4lb = L4LBProcess(run.config_text(), workdir)
+        run.start_locust(stem, timeline_path)
+        run.mark("load on")
+        time.sleep(WARMUP_S)
+        if run.locust.poll() is not None:
+            raise RuntimeError("locust exited early; log:\n"
+                               + (workdir / "locust.log").read_text()[-3000:])
+        try:
+            scenario.deploy(run)
+        except NotImplementedError:
+            raise
+        except Exception as exc:   # a failed deploy is a result: stop, report, still chart
+            deploy_error = exc
+            run.mark("deploy failed")
+        time.sleep(COOLDOWN_S)
+    finally:
+        run.stop_all()
+        if args.keep_workdir or deploy_error:
+            print("scratch kept: %s" % workdir)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    timeline = read_timeline(timeline_path)
+    totals = read_totals(stem)
+    # Counts from the timeline: it equals Locust's printed summary, while Locust writes its
+    # final CSV a little before the run's last requests are counted (locust #1806, #2299).
+    failures = sum(r["failures"] for r in timeline)
+    requests = sum(r["requests"] for r in timeline)
+    errors: dict[str, int] = {}
+    served: dict[str, int] = {}
+    for r in timeline:
+        for k, v in r["errors"].items():
+            errors[k] = errors.get(k, 0) + v
+        for k, v in r["versions"].items():
+            served[k] = served.get(k, 0) + v
+    print("\nrequests: %d   failed: %d%s" % (
+        requests, failures, "   (%s)" % ", ".join("%s %d" % kv for kv in sorted(errors.items()))
+        if errors else ""))
+    print("served by version: %s" % ", ".join("%s %d" % kv for kv in sorted(served.items())))
+    if totals:
+        print("requests/s: %.0f   p50: %s ms   p99: %s ms" % (
+            totals["rps"], totals["p50_ms"], totals["p99_ms"]))
+    if timeline:
+        png = stem.with_suffix(".png")
+        draw_timeline(timeline, run.marks, png, "%s under load — %s, %d users, %d failed of %d"
+                      % (scenario.name, args.user_class, args.users, failures, requests))
+        print("chart: %s" % png)
+    print("timeline: %s\nstats: %s_stats.csv" % (timeline_path, stem))
+    if deploy_error:
+        print("deploy failed: %s" % deploy_error)
+        return 1
+    if scenario.zero_failures and failures:
+        print("FAIL: %s promises zero failed requests" % scenario.name)
+        return 1
+    if not scenario.zero_failures:
+        print("(%s does not drain: failures are expected; the l4lb deploys must show 0)"
+              % scenario.name)
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["replace-backend"]:
+        ap = argparse.ArgumentParser(prog="deploy_under_load.py replace-backend")
+        ap.add_argument("--workdir", required=True)
+        ap.add_argument("--version", required=True)
+        return cmd_replace_backend(ap.parse_args(argv[1:]))
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("scenario", nargs="?", choices=sorted(SCENARIOS))
+    ap.add_argument("--list", action="store_true", help="list the scenarios")
+    ap.add_argument("--backends", type=int, default=3, help="backends per pool (default 3)")
+    ap.add_argument("--users", type=int, default=20, help="Locust users (default 20)")
+    ap.add_argument("--user-class", default="PersistentUser",
+                    choices=["PersistentUser", "ConnectionPerRequestUser"])
+    ap.add_argument("--wait", type=float, default=0.01,
+                    help="pause between a user's requests, s (default 0.01)")
+    ap.add_argument("--algorithm", default="rr", help="pool algorithm (default rr)")
+    ap.add_argument("--down-time", type=float, default=1.0,
+                    help="restart-backends: seconds a backend stays down (default 1)")
+    ap.add_argument("--step-pause", type=float, default=2.0,
+                    help="seconds between deploy steps (default 2)")
+    ap.add_argument("--keep-workdir", action="store_true", help="keep the scratch folder")
+    args = ap.parse_args(argv)
+    if args.list or not args.scenario:
+        for s in SCENARIOS.values():
+            print("%-17s %s" % (s.name, s.about))
+        return 0
+    try:
+        return run_scenario(SCENARIOS[args.scenario], args)
+    except NotImplementedError as exc:
+        print("%s: %s" % (args.scenario, exc), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,236 @@
+"""Locust TCP users for l4lb: line request/response through the balancer.
+
+    locust -f loadtests/locustfile.py PersistentUser -H 127.0.0.1:8000 --headless -u 20 -r 20 -t 10s
+    locust -f loadtests/locustfile.py ConnectionPerRequestUser -H 127.0.0.1:8000 --headless -u 20 -r 20 -t 10s
+
+The target (-H) is the balancer's HOST:PORT (a `tcp://` prefix is accepted); behind it run
+line-echo backends (loadtests/echo_server.py). Each request sends one line and reads one
+line back; the reply must end with what was sent ("NAME: " in front is a backend's version
+tag, see echo_server.py --name).
+
+- PersistentUser: one connection per user, kept open; requests named "line". A broken
+  connection is reported as a failure and reopened on the next request ("connect").
+- ConnectionPerRequestUser: a new connection per request, closed after the reply; requests
+  named "connect+line" and timed from connect() to the reply.
+
+Both report through `environment.events.request` with request_type "tcp", the response time
+in ms, the reply length and the exception (None on success); `context` carries the version
+tag of the backend that answered. Locust users are gevent greenlets: the socket module is
+gevent's cooperative one here.
+
+Options added to locust's command line:
+  --tcp-timeout S     connect/read timeout per request (default 5)
+  --tcp-wait S        pause between a user's requests (default 0: as fast as it can)
+  --tcp-payload N     bytes per request line (default 32)
+  --timeline FILE     also write a per-second JSON-lines timeline: requests, failures,
+                      errors by kind and requests per backend version
+                      (env L4LB_LOCUST_TIMELINE; used by deploy_under_load.py)
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import socket
+import time
+
+import gevent
+from locust import User, events, task
+
+# Bytes read per recv(): a reply line is short, one read almost always holds it all.
+RECV_SIZE = 65536
+_user_ids = itertools.count(1)
+
+
+@events.init_command_line_parser.add_listener
+def add_tcp_options(parser):
+    parser.add_argument("--tcp-timeout", type=float, default=5.0, env_var="L4LB_TCP_TIMEOUT",
+                        help="connect/read timeout per request, seconds")
+    parser.add_argument("--tcp-wait", type=float, default=0.0, env_var="L4LB_TCP_WAIT",
+                        help="pause between a user's requests, seconds")
+    parser.add_argument("--tcp-payload", type=int, default=32, env_var="L4LB_TCP_PAYLOAD",
+                        help="bytes per request line")
+    parser.add_argument("--timeline", default="", env_var="L4LB_LOCUST_TIMELINE",
+                        help="write a per-second JSON-lines timeline to this file")
+
+
+def parse_target(host: str | None) -> tuple[str, int]:
+    """'127.0.0.1:8000' or 'tcp://127.0.0.1:8000' or '[::1]:8000' -> (host, port)."""
+    if not host:
+        raise ValueError("no target: pass -H HOST:PORT (the balancer's listener)")
+    host = host.split("://", 1)[-1].rstrip("/")
+    name, _, port = host.rpartition(":")
+    if not name or not port.isdigit():
+        raise ValueError("target %r is not HOST:PORT" % host)
+    return name.strip("[]"), int(port)
+
+
+class UnexpectedReply(Exception):
+    """The backend answered, but not with the line that was sent."""
+
+
+class LineClient:
+    """One TCP connection speaking the line protocol; raises on any failure."""
+
+    def __init__(self, address: tuple[str, int], timeout: float):
+        self.sock = socket.create_connection(address, timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = b""
+
+    def request(self, line: bytes) -> tuple[bytes, str]:
+        """Send `line` (ending in a newline); return (reply line, version tag or "")."""
+        self.sock.sendall(line)
+        while True:
+            end = self.buf.find(b"\n")
+            if end >= 0:
+                break
+            data = self.sock.recv(RECV_SIZE)
+            if not data:
+                raise ConnectionResetError("connection closed before the reply")
+            self.buf += data
+        reply, self.buf = self.buf[:end + 1], self.buf[end + 1:]
+        if not reply.endswith(line):
+            raise UnexpectedReply("sent %r, got %r" % (line[:40], reply[:80]))
+        tag = reply[:-len(line)]
+        return reply, tag[:-2].decode(errors="replace") if tag.endswith(b": ") else ""
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class TcpUser(User):
+    """Shared parts: the target, the options and the request event."""
+
+    abstract = True
+
+    def __init__(self, environment):
+        super().__init__(environment)
+        self.address = parse_target(self.host)
+        opts = environment.parsed_options
+        self.timeout = getattr(opts, "tcp_timeout", 5.0) if opts else 5.0
+        self.pause = getattr(opts, "tcp_wait", 0.0) if opts else 0.0
+        size = getattr(opts, "tcp_payload", 32) if opts else 32
+        self.user_id = next(_user_ids)
+        self.seq = 0
+        self.pad = b"x" * max(0, size - 16)
+
+    def wait_time(self):
+        return self.pause
+
+    def next_line(self) -> bytes:
+        self.seq += 1
+        return b"%d-%d %s\n" % (self.user_id, self.seq, self.pad)
+
+    def report(self, name: str, started: float, length: int, exc: Exception | None,
+               version: str = "") -> None:
+        self.environment.events.request.fire(
+            request_type="tcp", name=name,
+            response_time=(time.perf_counter() - started) * 1000.0,
+            response_length=length, exception=exc, context={"version": version})
+
+
+class PersistentUser(TcpUser):
+    """Request/response over one persistent connection per user."""
+
+    def on_start(self):
+        self.client = None
+
+    def on_stop(self):
+        if self.client:
+            self.client.close()
+            self.client = None
+
+    @task
+    def line(self):
+        if self.client is None:
+            started = time.perf_counter()
+            try:
+                self.client = LineClient(self.address, self.timeout)
+            except (OSError, gevent.Timeout) as exc:
+                self.report("connect", started, 0, exc)
+                return
+        started = time.perf_counter()
+        try:
+            reply, version = self.client.request(self.next_line())
+        except (OSError, UnexpectedReply, gevent.Timeout) as exc:
+            self.client.close()
+            self.client = None
+            self.report("line", started, 0, exc)
+            return
+        self.report("line", started, len(reply), None, version)
+
+
+class ConnectionPerRequestUser(TcpUser):
+    """A new connection for every request: connect, one line each way, close."""
+
+    @task
+    def connect_and_line(self):
+        started = time.perf_counter()
+        client = None
+        try:
+            client = LineClient(self.address, self.timeout)
+            reply, version = client.request(self.next_line())
+        except (OSError, UnexpectedReply, gevent.Timeout) as exc:
+            self.report("connect+line", started, 0, exc)
+            return
+        finally:
+            if client:
+                client.close()
+        self.report("connect+line", started, len(reply), None, version)
+
+
+# --- per-second timeline (deploy_under_load.py reads it) --------------------------------
+
+class Timeline:
+    """Counts requests, failures, error kinds and versions per wall-clock second and appends
+    one JSON line per finished second to a file: {"t": 1764000000, "requests": 812,
+    "failures": 3, "errors": {"ConnectionRefusedError": 3}, "versions": {"v1": 500, ...}}."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.seconds: dict[int, dict] = {}
+        self.file = open(path, "a", buffering=1)
+        self.flusher = None
+
+    def on_request(self, request_type, name, response_time, response_length, exception=None,
+                   context=None, **_):
+        sec = self.seconds.setdefault(int(time.time()), {
+            "requests": 0, "failures": 0, "errors": {}, "versions": {}})
+        sec["requests"] += 1
+        if exception is not None:
+            sec["failures"] += 1
+            kind = type(exception).__name__
+            sec["errors"][kind] = sec["errors"].get(kind, 0) + 1
+        else:
+            version = (context or {}).get("version") or "-"
+            sec["versions"][version] = sec["versions"].get(version, 0) + 1
+
+    def flush(self, everything: bool = False) -> None:
+        now = int(time.time())
+        for t in sorted(self.seconds):
+            if t < now or everything:
+                self.file.write(json.dumps({"t": t, **self.seconds.pop(t)}) + "\n")
+
+    def run_flusher(self):
+        while True:
+            gevent.sleep(1.0)
+            self.flush()
+
+    def close(self):
+        if self.flusher:
+            self.flusher.kill(block=False)
+        self.flush(everything=True)
+        self.file.close()
+
+
+@events.init.add_listener
+def start_timeline(environment, **_):
+    path = getattr(environment.parsed_options, "timeline", "") if environment.parsed_options else ""
+    if not path:
+        return
+    timeline = Timeline(path)
+    environment.events.request.add_listener(timeline.on_request)
+    timeline.flusher = gevent.spawn(timeline.run_flusher)
+    environment.events.quitting.add_listener(lambda **_: timeline.close())

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Start l4lb in the foreground for ../shared/bench: listen on 127.0.0.1:LISTEN, forward to
+# 127.0.0.1:BACKEND. Used as   cmd:l4lb 'loadtests/run-l4lb.sh {listen} {backend}'.
+#
+# The config is what a production user would run for speed: leastconn (the algorithm the
+# issue judges; round robin until leastconn is registered), access log off, level warning.
+# The script `exec`s the balancer so the bench harness stops it by its own pid/group.
+# It runs this checkout's code (PYTHONPATH = the repo root, build with
+# `python setup.py build_ext --inplace` first); L4LB_PYTHON picks the interpreter.
+set -euo pipefail
+if [ $# -ne 2 ]; then
+    echo "usage: $0 LISTEN_PORT BACKEND_PORT" >&2
+    exit 2
+fi
+listen=$1
+backend=$2
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+py="${L4LB_PYTHON:-python3}"
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+
+algorithm=rr
+if [ "$("$py" -c "from l4lb.algorithms import ALGORITHMS; print('leastconn' in ALGORITHMS)")" = "True" ]; then
+    algorithm=leastconn
+fi
+
+# Beside the bench's own scratch files, never in the repo.
+dir="${L4LB_BENCH_DIR:-${TMPDIR:-/tmp}/l4lb-bench}/run"
+mkdir -p "$dir"
+conf="$dir/l4lb-$listen.toml"
+cat >"$conf" <<TOML
+# written by $0 for the benchmark
+[global]
+max_connections = 20000
+shutdown_timeout = 2.0
+
+[control]
+socket = "l4lb-$listen.sock"
+
+[log]
+level = "warning"
+format = "json"
+access = false
+
+[listeners.bench]
+bind = ["127.0.0.1:$listen"]
+pool = "bench"
+
+[pools.bench]
+algorithm = "$algorithm"
+backends = [
+  { name = "b1", address = "127.0.0.1:$backend" },
+]
+TOML
+exec "$py" -m l4lb run -c "$conf"
