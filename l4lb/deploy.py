@@ -122,6 +122,10 @@ def route_of(listener_row: dict) -> dict:
     return {"pool": listener_row["pool"]}
 
 
+def connections(n: int) -> str:
+    return f"{n} connection{'' if n == 1 else 's'}"
+
+
 def describe_route(route: dict) -> str:
     if "split" in route:
         return "split " + " ".join(f"{p}={pct}" for p, pct in route["split"].items())
@@ -297,11 +301,11 @@ class Deploy:
                 self.out(f"  {label}: drained in {waited:.1f} s")
                 return 0
             if waited >= timeout:
-                self.out(f"  {label}: {left} connections left after the drain timeout "
+                self.out(f"  {label}: {connections(left)} left after the drain timeout "
                          f"({timeout:g} s)")
                 return left
             if last_line is None or self.clock() - last_line >= PROGRESS_INTERVAL:
-                self.out(f"  {label}: {left} connections left, {waited:.1f} s")
+                self.out(f"  {label}: {connections(left)} left, {waited:.1f} s")
                 last_line = self.clock()
             self.sleep(min(POLL_INTERVAL, max(0.0, timeout - waited)))
 
@@ -416,7 +420,7 @@ class RollingDeploy(Deploy):
         if left:
             self.phase = "killing the connections of"
             killed = self.ctl(f"kill {ref}").get("closed", left)
-            self.out(f"  {name}: killed {killed} connections")
+            self.out(f"  {name}: killed {connections(killed)}")
         self.killed += killed
         self.drained += max(0, before - killed)
 
@@ -553,7 +557,7 @@ class BlueGreenDeploy(Deploy):
             for name, row in self.backends(pool).items():
                 if row["active"]:
                     killed += self.ctl(f"kill {pool}/{name}").get("closed", 0)
-        self.out(f"  killed {killed} connections left on {', '.join(pools)}")
+        self.out(f"  killed {connections(killed)} left on {', '.join(pools)}")
         return killed
 
 
