@@ -6,7 +6,6 @@ import os
 import random
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,7 +17,8 @@ import pytest
 
 from l4lb.control.client import call
 
-from ..support import REPO, backends_toml, connect, echo_handler, free_port_refused, simple_config
+from ..support import (REPO, backends_toml, connect, echo_handler, free_port_refused,
+                       recv_exactly, simple_config)
 
 ECHO_BACKEND = REPO / "tests" / "echo_backend.py"
 
@@ -237,6 +237,25 @@ class DeployWatcher:
         return "\n".join(line for _, line in self.lines)
 
 
+@pytest.fixture
+def deploy_watcher():
+    """deploy_watcher(*args) starts a DeployWatcher; any still running is killed after."""
+    started = []
+
+    def start(*args):
+        watcher = DeployWatcher(*args)
+        started.append(watcher)
+        return watcher
+
+    try:
+        yield start
+    finally:
+        for watcher in started:
+            if watcher.proc.poll() is None:
+                watcher.proc.kill()
+            watcher.proc.wait(5)
+
+
 def two_pool_config(blue, green, route: str = 'pool = "blue"') -> str:
     return f"""
 [control]
@@ -289,13 +308,13 @@ def test_rolling_deploy_under_load_drops_no_connection_and_ends_on_the_new_versi
 
 @pytest.mark.timeout(90)
 def test_blue_green_under_load_switches_new_connections_and_lets_blue_streams_finish(
-        echo_procs, l4lb, load, tmp_path):
+        echo_procs, l4lb, load, deploy_watcher, tmp_path):
     blue = [(n, echo_procs.start(n, "blue")) for n in ("b1", "b2")]
     green = [(n, echo_procs.start(n, "green")) for n in ("g1", "g2")]
     lb = l4lb(two_pool_config(blue, green))
     clients = load(lb.port())
     time.sleep(1.0)                               # streams on blue are running
-    deploy = DeployWatcher("blue-green", "web", "--to", "green",
+    deploy = deploy_watcher("blue-green", "web", "--to", "green",
                            "-s", tmp_path / "l4lb.sock", "--drain-timeout", 15)
     rc = deploy.wait()
     clients.stop()
@@ -363,3 +382,51 @@ def test_rolling_deploy_with_a_failing_command_leaves_that_backend_in_maint(back
     with connect(lb.port()) as s:                 # the others still serve
         s.sendall(b"x")
         assert s.recv(10) == b"x"
+
+
+def wait_for_line(deploy: DeployWatcher, prefix: str, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(line.startswith(prefix) for _, line in deploy.lines):
+        assert deploy.proc.poll() is None, deploy.text
+        assert time.monotonic() < deadline, f"no {prefix!r} line; got:\n{deploy.text}"
+        time.sleep(0.02)
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_during_a_rolling_drain_leaves_that_backend_in_maint(backends, l4lb,
+                                                                    deploy_watcher, tmp_path):
+    bs = [backends(echo_handler, name=f"app{i}") for i in (1, 2)]
+    lb = l4lb(simple_config([(b.name, b.address) for b in bs], access=False))
+    with connect(lb.port()) as held:              # rr: app1 gets it, and its drain waits
+        held.sendall(b"x")
+        assert held.recv(10) == b"x"
+        deploy = deploy_watcher("rolling", "main", "-c", lb.path, "--exec", "true")
+        wait_for_line(deploy, "  app1: 1 connection left")
+        deploy.proc.send_signal(signal.SIGINT)
+        assert deploy.wait() == 130
+        assert "interrupted while draining main/app1; main/app1 left in maint" in deploy.stderr
+        held.sendall(b"still here")               # maint does not cut connections
+        assert recv_exactly(held, 10) == b"still here"
+    rows = call(tmp_path / "l4lb.sock", "show backends main")["backends"]
+    assert [r["state"] for r in rows] == ["maint", "up"]
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_during_a_canary_step_restores_the_starting_route(echo_procs, l4lb,
+                                                                 deploy_watcher, tmp_path):
+    blue = [("b1", echo_procs.start("b1", "blue"))]
+    green = [("g1", echo_procs.start("g1", "green"))]
+    lb = l4lb(two_pool_config(blue, green, route="split = { blue = 90, green = 10 }"))
+    deploy = deploy_watcher("canary", "web", "--to", "green", "--steps", "50,100",
+                           "--interval", 30, "-c", lb.path)
+    wait_for_line(deploy, "canary web -> green")
+    sock = tmp_path / "l4lb.sock"
+    deadline = time.monotonic() + 10
+    while call(sock, "show listeners")["listeners"][0]["split"] != {"blue": 50, "green": 50}:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    deploy.proc.send_signal(signal.SIGINT)
+    assert deploy.wait() == 130
+    assert "interrupted at step 50%; rolled back to split blue=90 green=10" in deploy.stderr
+    listener = call(sock, "show listeners")["listeners"][0]
+    assert (listener["pool"], listener["split"]) == (None, {"blue": 90, "green": 10})
