@@ -123,6 +123,12 @@ def cmd_ctl(args) -> int:
     return 0 if reply.get("ok") else 1
 
 
+def cmd_deploy(args) -> int:
+    from .deploy import run_deploy
+
+    return run_deploy(args, control_socket_path(args))
+
+
 def cmd_check(args) -> int:
     config = load_or_exit(args.config)
     print(f"{args.config}: ok ({len(config.listeners)} listeners, {len(config.pools)} pools, "
@@ -162,6 +168,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend-port", type=int, default=9001,
                    help="first demo backend port (default 9001, then +1, +2)")
     p.set_defaults(func=cmd_demo)
+
+    from .deploy import fraction, parse_steps, seconds
+
+    p = sub.add_parser("deploy", help="roll out a new version: rolling, blue-green or canary")
+    p.set_defaults(func=cmd_deploy)
+    dsub = p.add_subparsers(dest="strategy", required=True)
+    d = dsub.add_parser("rolling", help="drain, run CMD and re-enable each backend in turn")
+    d.add_argument("pool")
+    d.add_argument("--exec", dest="command", required=True, metavar="CMD",
+                   help="shell command replacing one backend (env L4LB_POOL, L4LB_BACKEND, "
+                        "L4LB_ADDRESS); non-zero exit stops the deploy")
+    d.add_argument("--ready-timeout", type=seconds, default=30.0, metavar="S",
+                   help="seconds a replaced backend gets to become ready (default 30)")
+    bg = dsub.add_parser("blue-green", help="switch a listener to POOL, wait for the old to drain")
+    bg.add_argument("listener")
+    bg.add_argument("--to", required=True, metavar="POOL")
+    for d in (dsub.choices["rolling"], bg):
+        d.add_argument("--drain-timeout", type=seconds, default=30.0, metavar="S",
+                       help="seconds connections get to end; then they are killed (default 30)")
+    d = dsub.add_parser("canary", help="shift a listener to POOL step by step, roll back on breach")
+    d.add_argument("listener")
+    d.add_argument("--to", required=True, metavar="POOL")
+    d.add_argument("--steps", type=parse_steps, default=[5, 25, 50, 100], metavar="5,25,50,100",
+                   help="percentages of new connections for POOL (default 5,25,50,100)")
+    d.add_argument("--interval", type=seconds, required=True, metavar="S",
+                   help="seconds each step is watched")
+    d.add_argument("--max-failure-rate", type=fraction, default=0.05, metavar="F",
+                   help="connect failures / attempts on POOL above which it rolls back "
+                        "(default 0.05)")
+    for d in dsub.choices.values():
+        add_socket_options(d)
     return parser
 
 
