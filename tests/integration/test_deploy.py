@@ -256,6 +256,9 @@ def deploy_watcher():
             watcher.proc.wait(5)
 
 
+NON_STICKY = 'pool = "blue"\nsticky_split = false'
+
+
 def two_pool_config(blue, green, route: str = 'pool = "blue"') -> str:
     return f"""
 [control]
@@ -335,7 +338,9 @@ def test_canary_onto_a_dead_pool_rolls_back_to_the_original_route(echo_procs, l4
                                                                    tmp_path):
     blue = [("b1", echo_procs.start("b1", "blue"))]
     green = [("g1", f"127.0.0.1:{free_port_refused()}")]       # nothing listens there
-    lb = l4lb(two_pool_config(blue, green))
+    # Every test client comes from 127.0.0.1: a sticky split would put them all on one
+    # side, so the canary steps are checked with per-connection splitting.
+    lb = l4lb(two_pool_config(blue, green, NON_STICKY))
     clients = load(lb.port(), concurrency=4, streams=0)
     result = run_deploy("canary", "web", "--to", "green", "--steps", "50,100",
                         "--interval", 1, "-c", lb.path)
@@ -352,7 +357,9 @@ def test_healthy_canary_under_load_ends_switched_to_the_new_pool(echo_procs, l4l
                                                                   tmp_path):
     blue = [("b1", echo_procs.start("b1", "blue"))]
     green = [("g1", echo_procs.start("g1", "green"))]
-    lb = l4lb(two_pool_config(blue, green))
+    # Every test client comes from 127.0.0.1: a sticky split would put them all on one
+    # side, so the canary steps are checked with per-connection splitting.
+    lb = l4lb(two_pool_config(blue, green, NON_STICKY))
     clients = load(lb.port(), concurrency=4, streams=0)
     result = run_deploy("canary", "web", "--to", "green", "--steps", "50,100",
                         "--interval", 1, "-c", lb.path)
