@@ -370,7 +370,7 @@ class HealthMonitor:
         for check in self.checks.values():
             if check.task is None:
                 check.task = loop.create_task(check.run())
-        for pool in {b.pool for b in self.checks}:
+        for pool in dict.fromkeys(b.pool for b in self.checks):
             cfg = pool.config.health
             self.log.info("health_checks_started", pool=pool.name, interval=cfg.interval,
                           timeout=cfg.timeout, rise=cfg.rise, fall=cfg.fall,
