@@ -287,6 +287,7 @@ class Balancer:
             raise OperationError(f"backend '{backend.ref}' has {backend.active} active "
                                  "connections; drain it and wait first")
         backend.pool.remove_backend(backend.name)
+        self.health.unwatch(backend)
         self.log.info("backend_removed", pool=backend.pool.name, backend=backend.name,
                       active=backend.active)
         if not force:
@@ -537,6 +538,7 @@ class Balancer:
                 backend.max_connections = bcfg.max_connections
                 pool.push(backend)
                 changes.append(f"backend {pool.name}/{name} weight {bcfg.weight}")
+        self.health.rewatch_pool(pool)
         return changes
 
     def _queue_timeout_for(self, pool: str) -> float:
@@ -549,7 +551,7 @@ class Balancer:
         pass
 
     def pool_replaced(self, old: Pool, new: Pool) -> None:
-        pass
+        self.health.unwatch_pool(old)
 
     def pool_removed(self, pool: Pool) -> None:
-        pass
+        self.health.unwatch_pool(pool)

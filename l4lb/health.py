@@ -48,11 +48,7 @@ from . import _native
 from .config import HealthConfig
 from .log import get_logger
 from .model import Backend, BackendState, Pool
-
-try:                                    # the PROXY encoders (issue 7)
-    from .proxyproto import encode_v1, encode_v2
-except ImportError:                     # pragma: no cover - until that branch is merged
-    encode_v1 = encode_v2 = None
+from .proxyproto import encode_v1, encode_v2
 
 # The most reply bytes a probe reads while looking for `expect`; a backend streaming more
 # than this without the expected bytes fails the check rather than growing our memory.
@@ -70,6 +66,7 @@ READY_POLL_TIMEOUT = 1.0
 # Causes of backend_state_changed.
 CAUSE_ACTIVE = "health_check"
 CAUSE_PASSIVE = "passive_check"
+CAUSE_UNCHECKED = "health_check_removed"   # a reload dropped the health section of a down backend
 # close_reason of connections closed because their backend went down (on_down = "close").
 CLOSE_REASON_DOWN = "backend_down"
 
@@ -147,15 +144,9 @@ def proxy_header(version: str, sock: socket.socket | None) -> bytes:
     if version == "off":
         return b""
     if version == "v2":
-        if encode_v2 is not None:
-            return encode_v2(None, None, command="LOCAL")
-        return b"\r\n\r\n\x00\r\nQUIT\n" + bytes((0x20, 0x00, 0x00, 0x00))
+        return encode_v2(None, None, command="LOCAL")
     if version == "v1":
-        src, dst = sock.getsockname()[:2], sock.getpeername()[:2]
-        if encode_v1 is not None:
-            return encode_v1(src, dst)
-        family = "TCP6" if sock.family == socket.AF_INET6 else "TCP4"
-        return f"PROXY {family} {src[0]} {dst[0]} {src[1]} {dst[1]}\r\n".encode("ascii")
+        return encode_v1(sock.getsockname()[:2], sock.getpeername()[:2])
     raise ValueError(f"unknown send_proxy {version!r}")
 
 
@@ -355,13 +346,31 @@ class HealthMonitor:
         """Stop checking `backend` (removed, or its pool's health section changed)."""
         backend.target.on_connect_failed = None
         check = self.checks.pop(backend, None)
-        if check is not None and check.task is not None:
-            check.task.cancel()
+        if check is not None:
+            if check.task is not None:
+                check.task.cancel()
+            backend.health = "unchecked"
+
+    def unwatch_pool(self, pool: Pool) -> None:
+        """Stop checking every backend of `pool` (removed or rebuilt by a reload)."""
+        for backend in pool:
+            self.unwatch(backend)
 
     def rewatch_pool(self, pool: Pool) -> None:
-        """Restart the checks of `pool` with its current config (after a reload)."""
+        """After a reload changed `pool.config` in place: restart the checks of backends
+        whose health settings changed (their streaks start over); leave the others
+        running. A backend whose pool lost its health section is brought back up if it was
+        down, since nothing would ever bring it up again."""
+        cfg = pool.config.health
         for backend in pool:
+            check = self.checks.get(backend)
+            if check is not None and check.cfg == cfg:
+                continue
+            if check is None and cfg is None:
+                continue
             self.watch(backend)
+            if cfg is None and backend.state is BackendState.DOWN:
+                pool.set_state(backend, BackendState.UP, CAUSE_UNCHECKED)
 
     def start(self) -> None:
         """Start one checker task per watched backend (call from the running loop)."""

@@ -379,3 +379,67 @@ def test_wait_healthy_gives_up_after_its_timeout():
         return ready
 
     assert asyncio.run(main()) is False
+
+
+# --- reload and removal ---------------------------------------------------------------------
+
+def test_a_reload_with_the_same_health_settings_keeps_checks_and_streaks():
+    clock = FakeClock()
+    pool, _ = make_pool(clock, HealthConfig(rise=2, fall=3), n=1)
+    mon = HealthMonitor(None, clock=clock)
+    b0 = pool.backends["b0"]
+    mon.watch(b0)
+    check = mon.checks[b0]
+    b0.target.on_connect_failed(b0.target, "connect_refused")
+    pool.config = PoolConfig(name="p", health=HealthConfig(rise=2, fall=3))
+    mon.rewatch_pool(pool)
+    assert mon.checks[b0] is check and check.state.fails == 1
+
+
+def test_a_reload_with_new_health_settings_restarts_the_checks():
+    clock = FakeClock()
+    pool, _ = make_pool(clock, HealthConfig(rise=2, fall=3), n=1)
+    mon = HealthMonitor(None, clock=clock)
+    b0 = pool.backends["b0"]
+    mon.watch(b0)
+    pool.config = PoolConfig(name="p", health=HealthConfig(rise=2, fall=1))
+    mon.rewatch_pool(pool)
+    b0.target.on_connect_failed(b0.target, "connect_refused")
+    assert b0.state is DOWN                          # the new fall = 1 applies
+
+
+def test_a_reload_dropping_the_health_section_brings_a_down_backend_back_up():
+    clock = FakeClock()
+    pool, changes = make_pool(clock, HealthConfig(rise=2, fall=1), n=1)
+    mon = HealthMonitor(None, clock=clock)
+    b0 = pool.backends["b0"]
+    mon.watch(b0)
+    b0.target.on_connect_failed(b0.target, "connect_refused")
+    assert b0.state is DOWN
+    pool.config = PoolConfig(name="p", health=None)
+    mon.rewatch_pool(pool)
+    assert b0.state is UP and b0.health == "unchecked" and not mon.is_checked(b0)
+    assert changes[-1][1:4] == ("down", "up", "health_check_removed")
+
+
+def test_a_removed_backend_is_no_longer_checked_or_observed():
+    clock = FakeClock()
+    pool, _ = make_pool(clock, HealthConfig(interval=1.0), n=2)
+
+    async def main():
+        prober = ScriptedProber(clock, {1000: [True] * 1000, 1001: [True] * 1000})
+        mon = HealthMonitor(None, clock=clock, sleep=clock.sleep, prober=prober)
+        for b in pool:
+            mon.watch(b)
+        mon.start()
+        b1 = pool.remove_backend("b1")
+        mon.unwatch(b1)
+        for _ in range(50):
+            await clock.sleep(1.0)
+        await mon.stop()
+        return prober, b1
+
+    prober, b1 = asyncio.run(main())
+    assert b1.target.on_connect_failed is None
+    assert [p for p, _ in prober.calls if p == 1001] == []
+    assert len([p for p, _ in prober.calls if p == 1000]) >= 40
