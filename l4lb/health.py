@@ -66,7 +66,7 @@ READY_POLL_TIMEOUT = 1.0
 # Causes of backend_state_changed.
 CAUSE_ACTIVE = "health_check"
 CAUSE_PASSIVE = "passive_check"
-CAUSE_UNCHECKED = "health_check_removed"   # a reload dropped the health section of a down backend
+CAUSE_UNCHECKED = "health_check_removed"   # a reload dropped the section; down -> up
 # close_reason of connections closed because their backend went down (on_down = "close").
 CLOSE_REASON_DOWN = "backend_down"
 
