@@ -14,6 +14,7 @@ import time
 
 from . import _native
 from .config import Address, BackendConfig, Config, ConfigError, load_config, parse_address
+from .health import HealthMonitor
 from .log import configure_logging, get_logger
 from .model import Backend, BackendState, Listener, Pool
 from .state import RuntimeState, StateFileError, load_state, save_state, state_path_for
@@ -76,6 +77,7 @@ class Balancer:
         self.set_access_log(config.log.access)
         self.hub.on_overload = self.note_fd_exhausted
         self._fd_exhausted_logged_at = -1e9
+        self.health = HealthMonitor(self.hub, self.log)
         for pcfg in config.pools.values():
             self.pools[pcfg.name] = self.create_pool(pcfg)
         for lcfg in config.listeners.values():
@@ -92,8 +94,10 @@ class Balancer:
         return pool
 
     def wire_backend(self, backend: Backend) -> None:
-        """Hook a backend's Target to the control plane."""
+        """Hook a backend's Target to the control plane: idle waiters, health checks and
+        passive detection."""
         backend.target.on_idle = self._target_idle
+        self.health.watch(backend)
 
     def _target_idle(self, target) -> None:
         for fut in self._idle_waiters.pop(target, ()):
@@ -141,6 +145,7 @@ class Balancer:
             self.close_listeners()
             raise
         self._sweeper = self.loop.create_task(self.sweep_forever())
+        self.health.start()
 
     async def start_listener(self, listener: Listener) -> None:
         for addr in listener.config.bind:
@@ -189,6 +194,7 @@ class Balancer:
             timeout = self.config.global_.shutdown_timeout
         self.log.info("shutdown_started", active=self.hub.active, timeout=timeout)
         self.close_listeners()
+        await self.health.stop()
         deadline = self.loop.time() + timeout
         while self.hub.active > 0 and self.loop.time() < deadline:
             await asyncio.sleep(0.05)
@@ -281,6 +287,7 @@ class Balancer:
             raise OperationError(f"backend '{backend.ref}' has {backend.active} active "
                                  "connections; drain it and wait first")
         backend.pool.remove_backend(backend.name)
+        self.health.unwatch(backend)
         self.log.info("backend_removed", pool=backend.pool.name, backend=backend.name,
                       active=backend.active)
         if not force:
@@ -531,6 +538,7 @@ class Balancer:
                 backend.max_connections = bcfg.max_connections
                 pool.push(backend)
                 changes.append(f"backend {pool.name}/{name} weight {bcfg.weight}")
+        self.health.rewatch_pool(pool)
         return changes
 
     def _queue_timeout_for(self, pool: str) -> float:
@@ -543,7 +551,7 @@ class Balancer:
         pass
 
     def pool_replaced(self, old: Pool, new: Pool) -> None:
-        pass
+        self.health.unwatch_pool(old)
 
     def pool_removed(self, pool: Pool) -> None:
-        pass
+        self.health.unwatch_pool(pool)
