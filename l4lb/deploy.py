@@ -354,7 +354,10 @@ class RollingDeploy(Deploy):
         rows = self.backends(self.pool)
         if not rows:
             raise DeployError(f"pool {self.pool} has no backends; nothing to deploy")
-        checked = any(row["health"] != "unchecked" for row in rows.values())
+        # `checked` (whether the pool has health checks) is in every show backends row;
+        # a balancer without it is guessed from the health column.
+        checked = any(row.get("checked", row["health"] != "unchecked")
+                      for row in rows.values())
         self.out(f"rolling deploy of pool {self.pool}: {len(rows)} backends, one at a time; "
                  f"ready = {'health check passes' if checked else 'TCP connect succeeds'}")
         for i, (name, row) in enumerate(rows.items(), 1):

@@ -200,6 +200,7 @@ def backend_row(b) -> dict:
         "address": str(b.address),
         "state": str(b.state),
         "health": b.health,
+        "checked": b.pool.config.health is not None,
         "weight": b.weight,
         "active": t.active,
         "total": t.total,

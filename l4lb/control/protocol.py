@@ -179,7 +179,7 @@ COMMANDS: tuple[CommandSpec, ...] = (
         ("show", "backends"), (ArgSpec(ArgKind.NAME, "pool", "POOL", optional=True),),
         "backends with state, health, weight and counters; all pools or one",
         reply=("backends",),
-        rows=("pool", "name", "address", "state", "health", "weight", "active", "total",
+        rows=("pool", "name", "address", "state", "health", "checked", "weight", "active", "total",
               "failed", "bytes_in", "bytes_out", "rt_ms"),
     ),
     CommandSpec(

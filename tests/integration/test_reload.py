@@ -119,8 +119,7 @@ def test_reload_changes_listener_settings_and_binds_in_place(backends, l4lb):
     lb.path.write_text(text)
     reply = ask(lb, "reload")
     assert any("127.0.0.2:0 opened" in c for c in reply["changes"])
-    port2 = [ev["port"] for ev in lb.events_named("listener_started")
-             if ev["bind"] == "127.0.0.2:0"][0]
+    port2 = lb.wait_event("listener_started", bind="127.0.0.2:0")["port"]
     assert hello(lb.port()) == "a"
     assert hello_from(port2, "127.0.0.2") == "a"
 
