@@ -143,7 +143,7 @@ def test_per_source_rate_admits_the_rate_per_second_from_a_flooding_source(backe
     time.sleep(0.1)                                      # let the last accepts be counted
     elapsed = time.monotonic() - start
     admitted = listener_row(lb)["accepted"] - accepted0
-    assert tries >= 800
+    assert tries >= 400                                  # far above the rate, even on a busy machine
     assert 40 <= admitted / elapsed <= 60, (admitted, elapsed, tries)
     assert served(port, "127.0.0.6") == b"alpha\n"       # another source has its own bucket
 
@@ -199,3 +199,28 @@ def test_global_max_connections_refuses_and_counts_and_zero_means_unlimited(back
     for s in held:
         s.close()
     assert listener_row(lb)["rejected"] == {"global_max_connections": 1}
+
+
+@pytest.mark.timeout(30)
+def test_reload_changes_the_lists_and_keeps_counting_open_connections(backends, l4lb):
+    a = backends(name_handler, name="alpha")
+    first = simple_config([("alpha", a.address)], listener_extra="""
+deny = ["127.0.0.6"]
+per_source_max_connections = 2
+""")
+    lb = l4lb(first)
+    port = lb.port()
+    held = [held_connection(port, "127.0.0.5") for _ in range(2)]
+    assert refused(port, "127.0.0.6")
+    lb.path.write_text(first.replace('deny = ["127.0.0.6"]', 'deny = ["127.0.0.7"]'))
+    assert ask(lb, "reload")["ok"]
+    assert served(port, "127.0.0.6") == b"alpha\n"
+    assert refused(port, "127.0.0.7")
+    assert refused(port, "127.0.0.5")                    # its 2 open connections still count
+    lb.path.write_text(simple_config([("alpha", a.address)]))
+    assert ask(lb, "reload")["ok"]                       # no lists, no limits: no gate
+    assert served(port, "127.0.0.5") == b"alpha\n"
+    assert served(port, "127.0.0.7") == b"alpha\n"
+    for s in held:
+        s.close()
+    assert listener_row(lb)["rejected"] == {"denied": 2, "per_source_max_connections": 1}
