@@ -712,9 +712,10 @@ LISTENER = Table(ListenerConfig, {
         "With accept_proxy: seconds a client has to send its whole PROXY header; a slower "
         "one is closed and counted (a slowloris guard)."),
     "allow": Key(ListOf(Cidr(), expects="an array of CIDR strings"), [],
-        "CIDRs whose clients may connect; empty = everyone."),
+        "CIDRs whose clients may connect; empty = everyone not denied. The longest "
+        "prefix matching the client across allow and deny decides (deny on a tie)."),
     "deny": Key(ListOf(Cidr(), expects="an array of CIDR strings"), [],
-        "CIDRs whose clients are refused; checked after allow."),
+        "CIDRs whose clients are refused, unless a longer allow prefix holds the client."),
     "max_connections": Key(Integer(), 10000,
         "Client connections open at once on this listener; beyond it a new one is closed "
         "at once and counted. 0 = unlimited."),

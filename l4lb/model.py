@@ -22,7 +22,7 @@ import enum
 import time
 from typing import Callable
 
-from . import _native
+from . import _native, acl, proxyhooks
 from .algorithms import HASH_KEY_CODES, create_algorithm
 from .config import BackendConfig, ListenerConfig, PoolConfig
 
@@ -195,6 +195,11 @@ class Listener:
         rt.accept_proxy = cfg.accept_proxy
         rt.proxy_timeout = cfg.proxy_timeout
         rt.send_proxy = {"off": 0, "v1": 1, "v2": 2}[cfg.send_proxy]
+        # Always set (the relay calls them only with accept_proxy / send_proxy on), so a
+        # reload that turns accept_proxy off cannot strand a client mid-header.
+        rt.header_hook = proxyhooks.read_client_header
+        rt.proxy_encoder = proxyhooks.encode_backend_header
+        rt.gate = acl.configure_gate(rt.gate, cfg, rt.hub.loop.time)   # None: no ACL/limits
         if cfg.split:
             self.route_split(dict(cfg.split), pools)
         else:

@@ -119,7 +119,10 @@ cdef class Relay:
     cdef public str close_reason
     cdef Relay prev
     cdef Relay next
-    cdef object local_addr            # (host, port) the client connected to, when needed
+    cdef public object local_addr     # (host, port) the client connected to, when needed
+                                      # (set from an accepted PROXY header's destination)
+    cdef object gate                  # the gate that admitted this relay: gate.release(self)
+                                      # on close; None when the listener has no gate
 
     cdef void admit(self)
     cdef void reject(self, str reason)

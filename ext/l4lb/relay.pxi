@@ -323,10 +323,10 @@ cdef class Relay:
         if peer is not None:
             self.client_host = peer[0]
             self.client_port = peer[1]
-        if hub.active >= hub.max_connections:
+        if hub.max_connections > 0 and hub.active >= hub.max_connections:   # 0 = unlimited
             self.reject("global_max_connections")
             return
-        if lst.active >= lst.max_connections:
+        if lst.max_connections > 0 and lst.active >= lst.max_connections:
             self.reject("max_connections")
             return
         self.id = hub.next_id
@@ -356,6 +356,7 @@ cdef class Relay:
                 lst.count_rejected(reason)
                 self.close_both(reason, True)
                 return
+            self.gate = lst.gate             # so finish() releases to the gate that admitted
         lst.accepted += 1
         self.pool = self.choose_pool()
         if self.pool is None:
@@ -564,6 +565,7 @@ cdef class Relay:
         if self.state == RELAY_CONNECTING and self.connect_task is not None:
             self.connect_task.cancel()
             self.connect_task = None
+        cdef bint was_queued = self.state == RELAY_QUEUED
         self.state = RELAY_CLOSED
         if abort:
             self.ctransport.abort()
@@ -574,6 +576,8 @@ cdef class Relay:
             if self.btransport is not None:
                 self.btransport.close()
         self.finish(reason)
+        if was_queued:
+            _drop_closed_queue_heads(self.pool)
 
     cdef void finish(self, str reason):
         cdef Hub hub = self.hub
@@ -584,6 +588,10 @@ cdef class Relay:
         self.listener.active -= 1
         if hub.access_log is not None:
             hub.access_log(self, reason)
+        if self.gate is not None:
+            gate = self.gate
+            self.gate = None
+            gate.release(self)
         self.release_target()
         # Break the cycles relay <-> protocols so the pair is freed by refcount alone.
         if self.bside is not None:
@@ -628,6 +636,15 @@ cdef class Relay:
     def close(self, str reason="killed"):
         """Abort both sides now (control plane: kill, shutdown)."""
         self.close_both(reason, True)
+
+
+cdef void _drop_closed_queue_heads(PoolRuntime pool):
+    """Pop relays that left the queue (timed out, gone) off its head. Without this a
+    pool whose backends stay full keeps every timed-out client in its deque until a slot
+    frees: queued clients time out in arrival order, so trimming the head is enough."""
+    q = pool.queue
+    while q and (<Relay>q[0]).state != RELAY_QUEUED:
+        q.popleft()
 
 
 cdef bint _any_full(Algorithm algo, Relay r) except -1:

@@ -81,11 +81,12 @@ backends = [{backends_toml([("alpha", a.address)], indent="")}]
     s.close()
 
 
+@pytest.mark.timeout(60)
 def test_fd_exhaustion_refuses_cleanly_and_serves_again(backends, l4lb):
     a = backends(name_handler, name="alpha", backlog=1024)
 
-    def low_fd_limit():
-        resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+    def low_fd_limit():                                  # `ulimit -n 256`
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
 
     lb = l4lb(f"""
 [listeners.web]
@@ -96,7 +97,7 @@ algorithm = "rr"
 backends = [{backends_toml([("alpha", a.address)], indent="")}]
 """, preexec_fn=low_fd_limit)
     held = []
-    for _ in range(300):
+    for _ in range(1000):
         try:
             s = connect(lb.port(), timeout=2)
             held.append(s)

@@ -413,3 +413,14 @@ def test_command_shaped_input_parses_or_raises_control_error(tokens):
         spec = COMMANDS_BY_NAME[command.name]
         assert set(command.args) == {key for arg in spec.args for key in arg.keys}
         encode_reply(ok(**{k: v for k, v in command.args.items()}))
+
+
+@given(st.binary(max_size=400))
+def test_arbitrary_bytes_straight_into_the_parser_only_raise_control_error(data):
+    # The reader never hands the parser a newline, but the parser must not rely on it.
+    try:
+        command = parse_command(data)
+    except ControlError as exc:
+        encode_reply(error(exc))
+    else:
+        assert command.name in COMMANDS_BY_NAME

@@ -379,3 +379,43 @@ def test_parser_is_monotonic_on_mutated_headers(header, mutations, tail):
             settled = outcome
             if outcome != "error":
                 assert outcome[1] <= cut
+
+
+# Arbitrary bytes rarely get past the first byte; these reach every later check directly.
+@given(
+    st.one_of(
+        st.binary(max_size=1100).map(lambda tail: V2_SIGNATURE + tail),
+        st.builds(
+            lambda ver_cmd, fam, length, body: v2(ver_cmd, fam, body, length),
+            st.integers(0, 255), st.integers(0, 255), st.integers(0, 65535),
+            st.binary(max_size=300),
+        ),
+        st.text(st.characters(max_codepoint=0x7F), max_size=120).map(
+            lambda rest: b"PROXY " + rest.encode()),
+        st.binary(max_size=120).map(lambda rest: b"PROXY TCP4 " + rest),
+    )
+)
+def test_bytes_behind_a_valid_start_give_none_a_header_or_proxy_header_error(data):
+    outcome = _outcome(data)
+    assert outcome is None or outcome == "error" or isinstance(outcome[0], ProxyHeader)
+    if outcome is None:                                 # still a prefix: within the bounds
+        assert len(data) < (MAX_V1 if data[:1] == b"P" else 16 + MAX_V2_LENGTH)
+
+
+@given(
+    st.sampled_from(["TCP4", "TCP6"]),
+    st.integers(0, 999), st.integers(0, 999), st.integers(0, 999_999), st.integers(0, 999_999),
+)
+def test_v1_fields_out_of_range_are_refused_and_in_range_ones_parse(family, a, b, sport, dport):
+    if family == "TCP4":
+        src, dst = f"10.0.{a}.1", f"10.{b}.0.2"
+        ok_addresses = a <= 255 and b <= 255
+    else:
+        src, dst = f"::{a}", f"2001:db8::{b}:1"
+        ok_addresses = True                             # hex groups up to ffff
+    line = f"PROXY {family} {src} {dst} {sport} {dport}\r\n".encode()
+    outcome = _outcome(line)
+    if ok_addresses and sport <= 65535 and dport <= 65535:
+        assert outcome != "error" and outcome[0].src[1] == sport and outcome[0].dst[1] == dport
+    else:
+        assert outcome == "error"
