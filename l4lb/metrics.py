@@ -6,8 +6,8 @@ Nothing is counted through prometheus-client. The relay keeps its counters in C 
 (Target, ListenerRuntime, Hub in ext/l4lb/relay.pxd); at scrape time BalancerCollector
 walks the pools' backends and the listeners once and copies those integers into metric
 families, which prometheus-client renders in its text format. So a scrape costs
-O(backends + listeners), independent of how many connections are open (the only O(fds)
-part is counting open descriptors, one listdir of /proc/self/fd), and the data path pays
+O(backends + listeners), independent of how many connections are open (open descriptors
+are counted with one stat of /proc/self/fd, see count_open_fds), and the data path pays
 nothing for being observed.
 
 The collector reads Cython objects that the event loop mutates, so it must run on the
@@ -158,6 +158,21 @@ def fd_limit_report(max_connections: int) -> dict:
     }
 
 
+def count_open_fds(process: psutil.Process | None = None) -> int:
+    """Descriptors this process has open.
+
+    Linux 6.2+ reports the count as the size of /proc/self/fd: one stat, O(1). Older
+    kernels report 0 there, and the count falls back to listing the directory (psutil),
+    which costs O(open fds) — about 25 ms at 20,000 descriptors on a small machine."""
+    try:
+        size = os.stat("/proc/self/fd").st_size
+    except OSError:
+        size = 0
+    if size > 0:
+        return size
+    return (process or psutil.Process()).num_fds()
+
+
 @dataclass
 class ProcessFigures:
     cpu_seconds: float
@@ -183,7 +198,7 @@ class ProcessProbe:
                 cpu_seconds=cpu.user + cpu.system,
                 cpu_percent=p.cpu_percent(None),
                 rss_bytes=p.memory_info().rss,
-                open_fds=p.num_fds(),
+                open_fds=count_open_fds(p),
                 fd_soft=0, fd_hard=0)
         figures.fd_soft, figures.fd_hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         return figures

@@ -14,7 +14,7 @@ import psutil
 from .. import __version__
 from ..balancer import Balancer, OperationError
 from ..config import Address
-from ..metrics import fd_limit_report
+from ..metrics import count_open_fds, fd_limit_report
 from . import protocol
 
 
@@ -72,7 +72,7 @@ class CommandHandlers:
                 "cpu_percent": p.cpu_percent(None),
                 "cpu_seconds": round(sum(p.cpu_times()[:2]), 3),
                 "rss_bytes": p.memory_info().rss,
-                "open_fds": p.num_fds(),
+                "open_fds": count_open_fds(p),
                 "conns_active": b.hub.active,
                 "conns_total": b.hub.total,
             }
