@@ -176,7 +176,6 @@ def count_open_fds(process: psutil.Process | None = None) -> int:
 @dataclass
 class ProcessFigures:
     cpu_seconds: float
-    cpu_percent: float
     rss_bytes: int
     open_fds: int
     fd_soft: int
@@ -188,7 +187,6 @@ class ProcessProbe:
 
     def __init__(self):
         self.process = psutil.Process(os.getpid())
-        self.process.cpu_percent(None)      # prime: the next call measures since now
 
     def read(self) -> ProcessFigures:
         p = self.process
@@ -196,7 +194,6 @@ class ProcessProbe:
             cpu = p.cpu_times()
             figures = ProcessFigures(
                 cpu_seconds=cpu.user + cpu.system,
-                cpu_percent=p.cpu_percent(None),
                 rss_bytes=p.memory_info().rss,
                 open_fds=count_open_fds(p),
                 fd_soft=0, fd_hard=0)
