@@ -16,6 +16,7 @@ from . import _native
 from .config import Address, BackendConfig, Config, ConfigError, load_config, parse_address
 from .health import HealthMonitor
 from .log import configure_logging, get_logger
+from .metrics import MetricsEndpoint
 from .model import Backend, BackendState, Listener, Pool
 from .state import RuntimeState, StateFileError, load_state, save_state, state_path_for
 
@@ -83,6 +84,7 @@ class Balancer:
         for lcfg in config.listeners.values():
             self.listeners[lcfg.name] = Listener(lcfg, self.hub, self.pools)
         self.restore_runtime_state()
+        self.metrics = MetricsEndpoint(self)
 
     # --- construction --------------------------------------------------------------------
 
@@ -141,6 +143,7 @@ class Balancer:
         try:
             for listener in self.listeners.values():
                 await self.start_listener(listener)
+            await self.metrics.start(self.config.metrics.listen)
         except BaseException:
             self.close_listeners()
             raise
@@ -204,6 +207,7 @@ class Balancer:
         if self._sweeper is not None:
             self._sweeper.cancel()
         await asyncio.sleep(0)          # let aborted transports deliver connection_lost
+        self.metrics.close()            # served until here: the drain can be watched
         self.log.info("shutdown_finished", closed=left)
         self._stopped.set()
 
@@ -426,7 +430,13 @@ class Balancer:
         """Move the running balancer to `new` in place; returns a list of changes."""
         changes: list[str] = []
         # Open new binds first: if one fails, nothing has changed yet.
-        new_servers = await self._open_new_binds(new)
+        await self.metrics.prepare(new.metrics.listen)
+        try:
+            new_servers = await self._open_new_binds(new)
+        except BaseException:
+            self.metrics.abort()
+            raise
+        self.metrics.commit()
         self.config = new
         configure_logging(new.log.level, new.log.format)
         self.set_access_log(new.log.access)

@@ -14,6 +14,7 @@ import psutil
 from .. import __version__
 from ..balancer import Balancer, OperationError
 from ..config import Address
+from ..metrics import count_open_fds, fd_limit_report
 from . import protocol
 
 
@@ -69,11 +70,13 @@ class CommandHandlers:
                 "pid": p.pid,
                 "uptime_s": round(time.time() - b.started_at, 3),
                 "cpu_percent": p.cpu_percent(None),
+                "cpu_seconds": round(sum(p.cpu_times()[:2]), 3),
                 "rss_bytes": p.memory_info().rss,
-                "open_fds": p.num_fds(),
+                "open_fds": count_open_fds(p),
                 "conns_active": b.hub.active,
                 "conns_total": b.hub.total,
             }
+        info.update(fd_limit_report(b.config.global_.max_connections))
         return info
 
     async def show_listeners(self):

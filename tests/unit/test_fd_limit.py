@@ -1,0 +1,27 @@
+"""The descriptor arithmetic behind `show info`'s warnings and the `fd_limit_low` log line."""
+import resource
+
+from l4lb.metrics import FD_HEADROOM, fd_limit_report, fd_limit_warnings, fds_needed
+
+
+def test_each_connection_needs_two_descriptors_plus_headroom():
+    assert fds_needed(10000) == 20000 + FD_HEADROOM
+    assert fds_needed(0) == 0          # unlimited connections: no figure to compare
+
+
+def test_warning_only_below_the_needed_figure():
+    need = fds_needed(10000)
+    assert fd_limit_warnings(10000, need) == []
+    assert fd_limit_warnings(10000, need + 1) == []
+    [warning] = fd_limit_warnings(10000, need - 1)
+    assert str(need - 1) in warning and str(need) in warning and "LimitNOFILE" in warning
+    assert fd_limit_warnings(0, 64) == []
+    assert fd_limit_warnings(10, resource.RLIM_INFINITY) == []
+
+
+def test_report_reads_the_current_limits():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    report = fd_limit_report(1)
+    assert report["fd_limit"]["hard"] in (hard, None)
+    assert report["fds_needed"] == 2 + FD_HEADROOM
+    assert report["warnings"] == fd_limit_warnings(1, soft)

@@ -1,0 +1,111 @@
+"""BalancerCollector on a Balancer built in-process (nothing bound): what it reports for
+states, splits and removed backends, read from the model and the C counters."""
+import asyncio
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from l4lb.balancer import Balancer
+from l4lb.config import parse_config
+from l4lb.metrics import METRICS, BalancerCollector
+
+CONFIG = """
+[control]
+socket = "l4lb.sock"
+[listeners.web]
+bind = ["127.0.0.1:0"]
+split = { blue = 75, green = 25 }
+[listeners.admin]
+bind = ["127.0.0.1:0"]
+pool = "blue"
+[pools.blue]
+algorithm = "rr"
+backends = [
+  { name = "b1", address = "127.0.0.1:9001", weight = 3 },
+  { name = "b2", address = "127.0.0.1:9002" },
+]
+[pools.green]
+algorithm = "rr"
+backends = [ { name = "g1", address = "127.0.0.1:9101" } ]
+"""
+
+
+@pytest.fixture
+def balancer(tmp_path):
+    loop = asyncio.new_event_loop()
+    try:
+        yield Balancer(parse_config(CONFIG, tmp_path / "l4lb.toml"), loop)
+    finally:
+        loop.close()
+
+
+def scrape(balancer) -> dict:
+    text = BalancerCollector(balancer).render().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def get(parsed, name, **labels):
+    return parsed[(name, tuple(sorted(labels.items())))]
+
+
+def test_state_gauge_has_one_current_state_and_up_follows_it(balancer):
+    b2 = balancer.find_backend("blue", "b2")
+    balancer.drain_backend(b2)
+    parsed = scrape(balancer)
+    states = {s: get(parsed, "l4lb_backend_state", pool="blue", backend="b2", state=s)
+              for s in ("up", "down", "draining", "maint")}
+    assert states == {"up": 0, "down": 0, "draining": 1, "maint": 0}
+    assert get(parsed, "l4lb_backend_up", pool="blue", backend="b2") == 0
+    assert get(parsed, "l4lb_backend_up", pool="blue", backend="b1") == 1
+    assert get(parsed, "l4lb_backend_weight", pool="blue", backend="b1") == 3
+
+
+def test_split_ratio_per_pool_and_one_for_a_plain_listener(balancer):
+    parsed = scrape(balancer)
+    assert get(parsed, "l4lb_listener_split_ratio", listener="web", pool="blue") == 0.75
+    assert get(parsed, "l4lb_listener_split_ratio", listener="web", pool="green") == 0.25
+    assert get(parsed, "l4lb_listener_split_ratio", listener="admin", pool="blue") == 1.0
+    balancer.switch_listener(balancer.find_listener("web"), "green")
+    parsed = scrape(balancer)
+    ratios = {k: v for k, v in parsed.items() if k[0] == "l4lb_listener_split_ratio"
+              and ("listener", "web") in k[1]}
+    assert ratios == {("l4lb_listener_split_ratio", (("listener", "web"), ("pool", "green"))): 1.0}
+
+
+def test_removed_backend_leaves_the_metrics_and_an_added_one_joins(balancer):
+    balancer.remove_backend(balancer.find_backend("blue", "b2"))
+    balancer.add_backend("green", "g2", parse_config(CONFIG, "x").pools["blue"].backends[0].address)
+    parsed = scrape(balancer)
+    backends = {dict(labels)["backend"] for name, labels in parsed
+                if name == "l4lb_backend_up"}
+    assert backends == {"b1", "g1", "g2"}
+
+
+def test_counters_come_from_the_native_targets(balancer):
+    t = balancer.find_backend("green", "g1").target
+    t.total, t.failed, t.bytes_in, t.bytes_out, t.active = 7, 2, 1234, 5678, 1
+    balancer.listeners["web"].runtime.count_rejected("max_connections")
+    parsed = scrape(balancer)
+    labels = {"pool": "green", "backend": "g1"}
+    assert get(parsed, "l4lb_backend_connections_total", **labels) == 7
+    assert get(parsed, "l4lb_backend_connect_failures_total", **labels) == 2
+    assert get(parsed, "l4lb_backend_bytes_total", direction="in", **labels) == 1234
+    assert get(parsed, "l4lb_backend_bytes_total", direction="out", **labels) == 5678
+    assert get(parsed, "l4lb_backend_active_connections", **labels) == 1
+    assert get(parsed, "l4lb_listener_rejected_total", listener="web",
+               reason="max_connections") == 1
+    # No response-time sample yet: the metric is announced but has no sample.
+    assert not any(name == "l4lb_backend_response_time_seconds" for name, _ in parsed)
+
+
+def test_every_metric_spec_is_well_formed():
+    names = [spec.name for spec in METRICS]
+    assert len(names) == len(set(names))
+    for spec in METRICS:
+        assert spec.name.startswith("l4lb_") and spec.kind in ("counter", "gauge")
+        assert spec.name.endswith("_total") == (spec.kind == "counter"), spec.name
+        assert spec.doc.endswith("."), spec.name
