@@ -129,7 +129,7 @@ class Balancer:
             listener=relay.listener.name,
             pool=relay.pool_name,
             backend=relay.backend_name,
-            duration_ms=round((self.loop.time() - relay.started) * 1000.0, 3),
+            duration_ms=round((_native.monotonic() - relay.started) * 1000.0, 3),
             bytes_in=relay.bytes_in,
             bytes_out=relay.bytes_out,
             reason=reason,

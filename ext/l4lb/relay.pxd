@@ -1,6 +1,7 @@
 # The relay's runtime objects (relay.pxi). The control plane (l4lb/model.py) owns one
 # Target per backend, one PoolRuntime per pool and one ListenerRuntime per listener, and
 # changes them in place; the relay only reads them and bumps their counters.
+cimport cython
 from libc.stdint cimport int64_t, uint64_t
 
 cdef enum:
@@ -84,6 +85,23 @@ cdef class Hub:
 cdef class BackendSide:
     cdef Relay relay                  # the pair this protocol belongs to
     cdef double started               # loop.time() when the connect began
+
+
+cdef class Relay
+
+
+@cython.final
+cdef class Connector:
+    # Drives one loop.create_connection coroutine without a Task (relay.pxi).
+    cdef object coro                  # the create_connection coroutine
+    cdef Relay relay                  # the relay it connects for; None once done
+    cdef BackendSide bside            # the protocol the new transport gets
+    cdef object fut                   # the future the coroutine waits on
+    cdef object wakeup                # self._wakeup, bound once
+    cdef bint done
+    cdef void start(self, Relay relay, BackendSide bside, object coro)
+    cdef void step(self, object exc)
+    cdef Relay finish(self)
 
 
 cdef class Relay:

@@ -19,6 +19,7 @@
 #   (connection_lost with an error) on either side aborts the other.
 # - No timers per connection: Hub.sweep walks the live relays a few times a second and
 #   applies connect, queue, header and idle deadlines from coarse stamps.
+cimport cython
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
 from libc.string cimport memcpy
@@ -35,6 +36,27 @@ DEF_PENDING_LIMIT = 256 * 1024
 SWEEP_INTERVAL = 0.25
 
 cdef object _CancelledError = asyncio.CancelledError
+
+cdef extern from "<time.h>" nogil:
+    ctypedef int clockid_t
+    cdef struct timespec:
+        long tv_sec
+        long tv_nsec
+    int clock_gettime(clockid_t clk, timespec* tp)
+    enum: CLOCK_MONOTONIC
+
+
+cdef inline double _now() noexcept nogil:
+    # uvloop's loop.time() counts whole milliseconds (libuv's cached uv_now), too coarse
+    # for loopback connect times; this is the same CLOCK_MONOTONIC, read precisely.
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+def monotonic():
+    """The relay's clock (CLOCK_MONOTONIC, seconds): what Relay.started is measured on."""
+    return _now()
 
 import errno as _errno
 # connect() errors that mean "this process is out of descriptors or memory", not "the
@@ -163,7 +185,7 @@ cdef class Hub:
         self.rbuf_size = read_buffer
         self.rview = memoryview(<char[:read_buffer]>self.rbuf)
         self.loop = loop
-        self.now = loop.time()
+        self.now = _now()
         self.max_connections = 20000
         self.pending_limit = DEF_PENDING_LIMIT
         self.access_log = None
@@ -197,7 +219,7 @@ cdef class Hub:
 
     def sweep(self):
         """Apply connect, queue, header and idle deadlines; call a few times a second."""
-        cdef double now = self.loop.time()
+        cdef double now = _now()
         cdef Relay r = self.head
         cdef Relay nxt
         self.now = now
@@ -316,7 +338,7 @@ cdef class Relay:
         cdef ListenerRuntime lst = self.listener
         self.ctransport = transport
         self.cwrite = transport.write
-        self.started = hub.loop.time()
+        self.started = _now()
         self.last_active = self.started
         self.close_reason = None
         peer = transport.get_extra_info("peername")
@@ -470,7 +492,7 @@ cdef class Relay:
         if slot < 0:
             if _any_full(algo, self):
                 self.state = RELAY_QUEUED
-                self.deadline = self.hub.loop.time() + pool.queue_timeout
+                self.deadline = _now() + pool.queue_timeout
                 pool.queue.append(self)
                 return
             self.close_both("no_backend", True)
@@ -482,10 +504,12 @@ cdef class Relay:
         t.active += 1
         self.bside = BackendSide.__new__(BackendSide)
         self.bside.relay = self
-        self.bside.started = self.hub.loop.time()
+        self.bside.started = _now()
         self.deadline = self.bside.started + self.listener.connect_timeout
-        self.connect_task = self.hub.loop.create_task(
-            _open_backend_connection(self, self.bside, t.host, t.port))
+        cdef Connector connector = Connector.__new__(Connector)
+        self.connect_task = connector
+        connector.start(self, self.bside,
+                        self.hub.loop.create_connection(self.bside, t.host, t.port))
 
     cdef void connect_failed(self, str reason):
         """The connect to self.target failed: count it, avoid that backend, try another
@@ -532,8 +556,9 @@ cdef class Relay:
     cdef void backend_connected(self, object transport):
         cdef Target t = self.target
         cdef ListenerRuntime lst = self.listener
-        cdef double now = self.hub.loop.time()
+        cdef double now = _now()
         self.state = RELAY_OPEN
+        self.connect_task = None
         self.btransport = transport
         self.bwrite = transport.write
         self.last_active = now
@@ -698,22 +723,76 @@ def address_key(str host, port=None, int kind=HASH_KEY_SRC_IP):
     return _address_key(host, port, kind)
 
 
-async def _open_backend_connection(Relay relay, BackendSide bside, host, port):
-    """Connect to a backend for `relay`. On success BackendSide.connection_made has
-    already wired the pair; on failure the relay retries elsewhere or closes."""
-    try:
-        await relay.hub.loop.create_connection(bside, host, port)
-    except _CancelledError:
-        return                       # timed out (the sweep retries) or the client left
-    except OSError as exc:
-        if relay.state == RELAY_CONNECTING and relay.bside is bside:
-            if exc.errno in OVERLOAD_ERRNOS:
-                relay.refuse_overloaded()
+cdef class Connector:
+    """Drives one `loop.create_connection` coroutine without an asyncio Task.
+
+    A Task per connection costs a Task object, a context copy and one extra loop
+    iteration before the connect even starts (create_task only schedules the first
+    step). Here the coroutine's first step runs at once, and each future it awaits wakes
+    it through a done callback, which is all a Task does for a coroutine that is never
+    awaited by anyone. On success BackendSide.connection_made has already wired the
+    pair; on failure the relay retries elsewhere or closes; `cancel` (connect timeout,
+    client gone) throws CancelledError in, and uvloop closes the half-open socket."""
+
+    cdef void start(self, Relay relay, BackendSide bside, object coro):
+        self.relay = relay
+        self.bside = bside
+        self.coro = coro
+        self.wakeup = self._wakeup
+        self.step(None)
+
+    def _wakeup(self, fut):
+        if not self.done:
+            self.fut = None
+            self.step(None)
+
+    def cancel(self):
+        if self.done:
+            return
+        if self.fut is not None:
+            self.fut.remove_done_callback(self.wakeup)
+            self.fut = None
+        self.step(_CancelledError())
+
+    cdef void step(self, object exc):
+        cdef Relay relay
+        try:
+            if exc is None:
+                fut = self.coro.send(None)
             else:
-                relay.connect_failed(_connect_error_reason(exc))
-    except Exception as exc:          # e.g. a resolver failure for a hostname backend
-        if relay.state == RELAY_CONNECTING and relay.bside is bside:
-            relay.connect_failed("connect_error")
+                fut = self.coro.throw(exc)
+        except StopIteration:
+            self.finish()
+        except _CancelledError:
+            self.finish()                # timed out (the sweep retries) or the client left
+        except OSError as e:
+            relay = self.finish()
+            if relay is not None:
+                if e.errno in OVERLOAD_ERRNOS:
+                    relay.refuse_overloaded()
+                else:
+                    relay.connect_failed(_connect_error_reason(e))
+        except Exception:                # e.g. a resolver failure for a hostname backend
+            relay = self.finish()
+            if relay is not None:
+                relay.connect_failed("connect_error")
+        else:
+            # What a Task does with a yielded future: clear the blocking flag, wait.
+            fut._asyncio_future_blocking = False
+            self.fut = fut
+            fut.add_done_callback(self.wakeup)
+
+    cdef Relay finish(self):
+        """Mark done; the relay this connect still belongs to, or None if it moved on."""
+        cdef Relay relay = self.relay
+        self.done = True
+        self.coro = None
+        self.fut = None
+        self.wakeup = None
+        self.relay = None
+        if relay is not None and relay.state == RELAY_CONNECTING and relay.bside is self.bside:
+            return relay
+        return None
 
 
 cdef str _connect_error_reason(exc):

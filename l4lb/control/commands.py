@@ -11,7 +11,7 @@ import time
 
 import psutil
 
-from .. import __version__
+from .. import __version__, _native
 from ..balancer import Balancer, OperationError
 from ..config import Address
 from ..metrics import count_open_fds, fd_limit_report
@@ -104,7 +104,7 @@ class CommandHandlers:
             self.balancer.find_pool(pool)
         if backend is not None:
             self.balancer.find_backend(pool, backend)
-        now = self.balancer.loop.time()
+        now = _native.monotonic()
         rows = []
         for r in self.balancer.hub.relays():
             if pool is not None and r.pool_name != pool:
