@@ -7,8 +7,6 @@ connection at most (the access log line), never per chunk of data.
 from __future__ import annotations
 
 import asyncio
-import errno
-import os
 import socket
 import time
 

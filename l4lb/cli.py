@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .config import ConfigError, default_config_path, load_config
+from .config import Config, ConfigError, default_config_path, load_config
 from .log import configure_logging, get_logger
 
 
@@ -26,7 +26,7 @@ def raise_fd_limit() -> tuple[int, int]:
     return soft, hard
 
 
-def load_or_exit(path=None) -> "Config":
+def load_or_exit(path=None) -> Config:
     """Load a config (the shipped default when `path` is None) or print every error
     (FILE:LINE key: message) and exit 1.
 

@@ -264,3 +264,20 @@ def recv_all(s: socket.socket) -> bytes:
         if not data:
             return b"".join(chunks)
         chunks.append(data)
+
+
+def hello(port: int, source: str | None = None, host: str = "127.0.0.1") -> str:
+    """One short connection: send a line, return the first reply line (a name_handler
+    backend answers with its name)."""
+    s = connect(port, host=host, source=source)
+    s.sendall(b"hi\n")
+    reply = s.recv(100).strip().decode()
+    s.close()
+    return reply
+
+
+def ask(lb: "L4LB", line: str) -> dict:
+    """One control command to `lb` (its socket is l4lb.sock beside its config)."""
+    from l4lb.control.client import call
+
+    return call(lb.path.parent / "l4lb.sock", line, timeout=10)

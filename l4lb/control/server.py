@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import errno
 import os
 import socket
 import stat

@@ -1,17 +1,12 @@
 """Access control and limits through the balancer, clients bound to 127.0.0.x sources."""
-import socket
 import threading
 import time
 
 import pytest
 
-from l4lb.control.client import call
 
-from ..support import connect, name_handler, simple_config
+from ..support import connect, name_handler, simple_config, ask
 
-
-def ask(lb, line):
-    return call(lb.path.parent / "l4lb.sock", line, timeout=10)
 
 
 def listener_row(lb, name="web"):

@@ -1,7 +1,7 @@
 """Selection algorithms through the running balancer (issue 3's integration tests)."""
 import pytest
 
-from ..support import L4LB, backends_toml, connect, name_handler
+from ..support import L4LB, backends_toml, connect, name_handler, hello
 
 
 def pool_config(algorithm, backends, extra=""):
@@ -17,13 +17,6 @@ backends = [
 ]
 """
 
-
-def hello(port, source=None):
-    s = connect(port, source=source)
-    s.sendall(b"hi\n")
-    reply = s.recv(100).strip().decode()
-    s.close()
-    return reply
 
 
 SOURCES = [f"127.0.0.{i}" for i in range(2, 42)]

@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from l4lb.control.client import ControlClient, call
+from l4lb.control.client import call
 
-from ..support import REPO, L4LB, backends_toml, connect, name_handler, simple_config
+from ..support import REPO, L4LB, backends_toml, connect, name_handler, hello, ask
 
 
 def two_pool_config(blue, green, extra=""):
@@ -39,16 +39,6 @@ backends = [
 """
 
 
-def ask(lb, line):
-    return call(lb.path.parent / "l4lb.sock", line, timeout=10)
-
-
-def hello(port, source=None):
-    s = connect(port, source=source)
-    s.sendall(b"hi\n")
-    reply = s.recv(100).strip().decode()
-    s.close()
-    return reply
 
 
 def ctl(lb, *words, json_out=False):

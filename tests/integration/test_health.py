@@ -2,7 +2,6 @@
 restarted on the same port) behind `l4lb run`, state changes read from its JSON log; and
 the probe itself against asyncio servers on loopback."""
 import asyncio
-import socket
 import threading
 import time
 from datetime import datetime

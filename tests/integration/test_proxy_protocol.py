@@ -5,14 +5,10 @@ import time
 
 import pytest
 
-from l4lb.control.client import call
 from l4lb.proxyproto import encode_v2, parse_proxy_header
 
-from ..support import connect, simple_config
+from ..support import connect, simple_config, ask
 
-
-def ask(lb, line):
-    return call(lb.path.parent / "l4lb.sock", line, timeout=10)
 
 
 def rejected(lb, reason, count=None, timeout=10.0):

@@ -3,9 +3,8 @@ import signal
 import threading
 import time
 
-from l4lb.control.client import call
 
-from ..support import L4LB, backends_toml, connect, echo_handler, name_handler
+from ..support import L4LB, backends_toml, connect, echo_handler, name_handler, hello, ask
 
 
 def config(backends, listener_extra=""):
@@ -24,16 +23,6 @@ backends = [
 """
 
 
-def ask(lb, line):
-    return call(lb.path.parent / "l4lb.sock", line, timeout=10)
-
-
-def hello(port):
-    s = connect(port)
-    s.sendall(b"hi\n")
-    reply = s.recv(100).strip().decode()
-    s.close()
-    return reply
 
 
 def test_broken_reload_changes_nothing_and_serving_goes_on(backends, l4lb):
@@ -121,15 +110,8 @@ def test_reload_changes_listener_settings_and_binds_in_place(backends, l4lb):
     assert any("127.0.0.2:0 opened" in c for c in reply["changes"])
     port2 = lb.wait_event("listener_started", bind="127.0.0.2:0")["port"]
     assert hello(lb.port()) == "a"
-    assert hello_from(port2, "127.0.0.2") == "a"
+    assert hello(port2, host="127.0.0.2") == "a"
 
-
-def hello_from(port, host):
-    s = connect(port, host=host)
-    s.sendall(b"hi\n")
-    reply = s.recv(100).strip().decode()
-    s.close()
-    return reply
 
 
 def test_runtime_changes_survive_reload_and_restart(backends, l4lb, tmp_path):
