@@ -544,8 +544,9 @@ def draw_timeline(timeline: list[dict], marks, png: Path, title: str,
 
     t0 = marks[0][0] if marks else timeline[0]["t"]
     # A timeline row counts the requests that finished in [t, t+dt): drawn as a step from
-    # t. The last bucket is cut short by the end of the run (its rate would dip): not drawn.
-    rows = timeline[:-1] if len(timeline) > 2 else timeline
+    # t. The first and last buckets are cut short by the start and end of the load (their
+    # rates would dip): not drawn.
+    rows = timeline[1:-1] if len(timeline) > 3 else timeline
     xs = [r["t"] - t0 for r in rows]
     ok = [(r["requests"] - r["failures"]) / r["dt"] for r in rows]
     failed = [r["failures"] / r["dt"] for r in rows]
@@ -605,6 +606,17 @@ def draw_timeline(timeline: list[dict], marks, png: Path, title: str,
     plt.close(fig)
 
 
+def chart_path(timeline_path: Path) -> Path:
+    return timeline_path.with_name(timeline_path.stem + "-chart.json")
+
+
+def draw_chart(timeline_path: Path, png: Path) -> None:
+    """Draw a run's PNG from its timeline and the -chart.json beside it."""
+    chart = json.loads(chart_path(timeline_path).read_text())
+    draw_timeline(read_timeline(timeline_path), [tuple(m) for m in chart["marks"]], png,
+                  chart["title"], chart["names"], [tuple(x) for x in chart["split"]])
+
+
 # --- main ----------------------------------------------------------------------------------
 
 def run_scenario(scenario: Scenario, args) -> int:
@@ -659,16 +671,20 @@ def run_scenario(scenario: Scenario, args) -> int:
     if totals:
         print("requests/s: %.0f   p50: %s ms   p99: %s ms" % (
             totals["rps"], totals["p50_ms"], totals["p99_ms"]))
+    load = "%s, %d users" % (args.user_class, args.users)
+    if args.user_class == "PersistentUser":
+        load += (", reconnect every %d requests" % args.reconnect_every
+                 if args.reconnect_every else ", connections kept")
+    # What the chart needs besides the timeline, so --chart-only can redraw it later.
+    chart = {"title": "%s under load (%s): %d failed of %d requests"
+                      % (scenario.name, load, failures, requests),
+             "marks": run.marks, "split": run.split,
+             "names": ({v: "%s (pool %s)" % (v, pool) for pool, v in scenario.pools.items()}
+                       if len(scenario.pools) > 1 else None)}
+    chart_path(timeline_path).write_text(json.dumps(chart))
     if timeline and not args.no_plot:
         png = stem.with_suffix(".png")
-        load = "%s, %d users" % (args.user_class, args.users)
-        if args.user_class == "PersistentUser":
-            load += (", reconnect every %d requests" % args.reconnect_every
-                     if args.reconnect_every else ", connections kept")
-        names = ({v: "%s (pool %s)" % (v, pool) for pool, v in scenario.pools.items()}
-                 if len(scenario.pools) > 1 else None)
-        draw_timeline(timeline, run.marks, png, "%s under load (%s): %d failed of %d requests"
-                      % (scenario.name, load, failures, requests), names, run.split)
+        draw_chart(timeline_path, png)
         print("chart: %s" % png)
     print("timeline: %s\nstats: %s_stats.csv" % (timeline_path, stem))
     if deploy_error:
@@ -727,8 +743,16 @@ def main(argv=None) -> int:
     ap.add_argument("--results", default=str(RESULTS),
                     help="folder for the chart, timeline and CSVs (default loadtests/results)")
     ap.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    ap.add_argument("--chart-only", metavar="TIMELINE.jsonl",
+                    help="redraw the PNG of an earlier run (beside its timeline) and exit")
     ap.add_argument("--keep-workdir", action="store_true", help="keep the scratch folder")
     args = ap.parse_args(argv)
+    if args.chart_only:
+        timeline = Path(args.chart_only)
+        png = timeline.with_suffix(".png")
+        draw_chart(timeline, png)
+        print("chart: %s" % png)
+        return 0
     if args.list or not args.scenario:
         for s in SCENARIOS.values():
             print("%-17s %s" % (s.name, s.about))
