@@ -10,6 +10,10 @@ tag, see echo_server.py --name).
 
 - PersistentUser: one connection per user, kept open; requests named "line". A broken
   connection is reported as a failure and reopened on the next request ("connect").
+  With --tcp-reconnect-every N the user closes its connection itself after about N
+  requests (each connection draws its limit from N/2..3N/2, so users spawned together
+  don't reconnect in step) and opens a new one, as pooled clients with keep-alive limits
+  do; that is what lets a drain (l4lb deploy) finish without cutting anyone off.
 - ConnectionPerRequestUser: a new connection per request, closed after the reply; requests
   named "connect+line" and timed from connect() to the reply.
 
@@ -22,14 +26,26 @@ Options added to locust's command line:
   --tcp-timeout S     connect/read timeout per request (default 5)
   --tcp-wait S        pause between a user's requests (default 0: as fast as it can)
   --tcp-payload N     bytes per request line (default 32)
+  --tcp-reconnect-every N
+                      PersistentUser: close the connection after about N requests (N/2 to
+                      3N/2, drawn per connection) and open a new one for the next
+                      (default 0: keep it as long as it works)
+  --tcp-source-addresses N
+                      open each connection from one of N loopback addresses, 127.0.0.2 and
+                      up, drawn at random (default 0: the system's choice). The target must
+                      be on 127.0.0.0/8. Makes the load look like N client hosts, which a
+                      split with sticky_split (by client IP) needs to spread at all.
   --timeline FILE     also write a per-second JSON-lines timeline: requests, failures,
                       errors by kind and requests per backend version
                       (env L4LB_LOCUST_TIMELINE; used by deploy_under_load.py)
+  --timeline-step S   the timeline's bucket width in seconds (default 1; 0.25 shows a
+                      deploy's steps)
 """
 from __future__ import annotations
 
 import itertools
 import json
+import random
 import socket
 import time
 
@@ -49,8 +65,19 @@ def add_tcp_options(parser):
                         help="pause between a user's requests, seconds")
     parser.add_argument("--tcp-payload", type=int, default=32, env_var="L4LB_TCP_PAYLOAD",
                         help="bytes per request line")
+    parser.add_argument("--tcp-reconnect-every", type=int, default=0,
+                        env_var="L4LB_TCP_RECONNECT_EVERY",
+                        help="PersistentUser: close the connection after N requests and "
+                             "reconnect (0 = never)")
+    parser.add_argument("--tcp-source-addresses", type=int, default=0,
+                        env_var="L4LB_TCP_SOURCE_ADDRESSES",
+                        help="open connections from N loopback addresses 127.0.0.2.. "
+                             "(0 = system's choice)")
     parser.add_argument("--timeline", default="", env_var="L4LB_LOCUST_TIMELINE",
                         help="write a per-second JSON-lines timeline to this file")
+    parser.add_argument("--timeline-step", type=float, default=1.0,
+                        env_var="L4LB_LOCUST_TIMELINE_STEP",
+                        help="timeline bucket width, seconds (default 1)")
 
 
 def parse_target(host: str | None) -> tuple[str, int]:
@@ -71,8 +98,9 @@ class UnexpectedReply(Exception):
 class LineClient:
     """One TCP connection speaking the line protocol; raises on any failure."""
 
-    def __init__(self, address: tuple[str, int], timeout: float):
-        self.sock = socket.create_connection(address, timeout=timeout)
+    def __init__(self, address: tuple[str, int], timeout: float, source: str | None = None):
+        self.sock = socket.create_connection(address, timeout=timeout,
+                                             source_address=(source, 0) if source else None)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = b""
 
@@ -115,6 +143,20 @@ class TcpUser(User):
         self.user_id = next(_user_ids)
         self.seq = 0
         self.pad = b"x" * max(0, size - 16)
+        n = getattr(opts, "tcp_source_addresses", 0) if opts else 0
+        if n > 65000:
+            raise ValueError("--tcp-source-addresses: at most 65000")
+        self.sources = n
+
+    def source(self) -> str | None:
+        """A source address for the next connection (None: the system picks)."""
+        if not self.sources:
+            return None
+        j = random.randrange(self.sources) + 1      # 127.0.0.2, ... 127.0.0.254, 127.0.1.1, ...
+        return "127.0.%d.%d" % (j // 254, j % 254 + 1)
+
+    def connect(self) -> LineClient:
+        return LineClient(self.address, self.timeout, self.source())
 
     def wait_time(self):
         return self.pause
@@ -136,6 +178,9 @@ class PersistentUser(TcpUser):
 
     def on_start(self):
         self.client = None
+        self.requests_on_client = 0
+        opts = self.environment.parsed_options
+        self.reconnect_every = getattr(opts, "tcp_reconnect_every", 0) if opts else 0
 
     def on_stop(self):
         if self.client:
@@ -147,10 +192,14 @@ class PersistentUser(TcpUser):
         if self.client is None:
             started = time.perf_counter()
             try:
-                self.client = LineClient(self.address, self.timeout)
+                self.client = self.connect()
             except (OSError, gevent.Timeout) as exc:
                 self.report("connect", started, 0, exc)
                 return
+            self.requests_on_client = 0
+            if self.reconnect_every:
+                n = self.reconnect_every
+                self.client_limit = random.randint(max(1, n - n // 2), n + n // 2)
         started = time.perf_counter()
         try:
             reply, version = self.client.request(self.next_line())
@@ -160,6 +209,11 @@ class PersistentUser(TcpUser):
             self.report("line", started, 0, exc)
             return
         self.report("line", started, len(reply), None, version)
+        self.requests_on_client += 1
+        if self.reconnect_every and self.requests_on_client >= self.client_limit:
+            # Close between requests, nothing in flight: the clean end a drain waits for.
+            self.client.close()
+            self.client = None
 
 
 class ConnectionPerRequestUser(TcpUser):
@@ -170,7 +224,7 @@ class ConnectionPerRequestUser(TcpUser):
         started = time.perf_counter()
         client = None
         try:
-            client = LineClient(self.address, self.timeout)
+            client = self.connect()
             reply, version = client.request(self.next_line())
         except (OSError, UnexpectedReply, gevent.Timeout) as exc:
             self.report("connect+line", started, 0, exc)
@@ -184,38 +238,43 @@ class ConnectionPerRequestUser(TcpUser):
 # --- per-second timeline (deploy_under_load.py reads it) --------------------------------
 
 class Timeline:
-    """Counts requests, failures, error kinds and versions per wall-clock second and appends
-    one JSON line per finished second to a file: {"t": 1764000000, "requests": 812,
-    "failures": 3, "errors": {"ConnectionRefusedError": 3}, "versions": {"v1": 500, ...}}."""
+    """Counts requests, failures, error kinds and versions per time bucket (`step` seconds
+    of wall clock, 1 by default) and appends one JSON line per finished bucket to a file:
+    {"t": 1764000000, "dt": 1.0, "requests": 812, "failures": 3,
+     "errors": {"ConnectionRefusedError": 3}, "versions": {"v1": 500, ...}}
+    `t` is the bucket's start (unix seconds), `dt` its width."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, step: float = 1.0):
         self.path = path
-        self.seconds: dict[int, dict] = {}
+        self.step = step if step > 0 else 1.0
+        self.buckets: dict[int, dict] = {}   # bucket number (time // step) -> counts
         self.file = open(path, "a", buffering=1)
         self.flusher = None
 
     def on_request(self, request_type, name, response_time, response_length, exception=None,
                    context=None, **_):
-        sec = self.seconds.setdefault(int(time.time()), {
+        b = self.buckets.setdefault(int(time.time() // self.step), {
             "requests": 0, "failures": 0, "errors": {}, "versions": {}})
-        sec["requests"] += 1
+        b["requests"] += 1
         if exception is not None:
-            sec["failures"] += 1
+            b["failures"] += 1
             kind = type(exception).__name__
-            sec["errors"][kind] = sec["errors"].get(kind, 0) + 1
+            b["errors"][kind] = b["errors"].get(kind, 0) + 1
         else:
             version = (context or {}).get("version") or "-"
-            sec["versions"][version] = sec["versions"].get(version, 0) + 1
+            b["versions"][version] = b["versions"].get(version, 0) + 1
 
     def flush(self, everything: bool = False) -> None:
-        now = int(time.time())
-        for t in sorted(self.seconds):
-            if t < now or everything:
-                self.file.write(json.dumps({"t": t, **self.seconds.pop(t)}) + "\n")
+        now = int(time.time() // self.step)
+        for n in sorted(self.buckets):
+            if n < now or everything:
+                t = n if self.step == 1.0 else round(n * self.step, 6)
+                self.file.write(json.dumps({"t": t, "dt": self.step, **self.buckets.pop(n)})
+                                + "\n")
 
     def run_flusher(self):
         while True:
-            gevent.sleep(1.0)
+            gevent.sleep(min(1.0, self.step))
             self.flush()
 
     def close(self):
@@ -230,7 +289,7 @@ def start_timeline(environment, **_):
     path = getattr(environment.parsed_options, "timeline", "") if environment.parsed_options else ""
     if not path:
         return
-    timeline = Timeline(path)
+    timeline = Timeline(path, getattr(environment.parsed_options, "timeline_step", 1.0))
     environment.events.request.add_listener(timeline.on_request)
     timeline.flusher = gevent.spawn(timeline.run_flusher)
     environment.events.quitting.add_listener(lambda **_: timeline.close())
