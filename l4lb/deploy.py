@@ -652,6 +652,12 @@ class CanaryDeploy(Deploy):
         rate = f"{failed / attempts:.1%}" if attempts else "n/a"
         self.out(f"step {step}%: {attempts} connects to {self.to}, {failed} failed ({rate}), "
                  f"healthy; {self.elapsed():.1f} s")
+        if not attempts and step < 100:
+            # A step that sent nothing proved nothing: with sticky_split every client of
+            # one address (a NAT, a proxy, a test box) stays on the old side.
+            self.out(f"warning: step {step}% sent no connection to {self.to}; its health "
+                     "is unproven (few client addresses with sticky_split? a longer "
+                     "--interval?)")
 
     def check_health(self, rows: dict[str, dict]) -> None:
         sick = [f"{name} ({row['state']}, health {row['health']})"

@@ -385,6 +385,14 @@ def test_canary_rolls_back_to_the_starting_split_exactly_on_a_failure_rate_breac
     assert fake.now == pytest.approx(0.25)          # at the first look, not after 5 s
 
 
+def test_canary_warns_when_a_step_sent_nothing_to_the_new_pool():
+    fake = canary_fake()                            # no traffic at all
+    deploy, lines = make(CanaryDeploy, fake, "web", "green", [10, 100], 0.5)
+    deploy.run()
+    warnings = [l for l in lines if l.startswith("warning:")]
+    assert len(warnings) == 1 and "step 10% sent no connection to green" in warnings[0]
+
+
 def test_canary_failure_rate_at_the_threshold_passes():
     fake = canary_fake()
     fake.ticks.append(traffic(19, failing=1))       # exactly 5 %
