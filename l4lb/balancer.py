@@ -148,11 +148,19 @@ class Balancer:
         self._sweeper = self.loop.create_task(self.sweep_forever())
         self.health.start()
 
+    async def serve_socket(self, sock: socket.socket, splice: bool, runtime):
+        """Accept on `sock` for `runtime` (a ListenerRuntime, or a factory of one for a
+        listener a reload is creating): a uvloop server, or with `splice` a SpliceServer
+        (raw sockets relayed by splice(2); attached once the listener exists)."""
+        if splice:
+            return _native.SpliceServer(
+                sock, runtime if isinstance(runtime, _native.ListenerRuntime) else None)
+        return await self.loop.create_server(runtime, sock=sock, backlog=LISTEN_BACKLOG)
+
     async def start_listener(self, listener: Listener) -> None:
         for addr in listener.config.bind:
             sock = open_listening_socket(addr)
-            server = await self.loop.create_server(listener.runtime, sock=sock,
-                                                   backlog=LISTEN_BACKLOG)
+            server = await self.serve_socket(sock, listener.config.splice, listener.runtime)
             listener.servers[str(addr)] = server
             bound = server.sockets[0].getsockname() if server.sockets else (addr.host, addr.port)
             self.log.info("listener_started", listener=listener.name, bind=str(addr),
@@ -459,6 +467,9 @@ class Balancer:
             else:
                 listener.configure(lcfg, self.pools)
             servers = new_servers.get(name, {})
+            for server in servers.values():
+                if isinstance(server, _native.SpliceServer):
+                    server.attach(listener.runtime)       # no-op once attached
             for addr, server in listener.servers.items():
                 if servers.get(addr) is not server:
                     server.close()
@@ -498,9 +509,9 @@ class Balancer:
                     server = current.get(str(addr))
                     if server is None:
                         sock = open_listening_socket(addr)
-                        server = await self.loop.create_server(
-                            listener.runtime if listener else self._late_factory(name),
-                            sock=sock, backlog=LISTEN_BACKLOG)
+                        server = await self.serve_socket(
+                            sock, lcfg.splice,
+                            listener.runtime if listener else self._late_factory(name))
                         opened_all.append(server)
                     servers[str(addr)] = server
                 result[name] = servers

@@ -75,6 +75,7 @@ cdef class Hub:
     cdef public int64_t pending_limit # bytes held per client while its backend connects
     cdef public object access_log     # callable(Relay, reason) or None
     cdef public object on_overload    # callable() when a connect finds no free descriptor
+    cdef public object splice_poller  # the SplicePoller of splice listeners, made on first use
     cdef Relay head                   # intrusive doubly linked list of live relays
     cdef public uint64_t next_id
     cdef uint64_t rng                 # splitmix64 state for non-sticky splits
@@ -148,6 +149,7 @@ cdef class Relay:
     cdef void release_target(self)
     cdef void refuse_overloaded(self)
     cdef void start_connect(self)
+    cdef void open_backend_connection(self, Target t)
     cdef void connect_failed(self, str reason)
     cdef void backend_connected(self, object transport)
     cdef void finish(self, str reason)

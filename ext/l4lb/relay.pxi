@@ -502,6 +502,12 @@ cdef class Relay:
         self.target = t
         algo.conn_opened(slot)
         t.active += 1
+        self.open_backend_connection(t)
+
+    cdef void open_backend_connection(self, Target t):
+        """Start connecting to `t`, already counted as this relay's backend; success ends
+        in backend_connected, failure in connect_failed. (SpliceRelay overrides it with a
+        raw nonblocking socket.)"""
         self.bside = BackendSide.__new__(BackendSide)
         self.bside.relay = self
         self.bside.started = _now()

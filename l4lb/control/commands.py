@@ -88,6 +88,7 @@ class CommandHandlers:
                 "bind": [str(a) for a in listener.config.bind],
                 "pool": listener.pool_name,
                 "split": listener.split,
+                "splice": listener.config.splice,
                 "active": rt.active,
                 "accepted": rt.accepted,
                 "rejected": dict(rt.rejected),

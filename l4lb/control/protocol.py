@@ -173,7 +173,7 @@ COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec(
         ("show", "listeners"), (), "every listener with its pool or split and counters",
         reply=("listeners",),
-        rows=("name", "bind", "pool", "split", "active", "accepted", "rejected"),
+        rows=("name", "bind", "pool", "split", "splice", "active", "accepted", "rejected"),
     ),
     CommandSpec(
         ("show", "backends"), (ArgSpec(ArgKind.NAME, "pool", "POOL", optional=True),),

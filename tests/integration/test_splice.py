@@ -1,0 +1,196 @@
+"""The splice(2) relay end to end: the relay's contract tests re-run against a listener
+with `splice = true`, plus what only the splice path has (raw accept, pipes, send_proxy
+written before splicing, fd accounting)."""
+import hashlib
+import os
+import resource
+import socket
+import threading
+import time
+
+import pytest
+
+from l4lb.config import ConfigError, parse_config
+from l4lb.control.client import call
+
+from ..support import (connect, echo_handler, free_port_refused, name_handler, recv_all,
+                       recv_exactly, simple_config)
+# The relay's contract, collected again here under the splice listener fixture below.
+from .test_relay import (
+    test_64_mib_each_way_concurrently_arrives_intact as test_splice_64_mib_each_way_concurrently_arrives_intact,
+    test_200_concurrent_connections_of_random_sizes_all_intact as test_splice_200_concurrent_connections_of_random_sizes_all_intact,
+    test_half_close_client_still_receives_the_whole_reply as test_splice_half_close_client_still_receives_the_whole_reply,
+    test_backend_reset_midstream_closes_client_and_leaks_no_fds as test_splice_backend_reset_midstream_closes_client_and_leaks_no_fds,
+    test_refusing_backend_is_skipped_and_clients_are_served_by_the_others as test_splice_refusing_backend_is_skipped_and_clients_are_served_by_the_others,
+    test_every_backend_down_closes_the_client_promptly_and_counts_it as test_splice_every_backend_down_closes_the_client_promptly_and_counts_it,
+    test_slow_reader_keeps_balancer_memory_bounded_then_flows_again as test_splice_slow_reader_keeps_balancer_memory_bounded_then_flows_again,
+    test_idle_timeout_closes_an_idle_pair as test_splice_idle_timeout_closes_an_idle_pair,
+    test_connect_timeout_bounds_a_backend_that_never_completes_the_handshake as test_splice_connect_timeout_bounds_a_backend_that_never_completes_the_handshake,
+    test_bytes_sent_before_the_backend_is_up_are_delivered_first as test_splice_bytes_sent_before_the_backend_is_up_are_delivered_first,
+    test_sigterm_exits_0_within_shutdown_timeout as test_splice_sigterm_exits_0_within_shutdown_timeout,
+)
+
+MiB = 1024 * 1024
+
+
+def with_splice(config: str) -> str:
+    assert "[listeners.web]\n" in config
+    return config.replace("[listeners.web]\n", "[listeners.web]\nsplice = true\n", 1)
+
+
+@pytest.fixture
+def l4lb(l4lb):
+    """The conftest fixture, with `splice = true` on the listener `web`."""
+    def start(config, **kw):
+        return l4lb(with_splice(config), **kw)
+    return start
+
+
+def pipe_fds(lb) -> int:
+    folder = f"/proc/{lb.proc.pid}/fd"
+    n = 0
+    for name in os.listdir(folder):
+        try:
+            n += os.readlink(f"{folder}/{name}").startswith("pipe:")
+        except OSError:
+            pass
+    return n
+
+
+def ask(lb, line):
+    return call(lb.path.parent / "l4lb.sock", line, timeout=10)
+
+
+def wait_until(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_splice_listener_relays_through_pipes_and_shows_in_show_conns(backends, l4lb):
+    b = backends(echo_handler)
+    lb = l4lb(simple_config([("a", b.address)]))
+    pipes_idle = pipe_fds(lb)
+    s = connect(lb.port())
+    s.sendall(b"ping")
+    assert recv_exactly(s, 4) == b"ping"
+    assert pipe_fds(lb) >= pipes_idle + 4           # two pipes, two ends each
+    conns = ask(lb, "show conns")["conns"]
+    assert len(conns) == 1 and conns[0]["backend"] == "a" and conns[0]["state"] == "open"
+    assert conns[0]["bytes_in"] == 4 and conns[0]["bytes_out"] == 4
+    assert ask(lb, "show listeners")["listeners"][0]["splice"] is True
+    s.close()
+    assert wait_until(lambda: ask(lb, "show info")["conns_active"] == 0)
+    ev = lb.wait_event("connection_closed")
+    assert (ev["reason"], ev["bytes_in"], ev["bytes_out"], ev["backend"]) == ("closed", 4, 4, "a")
+    backend = ask(lb, "show backends")["backends"][0]
+    assert (backend["bytes_in"], backend["bytes_out"], backend["active"]) == (4, 4, 0)
+
+
+def test_kill_drain_and_wait_through_the_control_socket(backends, l4lb):
+    b1, b2 = backends(name_handler, name="one"), backends(name_handler, name="two")
+    lb = l4lb(simple_config([("one", b1.address), ("two", b2.address)]))
+    clients = []
+    for _ in range(4):
+        s = connect(lb.port())
+        s.sendall(b"hi\n")
+        s.recv(100)
+        clients.append(s)
+    assert ask(lb, "drain main/one")["ok"]
+    for _ in range(4):                               # drained: new clients avoid it
+        s = connect(lb.port())
+        s.sendall(b"hi\n")
+        assert s.recv(100).strip() == b"two"
+        s.close()
+    waited = ask(lb, "wait main/one 0.3")
+    assert waited["ok"] is False                     # its two clients are still open
+    killed = ask(lb, "kill main/one")
+    assert killed["ok"] and killed.get("closed", 2) == 2
+    assert ask(lb, "wait main/one 5")["ok"] is True
+    assert [c["backend"] for c in ask(lb, "show conns")["conns"]] == ["two", "two"]
+    for s in clients:
+        s.close()
+
+
+def test_send_proxy_header_is_written_before_the_spliced_bytes(backends, l4lb):
+    got = []
+
+    def record(conn, backend):
+        got.append(recv_all(conn))
+
+    b = backends(record)
+    lb = l4lb(simple_config([("a", b.address)], listener_extra='send_proxy = "v1"'))
+    s = connect(lb.port())
+    port = s.getsockname()[1]
+    s.sendall(b"payload")
+    s.shutdown(socket.SHUT_WR)
+    assert recv_all(s) == b""
+    s.close()
+    assert wait_until(lambda: got)
+    header, _, rest = got[0].partition(b"\r\n")
+    assert header == b"PROXY TCP4 127.0.0.1 127.0.0.1 %d %d" % (port, lb.port())
+    assert rest == b"payload"
+
+
+def test_clients_queue_when_every_backend_is_full_and_are_served_in_turn(backends, l4lb):
+    b = backends(echo_handler)
+    lb = l4lb(simple_config([("a", b.address, {"max_connections": 1})],
+                            listener_extra="queue_timeout = 5.0"))
+    first = connect(lb.port())
+    first.sendall(b"1")
+    assert first.recv(1) == b"1"
+    second = connect(lb.port())
+    second.sendall(b"2")                             # waits in its socket while queued
+    assert wait_until(lambda: any(c["state"] == "queued"
+                                  for c in ask(lb, "show conns")["conns"]))
+    first.close()
+    assert recv_exactly(second, 1) == b"2"
+    second.close()
+
+
+def test_accept_pauses_on_emfile_and_resumes_without_spinning(backends, l4lb):
+    b = backends(echo_handler)
+    limit = 64
+
+    def low_nofile():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    lb = l4lb(simple_config([("a", b.address)]), preexec_fn=low_nofile)
+    held = []
+    try:
+        for _ in range(40):                          # 6 fds per relay: far past the limit
+            try:
+                held.append(connect(lb.port(), timeout=2))
+            except OSError:
+                break
+        time.sleep(1.0)
+        cpu = lb.ps.cpu_times()
+        time.sleep(1.0)
+        cpu2 = lb.ps.cpu_times()
+        assert (cpu2.user + cpu2.system) - (cpu.user + cpu.system) < 0.5   # no spin
+        lb.wait_event("fd_exhausted")                # logged once per episode
+        assert len(lb.events_named("fd_exhausted")) == 1
+    finally:
+        for s in held:
+            s.close()
+    # Once the clients are gone, the listener serves again (the control socket too: it
+    # shares the descriptor limit).
+    assert wait_until(lambda: lb.ps.num_fds() < limit - 10, timeout=10)
+    rejected = ask(lb, "show listeners")["listeners"][0]["rejected"]
+    assert rejected.get("accept_paused", 0) > 0
+    s = connect(lb.port())
+    s.sendall(b"again")
+    assert recv_exactly(s, 5) == b"again"
+    s.close()
+    assert lb.proc.poll() is None
+
+
+def test_splice_with_accept_proxy_is_refused_by_validation():
+    text = with_splice(simple_config([("a", "127.0.0.1:9")], listener_extra="accept_proxy = true"))
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, "l4lb.toml")
+    assert "listeners.web.splice" in str(err.value)
+    assert "accept_proxy" in str(err.value)
