@@ -4,10 +4,12 @@
     python loadtests/bench.py                       # 2 reps x 10 s per workload (about 15 min)
     python loadtests/bench.py --reps 1 --duration 5 # a quick look (about 5 min)
     python loadtests/bench.py --chart-only loadtests/results/bench-*.jsonl   # redraw
+    python loadtests/bench.py --splice --workloads bulk1,bulk8,bulk1R,bulk8R   # + l4lb-splice
 
 It runs the shared harness (`../shared/bench/bench.sh`, found relative to the repo root;
 `L4LB_SHARED_BENCH=DIR` overrides) with haproxy, haproxy-tuned, haproxy-splice, nginx and
-`cmd:l4lb 'loadtests/run-l4lb.sh {listen} {backend}'`, proxy pinned to CPU 0 and the load
+`cmd:l4lb 'loadtests/run-l4lb.sh {listen} {backend}'` (with --splice also `l4lb-splice`, the
+same script with L4LB_SPLICE=1: the listener relays with splice(2)), proxy pinned to CPU 0 and the load
 on CPU 1 (the harness's fair single-core comparison). The harness prints medians and the
 ratio table against HAProxy; this script then checks l4lb against the speed targets of
 issue 6 and draws the ratios per workload into loadtests/results/bench-<time>.png, beside
@@ -71,9 +73,11 @@ def find_shared_bench() -> Path:
              % REPO)
 
 
-def l4lb_command() -> str:
-    """The cmd: template the harness fills in; quoted so paths with spaces survive."""
-    return "%s {listen} {backend}" % shlex.quote(str(HERE / "run-l4lb.sh"))
+def l4lb_command(splice: bool = False) -> str:
+    """The cmd: template the harness fills in (a shell command line); quoted so paths
+    with spaces survive. `splice`: the listener gets `splice = true`."""
+    return "%s%s {listen} {backend}" % ("L4LB_SPLICE=1 " if splice else "",
+                                         shlex.quote(str(HERE / "run-l4lb.sh")))
 
 
 def estimated_seconds(reps: int, duration: int, n_proxies: int, n_workloads: int) -> int:
@@ -86,11 +90,15 @@ def run_harness(bench_dir: Path, args, out: Path, report: Path) -> int:
 
     On timeout or Ctrl-C the harness gets SIGINT (its finally-blocks stop the proxies and
     backends it started), then SIGKILL if it is still there 30 s later."""
-    proxies = [p for p in REFERENCE_PROXIES if p not in args.skip] + ["cmd:l4lb", l4lb_command()]
+    proxies = [p for p in REFERENCE_PROXIES if p not in args.skip]
+    if "l4lb" not in args.skip:
+        proxies += ["cmd:l4lb", l4lb_command()]
+    if args.splice:
+        proxies += ["cmd:l4lb-splice", l4lb_command(splice=True)]
     cmd = [str(bench_dir / "bench.sh"), "--mode", args.mode, "--reps", str(args.reps),
            "--duration", str(args.duration), "--workloads", args.workloads,
            "--out", str(out), *args.bench_arg, *proxies]
-    n_proxies = len(proxies) - 1
+    n_proxies = len(proxies) - sum(1 for p in proxies if p.startswith("cmd:"))  # cmd:NAME + COMMAND = 1
     limit = args.timeout or 3 * estimated_seconds(
         args.reps * (2 if args.mode == "both" else 1), args.duration, n_proxies,
         len(args.workloads.split(","))) + 120
@@ -172,8 +180,8 @@ def ratio(meds, proxy, ref, wl, key):
 
 
 def targets_table(meds, proxy: str = "l4lb") -> str:
-    """Markdown: l4lb against each speed target of issue 6."""
-    rows = ["| target (issue 6) | l4lb ratio | met |", "|---|---|---|"]
+    """Markdown: `proxy` (l4lb or l4lb-splice) against each speed target of issue 6."""
+    rows = ["| target (issue 6) | %s ratio | met |" % proxy, "|---|---|---|"]
     for what, wl, key, ref, bound, higher in TARGETS:
         r = ratio(meds, proxy, ref, wl, key)
         if r is None:
@@ -191,10 +199,10 @@ def draw_chart(meds, png: Path, title: str, ref: str = "haproxy") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    proxies = [p for p in REFERENCE_PROXIES + ["l4lb"] if p in meds and p != ref]
+    proxies = [p for p in REFERENCE_PROXIES + ["l4lb", "l4lb-splice"] if p in meds and p != ref]
     proxies += [p for p in meds if p not in proxies and p != ref and p != "direct"]
     colors = {"haproxy-tuned": "#9ecae1", "haproxy-splice": "#4292c6", "nginx": "#74c476",
-              "l4lb": "#e6550d"}
+              "l4lb": "#e6550d", "l4lb-splice": "#a63603"}
     fig, axes = plt.subplots(2, 1, figsize=(12, 8.5))
     panels = [(axes[0], THROUGHPUT, "throughput / %s  (higher is better)" % ref),
               (axes[1], COST, "cost / %s  (lower is better)" % ref)]
@@ -208,8 +216,8 @@ def draw_chart(meds, png: Path, title: str, ref: str = "haproxy") -> None:
                     xs.append(j - 0.4 + width * (i + 0.5))
                     ys.append(r)
             bars = ax.bar(xs, ys, width, label=proxy, color=colors.get(proxy, None),
-                          edgecolor="black" if proxy == "l4lb" else "none", linewidth=0.8)
-            if proxy == "l4lb":
+                          edgecolor="black" if proxy.startswith("l4lb") else "none", linewidth=0.8)
+            if proxy.startswith("l4lb"):
                 for b, y in zip(bars, ys):
                     ax.annotate("%.2f" % y, (b.get_x() + b.get_width() / 2, y),
                                 ha="center", va="bottom", fontsize=8, fontweight="bold")
@@ -230,12 +238,16 @@ def summarize(records, stem: Path, title: str, append_report: bool = True) -> No
     if "haproxy" not in meds:
         print("bench: no haproxy results, no ratios to chart", file=sys.stderr)
         return
-    table = targets_table(meds)
-    print("\nl4lb against the targets of issue 6 (pinned, medians):\n")
-    print(table)
-    if append_report:
-        with open(stem.with_suffix(".md"), "a") as f:
-            f.write("\nl4lb against the targets of issue 6 (pinned, medians):\n\n" + table + "\n")
+    for proxy in ("l4lb", "l4lb-splice"):
+        if proxy not in meds:
+            continue
+        table = targets_table(meds, proxy)
+        print("\n%s against the targets of issue 6 (pinned, medians):\n" % proxy)
+        print(table)
+        if append_report:
+            with open(stem.with_suffix(".md"), "a") as f:
+                f.write("\n%s against the targets of issue 6 (pinned, medians):\n\n%s\n"
+                        % (proxy, table))
     png = stem.with_suffix(".png")
     draw_chart(meds, png, title)
     print("\nchart: %s" % png)
@@ -248,8 +260,10 @@ def main(argv=None) -> int:
     ap.add_argument("--duration", type=int, default=10, help="seconds per workload (default 10)")
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--mode", choices=["pinned", "unpinned", "both"], default="pinned")
-    ap.add_argument("--skip", action="append", default=[], choices=REFERENCE_PROXIES,
-                    help="leave a reference proxy out (repeatable); haproxy is needed for ratios")
+    ap.add_argument("--skip", action="append", default=[], choices=REFERENCE_PROXIES + ["l4lb"],
+                    help="leave a proxy out (repeatable); haproxy is needed for ratios")
+    ap.add_argument("--splice", action="store_true",
+                    help="also run l4lb-splice: l4lb with `splice = true` on its listener")
     ap.add_argument("--bench-arg", action="append", default=[],
                     help="extra option passed to bench.sh, e.g. --bench-arg=--max-noise=20")
     ap.add_argument("--timeout", type=int, default=0, help="hard limit for the whole run, s")

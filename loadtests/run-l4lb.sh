@@ -7,6 +7,7 @@
 # The script `exec`s the balancer so the bench harness stops it by its own pid/group.
 # It runs this checkout's code (PYTHONPATH = the repo root, build with
 # `python setup.py build_ext --inplace` first); L4LB_PYTHON picks the interpreter.
+# L4LB_SPLICE=1 turns on `splice = true` on the listener (the splice(2) relay).
 set -euo pipefail
 if [ $# -ne 2 ]; then
     echo "usage: $0 LISTEN_PORT BACKEND_PORT" >&2
@@ -17,6 +18,11 @@ backend=$2
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 py="${L4LB_PYTHON:-python3}"
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+
+splice=false
+if [ "${L4LB_SPLICE:-0}" = "1" ]; then
+    splice=true
+fi
 
 algorithm=rr
 if [ "$("$py" -c "from l4lb.algorithms import ALGORITHMS; print('leastconn' in ALGORITHMS)")" = "True" ]; then
@@ -44,6 +50,7 @@ access = false
 [listeners.bench]
 bind = ["127.0.0.1:$listen"]
 pool = "bench"
+splice = $splice
 
 [pools.bench]
 algorithm = "$algorithm"
