@@ -7,6 +7,7 @@ connection at most (the access log line), never per chunk of data.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import time
 
@@ -23,6 +24,62 @@ from .state import RuntimeState, StateFileError, load_state, save_state, state_p
 LISTEN_BACKLOG = 4096
 # Seconds between two `fd_exhausted` warnings: one line per episode, not one per client.
 FD_EXHAUSTED_LOG_INTERVAL = 10.0
+# Seconds accepting stays paused once the process ran out of descriptors: new clients wait
+# in the kernel's backlog meanwhile instead of being accepted only to be refused.
+ACCEPT_PAUSE = 0.1
+
+
+class PausableServer:
+    """A uvloop server that can stop and resume accepting.
+
+    uvloop's servers can only be closed, and closing one closes its socket. So the
+    listening socket stays ours, and the uvloop server runs on a duplicate of it:
+    pausing closes the server (the duplicate) while the socket keeps listening and the
+    kernel queues new connections in its backlog; resuming serves a fresh duplicate."""
+
+    def __init__(self, loop, sock: socket.socket, factory):
+        self.loop = loop
+        self.sock = sock
+        self.factory = factory
+        self.server = None
+        self.closed = False
+        self.resume_handle = None
+
+    @property
+    def sockets(self) -> list:
+        return [self.sock]
+
+    async def start(self) -> None:
+        dup = socket.socket(fileno=os.dup(self.sock.fileno()))
+        try:
+            self.server = await self.loop.create_server(self.factory, sock=dup,
+                                                        backlog=LISTEN_BACKLOG)
+        except BaseException:
+            dup.close()
+            raise
+
+    def pause(self, seconds: float = ACCEPT_PAUSE) -> bool:
+        """Stop accepting for `seconds`; False when already paused (or closed)."""
+        if self.server is None or self.closed:
+            return False
+        self.server.close()
+        self.server = None
+        self.resume_handle = self.loop.call_later(seconds, self._resume)
+        return True
+
+    def _resume(self) -> None:
+        self.resume_handle = None
+        if not self.closed and self.server is None:
+            self.loop.create_task(self.start())
+
+    def close(self) -> None:
+        self.closed = True
+        if self.resume_handle is not None:
+            self.resume_handle.cancel()
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        self.sock.close()
 
 
 def open_listening_socket(addr: Address) -> socket.socket:
@@ -110,11 +167,20 @@ class Balancer:
                       old=str(old), new=str(new), cause=cause, last_error=backend.last_error)
 
     def note_fd_exhausted(self) -> None:
-        """Log fd exhaustion once per episode (at most every FD_EXHAUSTED_LOG_INTERVAL s)."""
+        """The process ran out of descriptors: pause accepting on every listener for
+        ACCEPT_PAUSE s (splice listeners pause their own accept), and log it once per
+        episode (at most every FD_EXHAUSTED_LOG_INTERVAL s)."""
+        paused = [listener.name for listener in self.listeners.values()
+                  if any([server.pause() for server in listener.servers.values()
+                          if isinstance(server, PausableServer)])]
+        if paused:
+            for name in paused:
+                self.listeners[name].runtime.count_rejected("accept_paused")
         now = self.loop.time()
         if now - self._fd_exhausted_logged_at >= FD_EXHAUSTED_LOG_INTERVAL:
             self._fd_exhausted_logged_at = now
-            self.log.warning("fd_exhausted", active=self.hub.active,
+            self.log.warning("fd_exhausted", active=self.hub.active, paused=paused,
+                             pause_s=ACCEPT_PAUSE,
                              hint="raise LimitNOFILE / ulimit -n, or lower max_connections")
 
     def set_access_log(self, enabled: bool) -> None:
@@ -155,7 +221,13 @@ class Balancer:
         if splice:
             return _native.SpliceServer(
                 sock, runtime if isinstance(runtime, _native.ListenerRuntime) else None)
-        return await self.loop.create_server(runtime, sock=sock, backlog=LISTEN_BACKLOG)
+        server = PausableServer(self.loop, sock, runtime)
+        try:
+            await server.start()
+        except BaseException:
+            server.close()
+            raise
+        return server
 
     async def start_listener(self, listener: Listener) -> None:
         for addr in listener.config.bind:

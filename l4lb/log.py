@@ -84,9 +84,11 @@ LOG_EVENTS: tuple[LogEvent, ...] = (
              "client to backend, bytes_out backend to client; `reason` is closed, "
              "client_reset, backend_reset, idle_timeout, connect_refused, connect_timeout, "
              "no_backend, fd_exhausted, shutdown, killed, ..."),
-    LogEvent("fd_exhausted", "warning", ("active", "hint"),
-             "A backend connect found no free file descriptor; clients are refused without "
-             "blaming the backend. At most one line per 10 s episode."),
+    LogEvent("fd_exhausted", "warning", ("active", "paused", "pause_s", "hint"),
+             "The process ran out of file descriptors (a backend connect or an accept "
+             "found none): that client is refused without blaming the backend, and the "
+             "`paused` listeners stop accepting for `pause_s` seconds (new clients wait in "
+             "the kernel backlog). At most one line per 10 s episode."),
     # backends and listeners
     LogEvent("backend_state_changed", "info",
              ("pool", "backend", "old", "new", "cause", "last_error"),

@@ -105,8 +105,13 @@ backends = [{backends_toml([("alpha", a.address)], indent="")}]
             pass
     time.sleep(0.5)
     assert lb.proc.poll() is None
-    lb.wait_event("fd_exhausted")                     # said once, not once per client
-    assert len(lb.events_named("fd_exhausted")) == 1
+    # Which runs out first is a race: an accept (libuv then accepts and closes with its
+    # reserved descriptor, unseen by l4lb) or a backend connect (l4lb refuses that client,
+    # pauses accepting for a moment and says so, once per episode).
+    exhausted = lb.events_named("fd_exhausted")
+    assert len(exhausted) <= 1
+    if exhausted:
+        assert exhausted[0]["paused"] == ["web"]
     reasons = {ev["reason"] for ev in lb.events_named("connection_closed")}
     assert reasons <= {"closed", "fd_exhausted"}      # the backend is never blamed
     for s in held:
