@@ -125,27 +125,35 @@ _STATES = tuple(str(s) for s in BackendState)
 FD_HEADROOM = 100
 
 
-def fds_needed(max_connections: int) -> int:
-    """Descriptors `max_connections` relayed connections need: client + backend each,
+def fds_per_connection(config) -> int:
+    """Descriptors one relayed connection holds: client + backend, plus two pipes (four
+    more) when any listener relays with splice(2)."""
+    return 6 if any(getattr(l, "splice", False) for l in config.listeners.values()) else 2
+
+
+def fds_needed(max_connections: int, per_connection: int = 2) -> int:
+    """Descriptors `max_connections` relayed connections need (`per_connection` each),
     plus FD_HEADROOM. 0 (unlimited) needs no particular figure."""
-    return 2 * max_connections + FD_HEADROOM if max_connections > 0 else 0
+    return per_connection * max_connections + FD_HEADROOM if max_connections > 0 else 0
 
 
-def fd_limit_warnings(max_connections: int, soft: int | None = None) -> list[str]:
+def fd_limit_warnings(max_connections: int, soft: int | None = None,
+                      per_connection: int = 2) -> list[str]:
     """Sentences for an operator when the soft RLIMIT_NOFILE (the current one unless
     given) is below what `global.max_connections` needs; [] when it is enough."""
     if soft is None:
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    need = fds_needed(max_connections)
+    need = fds_needed(max_connections, per_connection)
     if soft == resource.RLIM_INFINITY or soft >= need:
         return []
+    room = max(0, (soft - FD_HEADROOM) // per_connection)
     return [f"the open file limit is {soft} but global.max_connections = {max_connections} "
-            f"needs {need} (2 per connection + {FD_HEADROOM}): raise LimitNOFILE / "
-            f"ulimit -n, or lower max_connections; beyond {max(0, (soft - FD_HEADROOM) // 2)} "
+            f"needs {need} ({per_connection} per connection + {FD_HEADROOM}): raise "
+            f"LimitNOFILE / ulimit -n, or lower max_connections; beyond {room} "
             "connections new clients will be refused"]
 
 
-def fd_limit_report(max_connections: int) -> dict:
+def fd_limit_report(max_connections: int, per_connection: int = 2) -> dict:
     """The `show info` fields on descriptors: fd_limit {soft, hard} (None = unlimited),
     fds_needed by global.max_connections, and warnings (sentences; [] when all is well)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -153,8 +161,8 @@ def fd_limit_report(max_connections: int) -> dict:
     return {
         "fd_limit": {"soft": None if soft == unlimited else soft,
                      "hard": None if hard == unlimited else hard},
-        "fds_needed": fds_needed(max_connections),
-        "warnings": fd_limit_warnings(max_connections, soft),
+        "fds_needed": fds_needed(max_connections, per_connection),
+        "warnings": fd_limit_warnings(max_connections, soft, per_connection),
     }
 
 

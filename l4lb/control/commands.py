@@ -14,7 +14,7 @@ import psutil
 from .. import __version__, _native
 from ..balancer import Balancer, OperationError
 from ..config import Address
-from ..metrics import count_open_fds, fd_limit_report
+from ..metrics import count_open_fds, fd_limit_report, fds_per_connection
 from . import protocol
 
 
@@ -76,7 +76,8 @@ class CommandHandlers:
                 "conns_active": b.hub.active,
                 "conns_total": b.hub.total,
             }
-        info.update(fd_limit_report(b.config.global_.max_connections))
+        info.update(fd_limit_report(b.config.global_.max_connections,
+                                    fds_per_connection(b.config)))
         return info
 
     async def show_listeners(self):

@@ -1,7 +1,8 @@
 """The descriptor arithmetic behind `show info`'s warnings and the `fd_limit_low` log line."""
 import resource
 
-from l4lb.metrics import FD_HEADROOM, fd_limit_report, fd_limit_warnings, fds_needed
+from l4lb.metrics import (FD_HEADROOM, fd_limit_report, fd_limit_warnings, fds_needed,
+                          fds_per_connection)
 
 
 def test_each_connection_needs_two_descriptors_plus_headroom():
@@ -25,3 +26,15 @@ def test_report_reads_the_current_limits():
     assert report["fd_limit"]["hard"] in (hard, None)
     assert report["fds_needed"] == 2 + FD_HEADROOM
     assert report["warnings"] == fd_limit_warnings(1, soft)
+
+
+def test_splice_listeners_count_six_descriptors_per_connection(tmp_path):
+    from l4lb.config import parse_config
+
+    plain = parse_config('[listeners.a]\nbind = ["127.0.0.1:1"]\npool = "p"\n'
+                         '[pools.p]\nalgorithm = "rr"\n', tmp_path / "a.toml")
+    spliced = parse_config('[listeners.a]\nbind = ["127.0.0.1:1"]\npool = "p"\nsplice = true\n'
+                           '[pools.p]\nalgorithm = "rr"\n', tmp_path / "b.toml")
+    assert fds_per_connection(plain) == 2 and fds_per_connection(spliced) == 6
+    assert fds_needed(100, 6) == 600 + FD_HEADROOM
+    assert "6 per connection" in fd_limit_warnings(100, soft=300, per_connection=6)[0]
