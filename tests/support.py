@@ -93,17 +93,20 @@ def echo_handler(conn, backend):
         conn.sendall(data)
 
 
-def name_handler(conn, backend):
-    """Answer each line with the backend's name (like `l4lb demo`'s backends)."""
+def iter_lines(conn: socket.socket, bufsize: int = 4096):
+    """The lines a client sends (without the newline), until it closes its side."""
     buf = b""
-    while True:
-        data = conn.recv(4096)
-        if not data:
-            return
+    while data := conn.recv(bufsize):
         buf += data
         while b"\n" in buf:
-            _, buf = buf.split(b"\n", 1)
-            conn.sendall(backend.name.encode() + b"\n")
+            line, buf = buf.split(b"\n", 1)
+            yield line
+
+
+def name_handler(conn, backend):
+    """Answer each line with the backend's name (like `l4lb demo`'s backends)."""
+    for _ in iter_lines(conn):
+        conn.sendall(backend.name.encode() + b"\n")
 
 
 def free_port_refused() -> int:

@@ -12,7 +12,7 @@ from l4lb.config import HealthConfig
 from l4lb.health import MAX_EXPECT_READ, probe
 
 from ..backend_process import BackendProcess
-from ..support import connect, free_port_refused, simple_config
+from ..support import connect, free_port_refused, iter_lines, simple_config
 
 
 def logged_at(event: dict) -> float:
@@ -133,20 +133,13 @@ def test_killed_backend_is_marked_down_then_up_again_and_no_new_client_fails(l4l
 def ping_handler(answer: bytes | None, close_after: bool = False):
     """Lines: `PING` gets `answer` (None: never answered); anything else the backend's name."""
     def handler(conn, backend):
-        buf = b""
-        while True:
-            data = conn.recv(4096)
-            if not data:
-                return
-            buf += data
-            while b"\n" in buf:
-                line, buf = buf.split(b"\n", 1)
-                if line != b"PING":
-                    conn.sendall(backend.name.encode() + b"\n")
-                elif answer is not None:
-                    conn.sendall(answer)
-                    if close_after:
-                        return
+        for line in iter_lines(conn):
+            if line != b"PING":
+                conn.sendall(backend.name.encode() + b"\n")
+            elif answer is not None:
+                conn.sendall(answer)
+                if close_after:
+                    return
     return handler
 
 
@@ -211,18 +204,11 @@ def test_on_down_decides_whether_existing_connections_are_closed(backends, l4lb,
 
     def handler(conn, backend):
         """Health probe: PING -> PONG while healthy, SICK after; other lines echoed."""
-        buf = b""
-        while True:
-            data = conn.recv(4096)
-            if not data:
-                return
-            buf += data
-            while b"\n" in buf:
-                line, buf = buf.split(b"\n", 1)
-                if line == b"PING":
-                    conn.sendall(b"PONG\n" if healthy.is_set() else b"SICK\n")
-                else:
-                    conn.sendall(line + b"\n")
+        for line in iter_lines(conn):
+            if line == b"PING":
+                conn.sendall(b"PONG\n" if healthy.is_set() else b"SICK\n")
+            else:
+                conn.sendall(line + b"\n")
 
     b = backends(handler, name="a")
     lb = l4lb(simple_config(

@@ -1,11 +1,9 @@
 """The splice(2) relay end to end: the relay's contract tests re-run against a listener
 with `splice = true`, plus what only the splice path has (raw accept, pipes, send_proxy
 written before splicing, fd accounting)."""
-import hashlib
 import os
 import resource
 import socket
-import threading
 import time
 
 import pytest
@@ -13,7 +11,7 @@ import pytest
 from l4lb.config import ConfigError, parse_config
 from l4lb.control.client import call
 
-from ..support import (connect, echo_handler, free_port_refused, name_handler, recv_all,
+from ..support import (connect, echo_handler, name_handler, recv_all,
                        recv_exactly, simple_config)
 # The relay's contract, collected again here under the splice listener fixture below.
 from .test_relay import (
