@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from pathlib import Path
 
 
@@ -91,14 +92,26 @@ def format_reply(reply: dict) -> str:
     return "\n".join(lines) if lines else "ok"
 
 
-def format_table(rows: list[dict]) -> str:
+# Columns holding a wall-clock time (seconds since the epoch): a person reads an age.
+TIME_COLUMNS = frozenset({"last_check"})
+
+
+def format_table(rows: list[dict], now: float | None = None) -> str:
     columns = list(rows[0])
-    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+    now = time.time() if now is None else now
+    cells = [[_age(r.get(c), now) if c in TIME_COLUMNS else _cell(r.get(c)) for c in columns]
+             for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     out = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip()]
     for row in cells:
         out.append("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
     return "\n".join(out)
+
+
+def _age(value, now: float) -> str:
+    if not isinstance(value, (int, float)):
+        return _cell(value)
+    return f"{max(0.0, now - value):.1f}s ago"
 
 
 def _cell(value) -> str:

@@ -424,3 +424,11 @@ def test_arbitrary_bytes_straight_into_the_parser_only_raise_control_error(data)
         encode_reply(error(exc))
     else:
         assert command.name in COMMANDS_BY_NAME
+
+
+def test_ctl_tables_show_check_times_as_ages():
+    from l4lb.control.client import format_table
+
+    table = format_table([{"name": "a", "last_check": 1000.0}, {"name": "b", "last_check": None}],
+                         now=1002.5)
+    assert table.splitlines() == ["NAME  LAST_CHECK", "a     2.5s ago", "b     -"]
