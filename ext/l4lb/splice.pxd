@@ -15,8 +15,9 @@ ctypedef struct splice_dir:
     # One direction of a splice relay: src socket -> pipe -> dst socket.
     int src                           # socket read from
     int dst                           # socket written to
-    int pr                            # the pipe's read end (spliced into dst)
-    int pw                            # the pipe's write end (spliced from src)
+    int pr                            # the pipe's read end (spliced into dst); -1 until needed
+    int pw                            # the pipe's write end (spliced from src); -1 until needed
+    bint bulk                         # splicing: the last reads were large (see the pump)
     Py_ssize_t held                   # bytes in the pipe not yet written to dst
     bint eof                          # src returned end of file
     bint done                         # eof passed on: dst was shut down for writing
@@ -38,7 +39,6 @@ cdef class SplicePoller:
     cdef list again                   # relays that stopped on their budget with bytes left
     cdef bint again_scheduled         # a call_soon(_run_again) is pending
     cdef epoll_event events[64]       # the batch epoll_wait fills
-    cdef int take_pipe(self, int* pr, int* pw) noexcept
     cdef void defer(self, SpliceRelay r)
     cdef int watch(self, int fd, SpliceRelay r, bint backend) noexcept
 

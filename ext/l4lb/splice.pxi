@@ -55,6 +55,7 @@ cdef extern from "<fcntl.h>" nogil:
 cdef extern from "<unistd.h>" nogil:
     int c_close "close" (int fd)
     int c_pipe2 "pipe2" (int* fds, int flags)
+    ssize_t c_write "write" (int fd, const void* buf, size_t length)
 
 cdef extern from "<sys/epoll.h>" nogil:
     int epoll_create1(int flags)
@@ -86,6 +87,7 @@ cdef extern from "<sys/socket.h>" nogil:
     int c_getsockname "getsockname" (int fd, sockaddr* addr, socklen_t* length)
     int c_shutdown "shutdown" (int fd, int how)
     ssize_t c_send "send" (int fd, const void* buf, size_t length, int flags)
+    ssize_t c_recv "recv" (int fd, void* buf, size_t length, int flags)
     enum: SOCK_STREAM
     enum: SOCK_NONBLOCK
     enum: SOCK_CLOEXEC
@@ -129,6 +131,19 @@ cdef enum:
     ACCEPT_BATCH = 64
     # Events taken from the epoll per loop readiness (the rest stay ready for the next).
     POLL_BATCH = 64
+    # Each direction copies (recv + send through COPY_BUFFER) while what it reads is
+    # small, and splices while it is large. Small exchanges (requests, replies,
+    # keep-alive traffic) cost two plain syscalls, as in any proxy, and a connection that
+    # never carries bulk data never creates its pipes (pipe2, fcntl and two closes each:
+    # 8 syscalls per connection). A copy read that fills COPY_CHUNK means bulk is
+    # waiting: the direction gets its pipe and splices; a splice read under COPY_SMALL
+    # turns it back to copying. COPY_CHUNK is at most a default pipe's capacity (64 KiB),
+    # so what a short send leaves always fits into the direction's pipe in one write.
+    COPY_CHUNK = 64 * 1024
+    COPY_SMALL = 16 * 1024
+
+# The one copy buffer of the process: the pump never holds bytes in it across calls.
+cdef char COPY_BUFFER[65536]
 
 SPLICE_PIPE_SIZE = SPLICE_CHUNK
 # Seconds accept stays paused after EMFILE/ENFILE: room for connections to close.
@@ -171,11 +186,64 @@ cdef inline void _set_nodelay(int fd) noexcept nogil:
     c_setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
 
 
+cdef int _make_pipe(int* pr, int* pw) noexcept nogil:
+    """A new nonblocking pipe sized SPLICE_CHUNK when the system allows it; -1 with errno
+    set when none can be made. (Refused past fs.pipe-max-size or the per-user pipe page
+    budget, unprivileged: the pipe keeps the default 64 KiB, which still works.)"""
+    cdef int fds[2]
+    if c_pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0:
+        return -1
+    c_fcntl(fds[1], F_SETPIPE_SZ, SPLICE_CHUNK)
+    pr[0] = fds[0]
+    pw[0] = fds[1]
+    return 0
+
+
+cdef int _copy_once(splice_dir* d, bint* readable, bint* writable, int64_t* nread) noexcept nogil:
+    """One recv + send of up to COPY_CHUNK bytes; what the send leaves goes into the
+    direction's (new) pipe. Returns -1 to go on pumping, or a SPLICE_* code."""
+    cdef ssize_t n = c_recv(d.src, COPY_BUFFER, COPY_CHUNK, 0)
+    cdef ssize_t sent, w
+    if n == 0:
+        d.eof = True
+        readable[0] = False
+        return -1
+    if n < 0:
+        if errno == EINTR:
+            return -1
+        if errno == EAGAIN:
+            readable[0] = False
+            return SPLICE_WAIT
+        d.err = errno
+        return SPLICE_SRC_FAILED
+    nread[0] += n
+    if n == COPY_CHUNK:
+        d.bulk = True                    # more was waiting: splice from the next read on
+    sent = c_send(d.dst, COPY_BUFFER, <size_t>n, MSG_NOSIGNAL) if writable[0] else 0
+    if sent < 0:
+        if errno != EAGAIN and errno != EINTR:
+            d.err = errno
+            return SPLICE_DST_FAILED
+        sent = 0
+    if sent < n:
+        if d.pr < 0 and _make_pipe(&d.pr, &d.pw) < 0:
+            d.err = errno
+            return SPLICE_DST_FAILED
+        w = c_write(d.pw, COPY_BUFFER + sent, <size_t>(n - sent))
+        if w != n - sent:                # cannot happen: the pipe is empty and big enough
+            d.err = errno if w < 0 else EPIPE
+            return SPLICE_DST_FAILED
+        d.held = n - sent
+    return -1
+
+
 cdef int splice_pump(splice_dir* d, bint* readable, bint* writable, int64_t* nread) noexcept nogil:
     """Move bytes src -> pipe -> dst until an EAGAIN, EOF, error or the budget says stop.
     Returns SPLICE_*; adds the bytes read from src to nread[0]. Never blocks."""
     cdef ssize_t n
     cdef Py_ssize_t budget = SPLICE_BUDGET
+    cdef int64_t before
+    cdef int rc
     while True:
         if d.held > 0:
             if not writable[0]:
@@ -199,11 +267,23 @@ cdef int splice_pump(splice_dir* d, bint* readable, bint* writable, int64_t* nre
             return SPLICE_WAIT
         if budget <= 0:
             return SPLICE_MORE
+        if not d.bulk:
+            before = nread[0]
+            rc = _copy_once(d, readable, writable, nread)
+            budget -= nread[0] - before
+            if rc >= 0:
+                return rc
+            continue
+        if d.pr < 0 and _make_pipe(&d.pr, &d.pw) < 0:
+            d.err = errno
+            return SPLICE_DST_FAILED
         n = c_splice(d.src, NULL, d.pw, NULL, SPLICE_CHUNK, SPLICE_FLAGS)
         if n > 0:
             d.held += n
             nread[0] += n
             budget -= n
+            if n < COPY_SMALL:
+                d.bulk = False           # the flow got thin: copy again
             continue
         if n == 0:
             d.eof = True
@@ -277,21 +357,6 @@ cdef class SplicePoller:
     def __dealloc__(self):
         if self.epfd >= 0:
             c_close(self.epfd)
-
-    cdef int take_pipe(self, int* pr, int* pw) noexcept:
-        """A new pipe (read end, write end), nonblocking, sized SPLICE_PIPE_SIZE when the
-        system allows it; -1 with errno set when none can be made. (Pipes are not pooled
-        across connections: a relay's descriptors all go when it closes, so fd counts
-        stay an exact picture of live connections.)"""
-        cdef int fds[2]
-        if c_pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0:
-            return -1
-        # Refused past fs.pipe-max-size or the per-user pipe page budget (unprivileged):
-        # the pipe then keeps the default 64 KiB, which still works, at more calls per GB.
-        c_fcntl(fds[1], F_SETPIPE_SZ, SPLICE_CHUNK)
-        pr[0] = fds[0]
-        pw[0] = fds[1]
-        return 0
 
     cdef void defer(self, SpliceRelay r):
         if r.deferred:
@@ -566,12 +631,7 @@ cdef class SpliceRelay(Relay):
         cdef sockaddr_storage ss
         cdef socklen_t slen = sizeof(ss)
         cdef ssize_t n
-        if self.poller.take_pipe(&self.up.pr, &self.up.pw) < 0:
-            self.refuse_overloaded()
-            return
-        if self.poller.take_pipe(&self.down.pr, &self.down.pw) < 0:
-            self.refuse_overloaded()
-            return
+        # The pipes come later, when a direction first carries bulk (see the pump).
         self.state = RELAY_OPEN
         self.last_active = self.hub.now
         self.b_writable = True

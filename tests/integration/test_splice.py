@@ -68,24 +68,31 @@ def wait_until(predicate, timeout=5.0):
     return True
 
 
-def test_splice_listener_relays_through_pipes_and_shows_in_show_conns(backends, l4lb):
+def test_splice_listener_copies_short_exchanges_splices_bulk_and_shows_in_show_conns(backends, l4lb):
     b = backends(echo_handler)
     lb = l4lb(simple_config([("a", b.address)]))
     pipes_idle = pipe_fds(lb)
     s = connect(lb.port())
     s.sendall(b"ping")
     assert recv_exactly(s, 4) == b"ping"
+    assert pipe_fds(lb) == pipes_idle               # a short exchange is copied: no pipes
+    bulk = os.urandom(300 * 1024)                   # past the first 64 KiB: splice
+    s.sendall(bulk)
+    assert recv_exactly(s, len(bulk)) == bulk
     assert pipe_fds(lb) >= pipes_idle + 4           # two pipes, two ends each
+    total = 4 + len(bulk)
     conns = ask(lb, "show conns")["conns"]
     assert len(conns) == 1 and conns[0]["backend"] == "a" and conns[0]["state"] == "open"
-    assert conns[0]["bytes_in"] == 4 and conns[0]["bytes_out"] == 4
+    assert conns[0]["bytes_in"] == total and conns[0]["bytes_out"] == total
     assert ask(lb, "show listeners")["listeners"][0]["splice"] is True
     s.close()
     assert wait_until(lambda: ask(lb, "show info")["conns_active"] == 0)
+    assert pipe_fds(lb) == pipes_idle               # the pipes went with the connection
     ev = lb.wait_event("connection_closed")
-    assert (ev["reason"], ev["bytes_in"], ev["bytes_out"], ev["backend"]) == ("closed", 4, 4, "a")
+    assert (ev["reason"], ev["bytes_in"], ev["bytes_out"], ev["backend"]) == (
+        "closed", total, total, "a")
     backend = ask(lb, "show backends")["backends"][0]
-    assert (backend["bytes_in"], backend["bytes_out"], backend["active"]) == (4, 4, 0)
+    assert (backend["bytes_in"], backend["bytes_out"], backend["active"]) == (total, total, 0)
 
 
 def test_kill_drain_and_wait_through_the_control_socket(backends, l4lb):
