@@ -734,8 +734,10 @@ LISTENER = Table(ListenerConfig, {
         "Seconds a client may wait for a slot when every backend is at its max_connections; "
         "0 = do not queue, close at once."),
     "splice": Key(Boolean(), False,
-        "Move bytes in the kernel with splice(2) through a pipe per direction: the lowest "
-        "CPU per GB for bulk transfers; 4 more file descriptors per connection. Not with "
+        "Relay with raw sockets: accept and connect without uvloop's transports, copy small "
+        "reads and move bulk in the kernel with splice(2) through a pipe per direction. "
+        "The fastest path for new connections, keep-alive and bulk alike; up to 4 more "
+        "file descriptors per connection (the pipes, once it carries bulk). Not with "
         "accept_proxy; a change applies to binds opened after it (restart to switch a "
         "running bind)."),
 }, doc="A set of listening addresses in front of a pool or a split of pools.",
