@@ -238,14 +238,6 @@ class Balancer:
             self.log.info("listener_started", listener=listener.name, bind=str(addr),
                           port=bound[1], **listener.route())
 
-    def bound_addresses(self, name: str) -> list[tuple]:
-        """The (host, port) each bind of listener `name` actually got (port 0 resolved)."""
-        out = []
-        for server in self.listeners[name].servers.values():
-            for s in server.sockets:
-                out.append(s.getsockname()[:2])
-        return out
-
     async def sweep_forever(self) -> None:
         """The one periodic timer of the data path: timeouts and slow-start ramps."""
         interval = _native.SWEEP_INTERVAL

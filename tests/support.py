@@ -239,6 +239,32 @@ backends = [
 """
 
 
+def two_pool_config(blue, green, route: str = 'pool = "blue"', access: bool = True,
+                    mode: int = 0o600) -> str:
+    """Listener `web` routed by `route` (a pool or a split) over pools blue and green
+    (rr), with the control socket l4lb.sock beside the config."""
+    return f"""
+[control]
+socket = "l4lb.sock"
+mode = {oct(mode)}
+[log]
+access = {"true" if access else "false"}
+[listeners.web]
+bind = ["127.0.0.1:0"]
+{route}
+[pools.blue]
+algorithm = "rr"
+backends = [
+{backends_toml(blue)}
+]
+[pools.green]
+algorithm = "rr"
+backends = [
+{backends_toml(green)}
+]
+"""
+
+
 def connect(port: int, host: str = "127.0.0.1", source: str | None = None,
             timeout: float = 10.0) -> socket.socket:
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

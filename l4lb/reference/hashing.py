@@ -17,14 +17,3 @@ def hash64(data: bytes) -> int:
     for b in data:
         h = ((h ^ b) * FNV64_PRIME) & MASK64
     return mix64(h)
-
-
-class SplitMix64:
-    """splitmix64 PRNG: the same draws as splitmix64_next in hashing.pxi."""
-
-    def __init__(self, seed: int = 0):
-        self.state = seed & MASK64
-
-    def next(self) -> int:
-        self.state = (self.state + SPLITMIX64_GAMMA) & MASK64
-        return mix64(self.state)

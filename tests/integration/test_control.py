@@ -12,31 +12,8 @@ import pytest
 
 from l4lb.control.client import call
 
-from ..support import REPO, L4LB, backends_toml, connect, name_handler, hello, ask
+from ..support import REPO, L4LB, connect, name_handler, hello, ask, two_pool_config
 
-
-def two_pool_config(blue, green, extra=""):
-    return f"""
-[control]
-socket = "l4lb.sock"
-mode = 0o640
-[log]
-access = true
-[listeners.web]
-bind = ["127.0.0.1:0"]
-pool = "blue"
-{extra}
-[pools.blue]
-algorithm = "rr"
-backends = [
-{backends_toml(blue)}
-]
-[pools.green]
-algorithm = "rr"
-backends = [
-{backends_toml(green)}
-]
-"""
 
 
 
@@ -54,7 +31,7 @@ def blue_green(backends, l4lb):
     b1, b2 = backends(name_handler, name="b1"), backends(name_handler, name="b2")
     g1 = backends(name_handler, name="g1")
     lb = l4lb(two_pool_config([("b1", b1.address), ("b2", b2.address)],
-                              [("g1", g1.address)]))
+                              [("g1", g1.address)], mode=0o640))
     return lb, (b1, b2, g1)
 
 

@@ -17,8 +17,8 @@ import pytest
 
 from l4lb.control.client import call
 
-from ..support import (REPO, backends_toml, connect, echo_handler, free_port_refused,
-                       recv_exactly, simple_config)
+from ..support import (REPO, connect, echo_handler, free_port_refused,
+                       recv_exactly, simple_config, two_pool_config)
 
 ECHO_BACKEND = REPO / "tests" / "echo_backend.py"
 
@@ -259,28 +259,6 @@ def deploy_watcher():
 NON_STICKY = 'pool = "blue"\nsticky_split = false'
 
 
-def two_pool_config(blue, green, route: str = 'pool = "blue"') -> str:
-    return f"""
-[control]
-socket = "l4lb.sock"
-[log]
-access = false
-[listeners.web]
-bind = ["127.0.0.1:0"]
-{route}
-retries = 2
-[pools.blue]
-algorithm = "rr"
-backends = [
-{backends_toml(blue)}
-]
-[pools.green]
-algorithm = "rr"
-backends = [
-{backends_toml(green)}
-]
-"""
-
 
 # --- tests -----------------------------------------------------------------------------
 
@@ -314,7 +292,7 @@ def test_blue_green_under_load_switches_new_connections_and_lets_blue_streams_fi
         echo_procs, l4lb, load, deploy_watcher, tmp_path):
     blue = [(n, echo_procs.start(n, "blue")) for n in ("b1", "b2")]
     green = [(n, echo_procs.start(n, "green")) for n in ("g1", "g2")]
-    lb = l4lb(two_pool_config(blue, green))
+    lb = l4lb(two_pool_config(blue, green, access=False))
     clients = load(lb.port())
     time.sleep(1.0)                               # streams on blue are running
     deploy = deploy_watcher("blue-green", "web", "--to", "green",
@@ -340,7 +318,7 @@ def test_canary_onto_a_dead_pool_rolls_back_to_the_original_route(echo_procs, l4
     green = [("g1", f"127.0.0.1:{free_port_refused()}")]       # nothing listens there
     # Every test client comes from 127.0.0.1: a sticky split would put them all on one
     # side, so the canary steps are checked with per-connection splitting.
-    lb = l4lb(two_pool_config(blue, green, NON_STICKY))
+    lb = l4lb(two_pool_config(blue, green, NON_STICKY, access=False))
     clients = load(lb.port(), concurrency=4, streams=0)
     result = run_deploy("canary", "web", "--to", "green", "--steps", "50,100",
                         "--interval", 1, "-c", lb.path)
@@ -359,7 +337,7 @@ def test_healthy_canary_under_load_ends_switched_to_the_new_pool(echo_procs, l4l
     green = [("g1", echo_procs.start("g1", "green"))]
     # Every test client comes from 127.0.0.1: a sticky split would put them all on one
     # side, so the canary steps are checked with per-connection splitting.
-    lb = l4lb(two_pool_config(blue, green, NON_STICKY))
+    lb = l4lb(two_pool_config(blue, green, NON_STICKY, access=False))
     clients = load(lb.port(), concurrency=4, streams=0)
     result = run_deploy("canary", "web", "--to", "green", "--steps", "50,100",
                         "--interval", 1, "-c", lb.path)
@@ -423,7 +401,7 @@ def test_ctrl_c_during_a_canary_step_restores_the_starting_route(echo_procs, l4l
                                                                  deploy_watcher, tmp_path):
     blue = [("b1", echo_procs.start("b1", "blue"))]
     green = [("g1", echo_procs.start("g1", "green"))]
-    lb = l4lb(two_pool_config(blue, green, route="split = { blue = 90, green = 10 }"))
+    lb = l4lb(two_pool_config(blue, green, route="split = { blue = 90, green = 10 }", access=False))
     deploy = deploy_watcher("canary", "web", "--to", "green", "--steps", "50,100",
                            "--interval", 30, "-c", lb.path)
     wait_for_line(deploy, "canary web -> green")
