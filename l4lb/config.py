@@ -526,8 +526,7 @@ class TableOf(Rule):
 # -- checks that span several keys -----------------------------------------------------
 
 def check_listener(listener: ListenerConfig, path: KeyPath, report: Report) -> None:
-    """Exactly one of pool/split; a split's percentages sum to 100; splice without
-    accept_proxy."""
+    """Exactly one of pool/split; a split's percentages sum to 100."""
     if listener.pool is None and listener.split is None:
         report(path, "needs 'pool' (one active pool) or 'split' (percentages per pool)")
     elif listener.pool is not None and listener.split is not None:
@@ -536,11 +535,6 @@ def check_listener(listener: ListenerConfig, path: KeyPath, report: Report) -> N
         percents = list(listener.split.values())
         if all(isinstance(p, int) for p in percents) and sum(percents) != 100:
             report(path + ("split",), f"percentages must sum to 100, got {sum(percents)}")
-    if listener.splice is True and listener.accept_proxy is True:
-        # The splice relay never reads client bytes in user space, so it cannot parse a
-        # PROXY header; send_proxy works (the header is written before splicing).
-        report(path + ("splice",), "splice cannot be combined with accept_proxy; use a "
-               "listener without splice behind a PROXY-speaking balancer")
 
 
 def check_pool(pool: PoolConfig, path: KeyPath, report: Report) -> None:
@@ -737,8 +731,7 @@ LISTENER = Table(ListenerConfig, {
         "Relay with raw sockets: accept and connect without uvloop's transports, copy small "
         "reads and move bulk in the kernel with splice(2) through a pipe per direction. "
         "The fastest path for new connections, keep-alive and bulk alike; up to 4 more "
-        "file descriptors per connection (the pipes, once it carries bulk). Not with "
-        "accept_proxy; a change applies to binds opened after it (restart to switch a "
+        "file descriptors per connection (the pipes, once it carries bulk). A change applies to binds opened after it (restart to switch a "
         "running bind)."),
 }, doc="A set of listening addresses in front of a pool or a split of pools.",
     check=check_listener)

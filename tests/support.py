@@ -239,6 +239,13 @@ backends = [
 """
 
 
+def with_splice(config: str, on: bool = True) -> str:
+    """`config` with `splice = true` (or false) on its listener `web`."""
+    assert "[listeners.web]\n" in config
+    return config.replace("[listeners.web]\n",
+                          f"[listeners.web]\nsplice = {'true' if on else 'false'}\n", 1)
+
+
 def two_pool_config(blue, green, route: str = 'pool = "blue"', access: bool = True,
                     mode: int = 0o600) -> str:
     """Listener `web` routed by `route` (a pool or a split) over pools blue and green

@@ -82,6 +82,7 @@ cdef class SpliceRelay(Relay):
     cdef void close_both(self, str reason, bint abort)
     cdef void sweep_one(self, double now)
     cdef void on_event(self, bint backend, uint32_t ev)
+    cdef void read_proxy_header_raw(self, bint client_eof)
     cdef void pump_both(self)
     cdef void connect_address(self, int family, object host, int port)
     cdef void check_connect(self, uint32_t ev)

@@ -96,6 +96,7 @@ cdef extern from "<sys/socket.h>" nogil:
     enum: SO_LINGER
     enum: SHUT_WR
     enum: MSG_NOSIGNAL
+    enum: MSG_PEEK
 
 cdef extern from "<netinet/in.h>" nogil:
     cdef struct in_addr:
@@ -141,11 +142,15 @@ cdef enum:
     # so what a short send leaves always fits into the direction's pipe in one write.
     COPY_CHUNK = 64 * 1024
     COPY_SMALL = 16 * 1024
+    # Bytes peeked for a PROXY header: the longest one the parser accepts is a v2 header
+    # of 16 + MAX_V2_LENGTH (1024) bytes, so a peek this long always decides.
+    HEADER_PEEK = 1088
 
 # The one copy buffer of the process: the pump never holds bytes in it across calls.
 cdef char COPY_BUFFER[65536]
 
 SPLICE_PIPE_SIZE = SPLICE_CHUNK
+SPLICE_HEADER_PEEK = HEADER_PEEK
 # Seconds accept stays paused after EMFILE/ENFILE: room for connections to close.
 ACCEPT_PAUSE = 0.1
 # accept4() errors that mean "this process or the system is out of descriptors or
@@ -523,6 +528,12 @@ cdef void splice_accepted(ListenerRuntime lst, SplicePoller poller, int fd,
         lst.count_rejected("fd_exhausted")
         r.close_both("fd_exhausted", True)
         return
+    if lst.accept_proxy:
+        # The header is read by read_proxy_header_raw on the client's first edge (a
+        # registration reports bytes that arrived before it).
+        r.state = RELAY_HEADER
+        r.deadline = r.started + lst.proxy_timeout
+        return
     r.state = RELAY_CONNECTING
     r.admit()
 
@@ -655,6 +666,42 @@ cdef class SpliceRelay(Relay):
                 return
         self.pump_both()
 
+    cdef void read_proxy_header_raw(self, bint client_eof):
+        """accept_proxy: peek at what the client sent, let the listener's header hook
+        parse it, and take exactly the header off the socket; the bytes after it stay
+        in the kernel for the pump. Incomplete: wait for the next edge (the sweep
+        enforces proxy_timeout). Invalid, or an EOF before a whole header: the
+        connection is refused as `bad_proxy_header`."""
+        cdef ListenerRuntime lst = self.listener
+        cdef char buf[HEADER_PEEK]
+        cdef ssize_t n = c_recv(self.cfd, buf, HEADER_PEEK, MSG_PEEK)
+        cdef Py_ssize_t consumed
+        if n < 0:
+            if errno == EAGAIN or errno == EINTR:
+                return
+            self.close_both("client_gone", True)
+            return
+        result = None
+        if n > 0:
+            self.last_active = self.hub.now
+            result = lst.header_hook(self, PyBytes_FromStringAndSize(buf, n))
+            if result is None and not client_eof:
+                return                   # need more bytes
+        if result is None or result[0] < 0:
+            lst.count_rejected("bad_proxy_header")
+            self.close_both("bad_proxy_header", True)
+            return
+        consumed, src = result
+        # The peeked bytes are in the socket: this recv takes exactly the header.
+        if c_recv(self.cfd, buf, <size_t>consumed, 0) != consumed:
+            self.close_both("client_gone", True)
+            return
+        if src is not None:
+            self.client_host, self.client_port = src
+        self.c_readable = True           # bytes after the header are read by the pump
+        self.state = RELAY_CONNECTING
+        self.admit()
+
     # --- the pump ---------------------------------------------------------------------
 
     cdef void on_event(self, bint backend, uint32_t ev):
@@ -673,6 +720,9 @@ cdef class SpliceRelay(Relay):
             if ev & (EPOLLOUT | EPOLLHUP | EPOLLERR):
                 self.c_writable = True
             if self.state != RELAY_OPEN:
+                if self.state == RELAY_HEADER:
+                    self.read_proxy_header_raw((ev & (EPOLLRDHUP | EPOLLHUP)) != 0)
+                    return
                 # Connecting or queued: a client that reset or vanished is let go now;
                 # a mere FIN (a request sent whole) waits in the socket for the backend.
                 if ev & (EPOLLERR | EPOLLHUP):

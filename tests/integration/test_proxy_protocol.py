@@ -7,8 +7,16 @@ import pytest
 
 from l4lb.proxyproto import encode_v2, parse_proxy_header
 
-from ..support import connect, simple_config, ask
+from ..support import connect, simple_config, ask, with_splice
 
+
+@pytest.fixture(params=["stream", "splice"])
+def l4lb(request, l4lb):
+    """Every test here runs against both relays: the stream relay reads the header from
+    its buffer, the raw-socket relay (`splice = true`) peeks at the socket."""
+    def start(config, **kw):
+        return l4lb(with_splice(config, request.param == "splice"), **kw)
+    return start
 
 
 def rejected(lb, reason, count=None, timeout=10.0):
@@ -188,3 +196,26 @@ send_proxy = "v1"
     assert recv_line(good) == b"still here\n"
     good.close()
     assert b.accepted == 1
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_a_header_that_arrives_in_pieces_is_read_whole_and_the_bytes_after_it_follow(
+        backends, l4lb, version):
+    b = backends(proxy_reporting_handler, name="pp")
+    lb = l4lb(simple_config([("pp", b.address)], listener_extra=f"""
+accept_proxy = true
+send_proxy = "{version}"
+"""))
+    header = (b"PROXY TCP4 192.0.2.1 192.0.2.2 1000 2000\r\n" if version == "v1"
+              else encode_v2(("192.0.2.1", 1000), ("192.0.2.2", 2000)))
+    s = connect(lb.port())
+    for i in range(len(header)):             # one segment per byte (TCP_NODELAY)
+        s.sendall(header[i:i + 1])
+        time.sleep(0.002)
+    s.sendall(b"first\n")
+    assert recv_line(s) == f"{version[1]} 192.0.2.1 1000 192.0.2.2 2000\n".encode()
+    assert recv_line(s) == b"first\n"
+    s.sendall(b"PROXY TCP4 again\n")         # after the header it is plain payload
+    assert recv_line(s) == b"PROXY TCP4 again\n"
+    s.close()
