@@ -168,11 +168,10 @@ class Balancer:
 
     def note_fd_exhausted(self) -> None:
         """The process ran out of descriptors: pause accepting on every listener for
-        ACCEPT_PAUSE s (splice listeners pause their own accept), and log it once per
+        ACCEPT_PAUSE s (uvloop servers and splice servers alike), and log it once per
         episode (at most every FD_EXHAUSTED_LOG_INTERVAL s)."""
         paused = [listener.name for listener in self.listeners.values()
-                  if any([server.pause() for server in listener.servers.values()
-                          if isinstance(server, PausableServer)])]
+                  if any([server.pause() for server in listener.servers.values()])]
         if paused:
             for name in paused:
                 self.listeners[name].runtime.count_rejected("accept_paused")

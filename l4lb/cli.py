@@ -51,10 +51,10 @@ async def serve(config, ready=None) -> None:
     log = get_logger()
     soft, hard = raise_fd_limit()
     log.info("fd_limit", soft=soft, hard=hard)
-    from .metrics import fd_limit_warnings, fds_per_connection
+    from .metrics import fd_limit_warnings, uses_pipes
 
     for warning in fd_limit_warnings(config.global_.max_connections, soft,
-                                     fds_per_connection(config)):
+                                     uses_pipes(config)):
         log.warning("fd_limit_low", soft=soft, hard=hard, warning=warning)
     from .control.server import ControlServer
 

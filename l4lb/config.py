@@ -226,7 +226,7 @@ class ListenerConfig:
     per_source_max_connections: int = 0
     per_source_rate: float = 0.0
     queue_timeout: float = 5.0
-    splice: bool = False
+    splice: bool = True
 
 
 @dataclass
@@ -727,11 +727,12 @@ LISTENER = Table(ListenerConfig, {
     "queue_timeout": Key(Number(), 5.0,
         "Seconds a client may wait for a slot when every backend is at its max_connections; "
         "0 = do not queue, close at once."),
-    "splice": Key(Boolean(), False,
-        "Relay with raw sockets: accept and connect without uvloop's transports, copy small "
-        "reads and move bulk in the kernel with splice(2) through a pipe per direction. "
-        "The fastest path for new connections, keep-alive and bulk alike; up to 4 more "
-        "file descriptors per connection (the pipes, once it carries bulk). A change applies to binds opened after it (restart to switch a "
+    "splice": Key(Boolean(), True,
+        "true: the raw-socket relay: accept and connect without uvloop's transports, copy "
+        "small reads and move bulk in the kernel with splice(2) through a pipe borrowed "
+        "from a pool while bytes wait in it (at most global.max_connections / 4 pipes). "
+        "false: the stream relay on uvloop's transports (about twice the CPU per new "
+        "connection). A change applies to binds opened after it (restart to switch a "
         "running bind)."),
 }, doc="A set of listening addresses in front of a pool or a split of pools.",
     check=check_listener)

@@ -57,7 +57,7 @@ LOG_EVENTS: tuple[LogEvent, ...] = (
              "The open-file limit after `l4lb run` raised the soft limit to the hard one."),
     LogEvent("fd_limit_low", "warning", ("soft", "hard", "warning"),
              "The open-file limit is below what global.max_connections needs (2 per "
-             "connection, 6 with splice listeners, + 100); `warning` says what to change."),
+             "connection, 2 per pipe for up to max_connections / 4 pipes with splice listeners, + 100); `warning` says what to change."),
     LogEvent("control_started", "info", ("socket", "mode"), "The control socket listens."),
     LogEvent("listener_started", "info", ("listener", "bind", "port", "pool", "split"),
              "A listener's bind accepts connections; `port` is the one bound (port 0 "

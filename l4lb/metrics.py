@@ -125,35 +125,48 @@ _STATES = tuple(str(s) for s in BackendState)
 FD_HEADROOM = 100
 
 
-def fds_per_connection(config) -> int:
-    """Descriptors one relayed connection holds: client + backend, plus two pipes (four
-    more) when any listener relays with splice(2)."""
-    return 6 if any(getattr(l, "splice", False) for l in config.listeners.values()) else 2
+def uses_pipes(config) -> bool:
+    """Whether any listener relays with the raw-socket relay (`splice = true`), whose
+    bulk transfers borrow pipes."""
+    return any(getattr(l, "splice", False) for l in config.listeners.values())
 
 
-def fds_needed(max_connections: int, per_connection: int = 2) -> int:
-    """Descriptors `max_connections` relayed connections need (`per_connection` each),
-    plus FD_HEADROOM. 0 (unlimited) needs no particular figure."""
-    return per_connection * max_connections + FD_HEADROOM if max_connections > 0 else 0
+def max_pipes(max_connections: int) -> int:
+    """The pipes a process keeps open at most (in use or kept for reuse): a quarter of
+    global.max_connections, HAProxy's default maxpipes; 0 (unlimited connections) = no
+    cap. Must match the cap splice_accepted sets (ext/l4lb/splice.pxi)."""
+    return (max_connections + 3) // 4 if max_connections > 0 else 0
+
+
+def fds_needed(max_connections: int, pipes: bool = False) -> int:
+    """Descriptors `max_connections` relayed connections need: two each (client and
+    backend), two per pipe when a listener splices, plus FD_HEADROOM. 0 (unlimited)
+    needs no particular figure."""
+    if max_connections <= 0:
+        return 0
+    return 2 * max_connections + (2 * max_pipes(max_connections) if pipes else 0) + FD_HEADROOM
 
 
 def fd_limit_warnings(max_connections: int, soft: int | None = None,
-                      per_connection: int = 2) -> list[str]:
+                      pipes: bool = False) -> list[str]:
     """Sentences for an operator when the soft RLIMIT_NOFILE (the current one unless
     given) is below what `global.max_connections` needs; [] when it is enough."""
     if soft is None:
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    need = fds_needed(max_connections, per_connection)
+    need = fds_needed(max_connections, pipes)
     if soft == resource.RLIM_INFINITY or soft >= need:
         return []
-    room = max(0, (soft - FD_HEADROOM) // per_connection)
+    per = "2 per connection"
+    if pipes:
+        per += f", 2 per pipe for up to {max_pipes(max_connections)} pipes"
+    room = max(0, (soft - FD_HEADROOM) * max_connections // (need - FD_HEADROOM))
     return [f"the open file limit is {soft} but global.max_connections = {max_connections} "
-            f"needs {need} ({per_connection} per connection + {FD_HEADROOM}): raise "
+            f"needs {need} ({per}, + {FD_HEADROOM}): raise "
             f"LimitNOFILE / ulimit -n, or lower max_connections; beyond {room} "
             "connections new clients will be refused"]
 
 
-def fd_limit_report(max_connections: int, per_connection: int = 2) -> dict:
+def fd_limit_report(max_connections: int, pipes: bool = False) -> dict:
     """The `show info` fields on descriptors: fd_limit {soft, hard} (None = unlimited),
     fds_needed by global.max_connections, and warnings (sentences; [] when all is well)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -161,8 +174,8 @@ def fd_limit_report(max_connections: int, per_connection: int = 2) -> dict:
     return {
         "fd_limit": {"soft": None if soft == unlimited else soft,
                      "hard": None if hard == unlimited else hard},
-        "fds_needed": fds_needed(max_connections, per_connection),
-        "warnings": fd_limit_warnings(max_connections, soft, per_connection),
+        "fds_needed": fds_needed(max_connections, pipes),
+        "warnings": fd_limit_warnings(max_connections, soft, pipes),
     }
 
 

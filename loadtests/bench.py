@@ -4,12 +4,13 @@
     python loadtests/bench.py                       # 2 reps x 10 s per workload (about 15 min)
     python loadtests/bench.py --reps 1 --duration 5 # a quick look (about 5 min)
     python loadtests/bench.py --chart-only loadtests/results/bench-*.jsonl   # redraw
-    python loadtests/bench.py --splice --workloads bulk1,bulk8,bulk1R,bulk8R   # + l4lb-splice
+    python loadtests/bench.py --stream              # + l4lb-stream (splice = false)
 
 It runs the shared harness (`../shared/bench/bench.sh`, found relative to the repo root;
 `L4LB_SHARED_BENCH=DIR` overrides) with haproxy, haproxy-tuned, haproxy-splice, nginx and
-`cmd:l4lb 'loadtests/run-l4lb.sh {listen} {backend}'` (with --splice also `l4lb-splice`, the
-same script with L4LB_SPLICE=1: the listener relays with splice(2)), proxy pinned to CPU 0 and the load
+`cmd:l4lb 'loadtests/run-l4lb.sh {listen} {backend}'` (the default raw-socket relay; with
+--stream also `l4lb-stream`, the same script with L4LB_SPLICE=0: the listener gets
+`splice = false`, the stream relay on uvloop's transports), proxy pinned to CPU 0 and the load
 on CPU 1 (the harness's fair single-core comparison). The harness prints medians and the
 ratio table against HAProxy; this script then checks l4lb against the speed targets of
 issue 6 and draws the ratios per workload into loadtests/results/bench-<time>.png, beside
@@ -73,10 +74,10 @@ def find_shared_bench() -> Path:
              % REPO)
 
 
-def l4lb_command(splice: bool = False) -> str:
+def l4lb_command(stream: bool = False) -> str:
     """The cmd: template the harness fills in (a shell command line); quoted so paths
-    with spaces survive. `splice`: the listener gets `splice = true`."""
-    return "%s%s {listen} {backend}" % ("L4LB_SPLICE=1 " if splice else "",
+    with spaces survive. `stream`: the listener gets `splice = false`."""
+    return "%s%s {listen} {backend}" % ("L4LB_SPLICE=0 " if stream else "",
                                          shlex.quote(str(HERE / "run-l4lb.sh")))
 
 
@@ -93,8 +94,8 @@ def run_harness(bench_dir: Path, args, out: Path, report: Path) -> int:
     proxies = [p for p in REFERENCE_PROXIES if p not in args.skip]
     if "l4lb" not in args.skip:
         proxies += ["cmd:l4lb", l4lb_command()]
-    if args.splice:
-        proxies += ["cmd:l4lb-splice", l4lb_command(splice=True)]
+    if args.stream:
+        proxies += ["cmd:l4lb-stream", l4lb_command(stream=True)]
     cmd = [str(bench_dir / "bench.sh"), "--mode", args.mode, "--reps", str(args.reps),
            "--duration", str(args.duration), "--workloads", args.workloads,
            "--out", str(out), *args.bench_arg, *proxies]
@@ -180,7 +181,7 @@ def ratio(meds, proxy, ref, wl, key):
 
 
 def targets_table(meds, proxy: str = "l4lb") -> str:
-    """Markdown: `proxy` (l4lb or l4lb-splice) against each speed target of issue 6."""
+    """Markdown: `proxy` (l4lb or l4lb-stream) against each speed target of issue 6."""
     rows = ["| target (issue 6) | %s ratio | met |" % proxy, "|---|---|---|"]
     for what, wl, key, ref, bound, higher in TARGETS:
         r = ratio(meds, proxy, ref, wl, key)
@@ -199,10 +200,10 @@ def draw_chart(meds, png: Path, title: str, ref: str = "haproxy") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    proxies = [p for p in REFERENCE_PROXIES + ["l4lb", "l4lb-splice"] if p in meds and p != ref]
+    proxies = [p for p in REFERENCE_PROXIES + ["l4lb", "l4lb-stream"] if p in meds and p != ref]
     proxies += [p for p in meds if p not in proxies and p != ref and p != "direct"]
     colors = {"haproxy-tuned": "#9ecae1", "haproxy-splice": "#4292c6", "nginx": "#74c476",
-              "l4lb": "#e6550d", "l4lb-splice": "#a63603"}
+              "l4lb": "#e6550d", "l4lb-stream": "#fdae6b", "l4lb-splice": "#a63603"}
     fig, axes = plt.subplots(2, 1, figsize=(12, 8.5))
     panels = [(axes[0], THROUGHPUT, "throughput / %s  (higher is better)" % ref),
               (axes[1], COST, "cost / %s  (lower is better)" % ref)]
@@ -238,7 +239,7 @@ def summarize(records, stem: Path, title: str, append_report: bool = True) -> No
     if "haproxy" not in meds:
         print("bench: no haproxy results, no ratios to chart", file=sys.stderr)
         return
-    for proxy in ("l4lb", "l4lb-splice"):
+    for proxy in ("l4lb", "l4lb-stream", "l4lb-splice"):
         if proxy not in meds:
             continue
         table = targets_table(meds, proxy)
@@ -262,8 +263,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mode", choices=["pinned", "unpinned", "both"], default="pinned")
     ap.add_argument("--skip", action="append", default=[], choices=REFERENCE_PROXIES + ["l4lb"],
                     help="leave a proxy out (repeatable); haproxy is needed for ratios")
-    ap.add_argument("--splice", action="store_true",
-                    help="also run l4lb-splice: l4lb with `splice = true` on its listener")
+    ap.add_argument("--stream", action="store_true",
+                    help="also run l4lb-stream: l4lb with `splice = false` (the stream relay)")
     ap.add_argument("--bench-arg", action="append", default=[],
                     help="extra option passed to bench.sh, e.g. --bench-arg=--max-noise=20")
     ap.add_argument("--timeout", type=int, default=0, help="hard limit for the whole run, s")

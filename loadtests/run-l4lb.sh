@@ -7,7 +7,8 @@
 # The script `exec`s the balancer so the bench harness stops it by its own pid/group.
 # It runs this checkout's code (PYTHONPATH = the repo root, build with
 # `python setup.py build_ext --inplace` first); L4LB_PYTHON picks the interpreter.
-# L4LB_SPLICE=1 turns on `splice = true` on the listener (the splice(2) relay).
+# L4LB_SPLICE=0 sets `splice = false` on the listener (the stream relay on uvloop's
+# transports), L4LB_SPLICE=1 `splice = true`; unset, the listener has l4lb's default.
 set -euo pipefail
 if [ $# -ne 2 ]; then
     echo "usage: $0 LISTEN_PORT BACKEND_PORT" >&2
@@ -19,10 +20,11 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 py="${L4LB_PYTHON:-python3}"
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 
-splice=false
-if [ "${L4LB_SPLICE:-0}" = "1" ]; then
-    splice=true
-fi
+splice_line=""
+case "${L4LB_SPLICE:-}" in
+    0) splice_line="splice = false" ;;
+    1) splice_line="splice = true" ;;
+esac
 
 algorithm=rr
 if [ "$("$py" -c "from l4lb.algorithms import ALGORITHMS; print('leastconn' in ALGORITHMS)")" = "True" ]; then
@@ -50,7 +52,7 @@ access = false
 [listeners.bench]
 bind = ["127.0.0.1:$listen"]
 pool = "bench"
-splice = $splice
+$splice_line
 
 [pools.bench]
 algorithm = "$algorithm"

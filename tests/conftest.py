@@ -1,6 +1,6 @@
 import pytest
 
-from .support import L4LB, Backend
+from .support import L4LB, Backend, with_splice
 
 
 @pytest.fixture
@@ -31,3 +31,13 @@ def l4lb(tmp_path):
     yield start
     for p in started:
         p.stop()
+
+
+@pytest.fixture(params=["splice", "stream"])
+def l4lb_each_relay(request, l4lb):
+    """The l4lb fixture, once per relay: the raw-socket relay (`splice = true`, the
+    default) and the uvloop stream relay (`splice = false`), set on the listener `web`."""
+    def start(config, **kw):
+        return l4lb(with_splice(config, request.param == "splice"), **kw)
+    start.relay = request.param
+    return start

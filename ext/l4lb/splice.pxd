@@ -11,6 +11,23 @@ cdef extern from "<sys/epoll.h>" nogil:
         epoll_data_t data
 
 
+cdef enum:
+    PIPE_POOL_KEEP = 64               # empty pipes a poller keeps for reuse
+
+ctypedef struct pipe_pool:
+    # A poller's pipes: empty ones kept for reuse, and a cap on all it has open (in use
+    # or kept), like HAProxy's maxpipes. A direction holds a pipe only while bytes wait
+    # in it (see _acquire_pipe / _release_pipe in splice.pxi).
+    int free_r[PIPE_POOL_KEEP]        # read ends of the kept pipes
+    int free_w[PIPE_POOL_KEEP]        # their write ends
+    int nfree
+    Py_ssize_t open                   # pipes open: in use + kept
+    Py_ssize_t cap                    # most pipes open at once; 0 = no cap
+    int64_t created                   # pipes ever created (pipe2), for tests and tuning
+    bint starved                      # pipe2 failed (out of descriptors or pipe memory);
+                                      # cleared when a pipe or a relay closes
+
+
 ctypedef struct splice_dir:
     # One direction of a splice relay: src socket -> pipe -> dst socket.
     int src                           # socket read from
@@ -22,6 +39,7 @@ ctypedef struct splice_dir:
     bint eof                          # src returned end of file
     bint done                         # eof passed on: dst was shut down for writing
     int err                           # errno of the failure that ended it
+    pipe_pool* pool                   # where the pipe comes from and goes back to
 
 
 cdef class SpliceRelay
@@ -39,6 +57,7 @@ cdef class SplicePoller:
     cdef list again                   # relays that stopped on their budget with bytes left
     cdef bint again_scheduled         # a call_soon(_run_again) is pending
     cdef epoll_event events[64]       # the batch epoll_wait fills
+    cdef pipe_pool pipes              # the pipes of this poller's relays
     cdef void defer(self, SpliceRelay r)
     cdef int watch(self, int fd, SpliceRelay r, bint backend) noexcept
 
@@ -60,7 +79,7 @@ cdef class SpliceServer:
     cdef object on_resume             # self._resume, bound once
     cdef readonly int64_t pauses      # times accept was paused for lack of descriptors
     cdef void accept_batch(self)
-    cdef void pause(self)
+    cdef void accept_failed(self)
 
 
 cdef class SpliceRelay(Relay):

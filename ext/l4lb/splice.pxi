@@ -191,24 +191,68 @@ cdef inline void _set_nodelay(int fd) noexcept nogil:
     c_setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
 
 
-cdef int _make_pipe(int* pr, int* pw) noexcept nogil:
-    """A new nonblocking pipe sized SPLICE_CHUNK when the system allows it; -1 with errno
-    set when none can be made. (Refused past fs.pipe-max-size or the per-user pipe page
-    budget, unprivileged: the pipe keeps the default 64 KiB, which still works.)"""
+cdef inline bint _pipe_available(pipe_pool* pool) noexcept nogil:
+    """Whether _acquire_pipe can hand out a pipe without passing the pool's cap."""
+    return pool.nfree > 0 or (not pool.starved and (pool.cap <= 0 or pool.open < pool.cap))
+
+
+cdef int _acquire_pipe(splice_dir* d) noexcept nogil:
+    """Give the direction a pipe: a kept empty one, or a new nonblocking one sized
+    SPLICE_CHUNK when the system allows it (refused past fs.pipe-max-size or the
+    per-user pipe page budget, unprivileged: the pipe keeps the default 64 KiB, which
+    still works). Returns 0, or an errno: EMFILE when the cap is reached, pipe2's own
+    when it fails (the pool is then starved until something closes)."""
+    cdef pipe_pool* pool = d.pool
     cdef int fds[2]
+    cdef int e
+    if pool.nfree > 0:
+        pool.nfree -= 1
+        d.pr = pool.free_r[pool.nfree]
+        d.pw = pool.free_w[pool.nfree]
+        return 0
+    if pool.cap > 0 and pool.open >= pool.cap:
+        return EMFILE
     if c_pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0:
-        return -1
+        e = errno
+        pool.starved = True
+        return e
     c_fcntl(fds[1], F_SETPIPE_SZ, SPLICE_CHUNK)
-    pr[0] = fds[0]
-    pw[0] = fds[1]
+    pool.open += 1
+    pool.created += 1
+    d.pr = fds[0]
+    d.pw = fds[1]
     return 0
+
+
+cdef inline void _release_pipe(splice_dir* d) noexcept nogil:
+    """Hand the direction's pipe back: an empty one is kept for reuse (up to
+    PIPE_POOL_KEEP), one that still holds bytes (a relay closing mid-transfer) is
+    closed, since its bytes belong to nobody now."""
+    cdef pipe_pool* pool = d.pool
+    if d.pr < 0:
+        return
+    if d.held == 0 and pool.nfree < PIPE_POOL_KEEP:
+        pool.free_r[pool.nfree] = d.pr
+        pool.free_w[pool.nfree] = d.pw
+        pool.nfree += 1
+    else:
+        c_close(d.pr)
+        c_close(d.pw)
+        pool.open -= 1
+        pool.starved = False
+    d.pr = d.pw = -1
+    d.held = 0
 
 
 cdef int _copy_once(splice_dir* d, bint* readable, bint* writable, int64_t* nread) noexcept nogil:
     """One recv + send of up to COPY_CHUNK bytes; what the send leaves goes into the
-    direction's (new) pipe. Returns -1 to go on pumping, or a SPLICE_* code."""
-    cdef ssize_t n = c_recv(d.src, COPY_BUFFER, COPY_CHUNK, 0)
+    direction's pipe. When no pipe can be had (the pool's cap), the read is a MSG_PEEK
+    and only what the send took is then taken off the socket: the rest stays in the
+    kernel. Returns -1 to go on pumping, or a SPLICE_* code."""
+    cdef bint peek = d.pr < 0 and not _pipe_available(d.pool)
+    cdef ssize_t n = c_recv(d.src, COPY_BUFFER, COPY_CHUNK, MSG_PEEK if peek else 0)
     cdef ssize_t sent, w
+    cdef int e
     if n == 0:
         d.eof = True
         readable[0] = False
@@ -221,8 +265,7 @@ cdef int _copy_once(splice_dir* d, bint* readable, bint* writable, int64_t* nrea
             return SPLICE_WAIT
         d.err = errno
         return SPLICE_SRC_FAILED
-    nread[0] += n
-    if n == COPY_CHUNK:
+    if n == COPY_CHUNK and not peek:
         d.bulk = True                    # more was waiting: splice from the next read on
     sent = c_send(d.dst, COPY_BUFFER, <size_t>n, MSG_NOSIGNAL) if writable[0] else 0
     if sent < 0:
@@ -230,10 +273,22 @@ cdef int _copy_once(splice_dir* d, bint* readable, bint* writable, int64_t* nrea
             d.err = errno
             return SPLICE_DST_FAILED
         sent = 0
+    if peek:
+        if sent > 0 and c_recv(d.src, COPY_BUFFER, <size_t>sent, 0) != sent:
+            d.err = errno                # cannot happen: the bytes were peeked
+            return SPLICE_SRC_FAILED
+        nread[0] += sent
+        if sent < n:
+            writable[0] = False          # dst is full; its EPOLLOUT edge resumes this
+            return SPLICE_WAIT
+        return -1
+    nread[0] += n
     if sent < n:
-        if d.pr < 0 and _make_pipe(&d.pr, &d.pw) < 0:
-            d.err = errno
-            return SPLICE_DST_FAILED
+        if d.pr < 0:
+            e = _acquire_pipe(d)
+            if e != 0:                   # pipe2 failed just now: out of descriptors
+                d.err = e
+                return SPLICE_DST_FAILED
         w = c_write(d.pw, COPY_BUFFER + sent, <size_t>(n - sent))
         if w != n - sent:                # cannot happen: the pipe is empty and big enough
             d.err = errno if w < 0 else EPIPE
@@ -279,9 +334,9 @@ cdef int splice_pump(splice_dir* d, bint* readable, bint* writable, int64_t* nre
             if rc >= 0:
                 return rc
             continue
-        if d.pr < 0 and _make_pipe(&d.pr, &d.pw) < 0:
-            d.err = errno
-            return SPLICE_DST_FAILED
+        if d.pr < 0 and _acquire_pipe(d) != 0:
+            d.bulk = False               # no pipe to be had: copy (see _copy_once)
+            continue
         n = c_splice(d.src, NULL, d.pw, NULL, SPLICE_CHUNK, SPLICE_FLAGS)
         if n > 0:
             d.held += n
@@ -362,6 +417,18 @@ cdef class SplicePoller:
     def __dealloc__(self):
         if self.epfd >= 0:
             c_close(self.epfd)
+        while self.pipes.nfree > 0:
+            self.pipes.nfree -= 1
+            c_close(self.pipes.free_r[self.pipes.nfree])
+            c_close(self.pipes.free_w[self.pipes.nfree])
+
+    @property
+    def pipe_stats(self):
+        """The pool's pipes, as `show info` reports them: used (holding bytes of a
+        relay), free (empty, kept for reuse), max (the cap; 0 = none) and created (pipe2
+        calls so far)."""
+        return {"used": self.pipes.open - self.pipes.nfree, "free": self.pipes.nfree,
+                "max": self.pipes.cap, "created": self.pipes.created}
 
     cdef void defer(self, SpliceRelay r):
         if r.deferred:
@@ -476,21 +543,31 @@ cdef class SpliceServer:
                 return
             if e == EINTR or e == ECONNABORTED or e == EPROTO:
                 continue                 # that one client is gone; take the next
-            self.pause()                 # EMFILE, ENFILE, ENOBUFS, ENOMEM or stranger
+            self.accept_failed()         # EMFILE, ENFILE, ENOBUFS, ENOMEM or stranger
             return
 
-    cdef void pause(self):
+    cdef void accept_failed(self):
+        """accept4 found no descriptor (or memory): the balancer pauses every listener,
+        this one included, and logs it once per episode; without a balancer (the hub has
+        no on_overload), this listener pauses itself."""
         cdef Hub hub = self.listener.hub
-        self.pauses += 1
-        self.listener.count_rejected("accept_paused")
         if hub.on_overload is not None:
             hub.on_overload()
+        if not self.paused and self.pause():
+            self.listener.count_rejected("accept_paused")
+
+    def pause(self, double seconds=ACCEPT_PAUSE):
+        """Stop accepting for `seconds`; False when already paused (or closed). The same
+        contract as the balancer's PausableServer.pause."""
+        if self.closed or self.paused or self.listener is None:
+            return False
+        self.pauses += 1
         if self.reading:
             self.reading = False
             self.poller.loop.remove_reader(self.fd)
-        if not self.paused:
-            self.paused = True
-            self.poller.loop.call_later(ACCEPT_PAUSE, self.on_resume)
+        self.paused = True
+        self.poller.loop.call_later(seconds, self.on_resume)
+        return True
 
 
 cdef void splice_accepted(ListenerRuntime lst, SplicePoller poller, int fd,
@@ -504,6 +581,9 @@ cdef void splice_accepted(ListenerRuntime lst, SplicePoller poller, int fd,
     r.slot = -1
     r.cfd = fd
     r.bfd = -1
+    r.up.pool = r.down.pool = &poller.pipes
+    # HAProxy's default maxpipes: a quarter of the connection limit (0: no cap).
+    poller.pipes.cap = (hub.max_connections + 3) // 4 if hub.max_connections > 0 else 0
     r.started = _now()
     r.last_active = r.started
     r.client_host, r.client_port = _sockaddr_host_port(ss)
@@ -743,6 +823,11 @@ cdef class SpliceRelay(Relay):
             rc_up = splice_pump(&self.up, &self.c_readable, &self.b_writable, &nin)
         if rc_up < SPLICE_SRC_FAILED and not self.down.done:
             rc_down = splice_pump(&self.down, &self.b_readable, &self.c_writable, &nout)
+        # A pipe is held only while bytes wait in it: an idle connection holds none.
+        if self.up.pr >= 0 and self.up.held == 0:
+            _release_pipe(&self.up)
+        if self.down.pr >= 0 and self.down.held == 0:
+            _release_pipe(&self.down)
         if nin or nout:
             self.bytes_in += nin
             self.bytes_out += nout
@@ -783,8 +868,10 @@ cdef class SpliceRelay(Relay):
         _close_fd(self.cfd, reset)
         _close_fd(self.bfd, reset)
         self.cfd = self.bfd = -1
-        _close_pipe(&self.up)
-        _close_pipe(&self.down)
+        _release_pipe(&self.up)
+        _release_pipe(&self.down)
+        if self.poller is not None:
+            self.poller.pipes.starved = False    # descriptors were freed
 
     cdef void sweep_one(self, double now):
         if self.state == RELAY_CONNECTING:
@@ -801,15 +888,6 @@ cdef class SpliceRelay(Relay):
     @property
     def splice(self):
         return True
-
-
-cdef inline void _close_pipe(splice_dir* d) noexcept nogil:
-    if d.pr < 0:
-        return
-    c_close(d.pr)
-    c_close(d.pw)
-    d.pr = d.pw = -1
-    d.held = 0
 
 
 cdef str _connect_errno_reason(int e):

@@ -14,7 +14,7 @@ import psutil
 from .. import __version__, _native
 from ..balancer import Balancer, OperationError
 from ..config import Address
-from ..metrics import count_open_fds, fd_limit_report, fds_per_connection
+from ..metrics import count_open_fds, fd_limit_report, uses_pipes
 from . import protocol
 
 
@@ -75,9 +75,11 @@ class CommandHandlers:
                 "open_fds": count_open_fds(p),
                 "conns_active": b.hub.active,
                 "conns_total": b.hub.total,
+                "pipes": (b.hub.splice_poller.pipe_stats if b.hub.splice_poller is not None
+                          else {"used": 0, "free": 0, "max": 0, "created": 0}),
             }
         info.update(fd_limit_report(b.config.global_.max_connections,
-                                    fds_per_connection(b.config)))
+                                    uses_pipes(b.config)))
         return info
 
     async def show_listeners(self):

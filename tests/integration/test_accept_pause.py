@@ -1,3 +1,4 @@
+import pytest
 """PausableServer: accepting stops for a moment (clients wait in the kernel backlog, they
 are not refused) and resumes on its own; closing it closes the listening socket."""
 import asyncio
@@ -8,6 +9,13 @@ import uvloop
 
 from l4lb.balancer import PausableServer, open_listening_socket
 from l4lb.config import Address
+
+
+@pytest.fixture
+def l4lb(l4lb_each_relay):
+    """Every test here runs against both relays (splice = true and false)."""
+    return l4lb_each_relay
+
 
 
 class Greeter(asyncio.Protocol):

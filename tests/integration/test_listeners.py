@@ -8,6 +8,13 @@ import pytest
 from ..support import backends_toml, connect, name_handler
 
 
+@pytest.fixture
+def l4lb(l4lb_each_relay):
+    """Every test here runs against both relays (splice = true and false)."""
+    return l4lb_each_relay
+
+
+
 def has_ipv6_loopback() -> bool:
     try:
         s = socket.socket(socket.AF_INET6)

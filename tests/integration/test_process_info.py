@@ -24,7 +24,8 @@ def test_show_info_warns_when_the_fd_limit_is_below_what_max_connections_needs(
     info = call(tmp_path / "l4lb.sock", "show info")
     assert info["ok"]
     assert info["fd_limit"] == {"soft": 1024, "hard": 1024}
-    assert info["fds_needed"] == 2 * 5000 + FD_HEADROOM
+    # splice = true (the default): 2 per connection, 2 per pipe for max_connections / 4.
+    assert info["fds_needed"] == 2 * 5000 + 2 * 1250 + FD_HEADROOM
     [warning] = info["warnings"]
     assert "1024" in warning and "max_connections" in warning
     # The same fact is logged once at start.
@@ -38,7 +39,7 @@ def test_show_info_has_no_warning_when_the_fd_limit_is_enough(l4lb, backends, tm
     lb = l4lb(simple_config([("b1", b1.address)], global_extra="max_connections = 200"),
               preexec_fn=limit_fds(1024))
     info = call(tmp_path / "l4lb.sock", "show info")
-    assert info["warnings"] == [] and info["fds_needed"] == 500
+    assert info["warnings"] == [] and info["fds_needed"] == 2 * 200 + 2 * 50 + FD_HEADROOM
     assert not lb.events_named("fd_limit_low")
 
 

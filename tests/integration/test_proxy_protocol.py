@@ -7,16 +7,14 @@ import pytest
 
 from l4lb.proxyproto import encode_v2, parse_proxy_header
 
-from ..support import connect, simple_config, ask, with_splice
+from ..support import connect, simple_config, ask
 
 
-@pytest.fixture(params=["stream", "splice"])
-def l4lb(request, l4lb):
+@pytest.fixture
+def l4lb(l4lb_each_relay):
     """Every test here runs against both relays: the stream relay reads the header from
     its buffer, the raw-socket relay (`splice = true`) peeks at the socket."""
-    def start(config, **kw):
-        return l4lb(with_splice(config, request.param == "splice"), **kw)
-    return start
+    return l4lb_each_relay
 
 
 def rejected(lb, reason, count=None, timeout=10.0):

@@ -8,9 +8,16 @@ import time
 import pytest
 
 from ..support import (connect, echo_handler, free_port_refused, name_handler, recv_all,
-                       recv_exactly, simple_config)
+                       recv_exactly, simple_config, fds_in_use)
 
 MiB = 1024 * 1024
+
+
+@pytest.fixture
+def l4lb(l4lb_each_relay):
+    """Every test here runs against both relays (splice = true and false)."""
+    return l4lb_each_relay
+
 
 
 def test_64_mib_each_way_concurrently_arrives_intact(backends, l4lb):
@@ -93,9 +100,9 @@ def test_backend_reset_midstream_closes_client_and_leaks_no_fds(backends, l4lb):
             assert recv_all(s) != b""                 # reset, or closed with nothing more
         s.close()
     deadline = time.monotonic() + 5
-    while lb.ps.num_fds() > fds_before and time.monotonic() < deadline:
+    while fds_in_use(lb) > fds_before and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert lb.ps.num_fds() <= fds_before
+    assert fds_in_use(lb) <= fds_before
     reasons = {ev["reason"] for ev in lb.events_named("connection_closed")}
     assert reasons <= {"backend_reset", "closed"}
 

@@ -1,6 +1,6 @@
-"""The splice(2) relay end to end: the relay's contract tests re-run against a listener
-with `splice = true`, plus what only the splice path has (raw accept, pipes, send_proxy
-written before splicing, fd accounting)."""
+"""What only the raw-socket relay (`splice = true`) has: raw accept, pipes and their pool,
+send_proxy written before splicing, fd accounting. The relay's contract itself
+(test_relay.py) and the PROXY tests run against both relays."""
 import os
 import resource
 import socket
@@ -10,23 +10,10 @@ import pytest
 
 from l4lb.config import parse_config
 from l4lb.control.client import call
+from l4lb.metrics import max_pipes
 
 from ..support import (connect, echo_handler, name_handler, recv_all,
                        recv_exactly, simple_config, with_splice)
-# The relay's contract, collected again here under the splice listener fixture below.
-from .test_relay import (
-    test_64_mib_each_way_concurrently_arrives_intact as test_splice_64_mib_each_way_concurrently_arrives_intact,
-    test_200_concurrent_connections_of_random_sizes_all_intact as test_splice_200_concurrent_connections_of_random_sizes_all_intact,
-    test_half_close_client_still_receives_the_whole_reply as test_splice_half_close_client_still_receives_the_whole_reply,
-    test_backend_reset_midstream_closes_client_and_leaks_no_fds as test_splice_backend_reset_midstream_closes_client_and_leaks_no_fds,
-    test_refusing_backend_is_skipped_and_clients_are_served_by_the_others as test_splice_refusing_backend_is_skipped_and_clients_are_served_by_the_others,
-    test_every_backend_down_closes_the_client_promptly_and_counts_it as test_splice_every_backend_down_closes_the_client_promptly_and_counts_it,
-    test_slow_reader_keeps_balancer_memory_bounded_then_flows_again as test_splice_slow_reader_keeps_balancer_memory_bounded_then_flows_again,
-    test_idle_timeout_closes_an_idle_pair as test_splice_idle_timeout_closes_an_idle_pair,
-    test_connect_timeout_bounds_a_backend_that_never_completes_the_handshake as test_splice_connect_timeout_bounds_a_backend_that_never_completes_the_handshake,
-    test_bytes_sent_before_the_backend_is_up_are_delivered_first as test_splice_bytes_sent_before_the_backend_is_up_are_delivered_first,
-    test_sigterm_exits_0_within_shutdown_timeout as test_splice_sigterm_exits_0_within_shutdown_timeout,
-)
 
 MiB = 1024 * 1024
 
@@ -74,7 +61,10 @@ def test_splice_listener_copies_short_exchanges_splices_bulk_and_shows_in_show_c
     bulk = os.urandom(300 * 1024)                   # past the first 64 KiB: splice
     s.sendall(bulk)
     assert recv_exactly(s, len(bulk)) == bulk
-    assert pipe_fds(lb) >= pipes_idle + 4           # two pipes, two ends each
+    pipes = ask(lb, "show info")["pipes"]
+    assert pipes["created"] >= 1                    # bulk went through a pipe
+    assert pipes["used"] == 0                       # and an idle connection holds none
+    assert pipe_fds(lb) == pipes_idle + 2 * pipes["free"]
     total = 4 + len(bulk)
     conns = ask(lb, "show conns")["conns"]
     assert len(conns) == 1 and conns[0]["backend"] == "a" and conns[0]["state"] == "open"
@@ -82,7 +72,7 @@ def test_splice_listener_copies_short_exchanges_splices_bulk_and_shows_in_show_c
     assert ask(lb, "show listeners")["listeners"][0]["splice"] is True
     s.close()
     assert wait_until(lambda: ask(lb, "show info")["conns_active"] == 0)
-    assert pipe_fds(lb) == pipes_idle               # the pipes went with the connection
+    assert pipe_fds(lb) == pipes_idle + 2 * ask(lb, "show info")["pipes"]["free"]
     ev = lb.wait_event("connection_closed")
     assert (ev["reason"], ev["bytes_in"], ev["bytes_out"], ev["backend"]) == (
         "closed", total, total, "a")
@@ -194,3 +184,42 @@ def test_the_header_peek_covers_the_longest_proxy_header_the_parser_accepts():
     assert _native.SPLICE_HEADER_PEEK >= max(MAX_V1, 16 + MAX_V2_LENGTH)
     text = with_splice(simple_config([("a", "127.0.0.1:9")], listener_extra="accept_proxy = true"))
     assert parse_config(text, "l4lb.toml").listeners["web"].splice is True
+
+
+@pytest.mark.timeout(60)
+def test_pipes_are_reused_and_past_the_cap_bulk_is_copied_intact(backends, l4lb):
+    """max_connections = 4 caps the pool at one pipe: of three stalled bulk streams one
+    holds it, the others copy with MSG_PEEK and leave what their reader cannot take in
+    the kernel. Every byte arrives in order; later transfers reuse the kept pipe."""
+    size = 24 * MiB
+    payload = os.urandom(MiB)
+
+    def firehose(conn, backend):
+        for _ in range(size // MiB):
+            conn.sendall(payload)
+        conn.shutdown(socket.SHUT_WR)
+        conn.recv(1)
+
+    b = backends(firehose)
+    lb = l4lb(simple_config([("a", b.address)], global_extra="max_connections = 4"))
+    clients = [connect(lb.port(), timeout=30) for _ in range(3)]
+    for s in clients:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    time.sleep(1.0)                                   # nobody reads: every stream stalls
+    pipes = ask(lb, "show info")["pipes"]
+    assert pipes["max"] == max_pipes(4) == 1
+    assert pipes["used"] <= 1 and pipes["created"] <= 1
+    for s in clients:
+        got = bytearray()
+        while len(got) < size:
+            chunk = s.recv(1 << 20)
+            assert chunk, len(got)
+            got += chunk
+        assert got == payload * (size // MiB)
+        s.close()
+    for _ in range(5):                                # one after another: the pipe is reused
+        s = connect(lb.port(), timeout=30)
+        assert len(recv_all(s)) == size
+        s.close()
+    pipes = ask(lb, "show info")["pipes"]
+    assert pipes["created"] <= 1 and pipes["used"] == 0

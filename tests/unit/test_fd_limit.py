@@ -2,7 +2,7 @@
 import resource
 
 from l4lb.metrics import (FD_HEADROOM, fd_limit_report, fd_limit_warnings, fds_needed,
-                          fds_per_connection)
+                          max_pipes, uses_pipes)
 
 
 def test_each_connection_needs_two_descriptors_plus_headroom():
@@ -28,13 +28,16 @@ def test_report_reads_the_current_limits():
     assert report["warnings"] == fd_limit_warnings(1, soft)
 
 
-def test_splice_listeners_count_six_descriptors_per_connection(tmp_path):
+def test_splice_listeners_add_two_descriptors_per_pipe_for_a_quarter_of_the_connections(
+        tmp_path):
     from l4lb.config import parse_config
 
-    plain = parse_config('[listeners.a]\nbind = ["127.0.0.1:1"]\npool = "p"\n'
+    plain = parse_config('[listeners.a]\nbind = ["127.0.0.1:1"]\npool = "p"\nsplice = false\n'
                          '[pools.p]\nalgorithm = "rr"\n', tmp_path / "a.toml")
     spliced = parse_config('[listeners.a]\nbind = ["127.0.0.1:1"]\npool = "p"\nsplice = true\n'
                            '[pools.p]\nalgorithm = "rr"\n', tmp_path / "b.toml")
-    assert fds_per_connection(plain) == 2 and fds_per_connection(spliced) == 6
-    assert fds_needed(100, 6) == 600 + FD_HEADROOM
-    assert "6 per connection" in fd_limit_warnings(100, soft=300, per_connection=6)[0]
+    assert not uses_pipes(plain) and uses_pipes(spliced)
+    assert (max_pipes(100), max_pipes(4), max_pipes(1), max_pipes(0)) == (25, 1, 1, 0)
+    assert fds_needed(100, pipes=True) == 200 + 50 + FD_HEADROOM
+    [warning] = fd_limit_warnings(100, soft=300, pipes=True)
+    assert "2 per pipe for up to 25 pipes" in warning and "beyond 80 connections" in warning
