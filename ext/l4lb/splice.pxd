@@ -38,6 +38,7 @@ ctypedef struct splice_dir:
     Py_ssize_t held                   # bytes in the pipe not yet written to dst
     bint eof                          # src returned end of file
     bint done                         # eof passed on: dst was shut down for writing
+    bint src_hup                      # src reported EPOLLRDHUP/HUP/ERR: read it to the end
     int err                           # errno of the failure that ended it
     pipe_pool* pool                   # where the pipe comes from and goes back to
 

@@ -267,6 +267,12 @@ cdef int _copy_once(splice_dir* d, bint* readable, bint* writable, int64_t* nrea
         return SPLICE_SRC_FAILED
     if n == COPY_CHUNK and not peek:
         d.bulk = True                    # more was waiting: splice from the next read on
+    elif not d.src_hup and not peek:
+        # A short read took all there was: a later arrival brings a new edge, so the
+        # recv that would only say EAGAIN is skipped (two syscalls per request and
+        # reply). Not once the peer has shut down: its FIN may have come with the
+        # edge being handled, and only reading on finds it.
+        readable[0] = False
     sent = c_send(d.dst, COPY_BUFFER, <size_t>n, MSG_NOSIGNAL) if writable[0] else 0
     if sent < 0:
         if errno != EAGAIN and errno != EINTR:
@@ -727,6 +733,7 @@ cdef class SpliceRelay(Relay):
         self.last_active = self.hub.now
         self.b_writable = True
         self.b_readable = (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP)) != 0
+        self.down.src_hup = (ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) != 0
         self.up.src = self.cfd
         self.up.dst = self.bfd
         self.down.src = self.bfd
@@ -792,11 +799,15 @@ cdef class SpliceRelay(Relay):
                 return
             if ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
                 self.b_readable = True
+                if ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+                    self.down.src_hup = True
             if ev & (EPOLLOUT | EPOLLHUP | EPOLLERR):
                 self.b_writable = True
         else:
             if ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
                 self.c_readable = True
+                if ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+                    self.up.src_hup = True
             if ev & (EPOLLOUT | EPOLLHUP | EPOLLERR):
                 self.c_writable = True
             if self.state != RELAY_OPEN:

@@ -82,6 +82,29 @@ def test_half_close_client_still_receives_the_whole_reply(backends, l4lb):
     assert reply == hashlib.sha256(payload).hexdigest().encode() * 10000
 
 
+@pytest.mark.timeout(60)
+def test_a_short_request_and_reply_that_arrive_with_their_fin_are_never_stuck(backends, l4lb):
+    """Small data and the FIN behind it, in both directions, as fast as they can come:
+    the relay must pass on every byte and every EOF, whichever edge carried them."""
+    def reply_then_close(conn, backend):
+        request = recv_all(conn)                       # up to the client's FIN
+        conn.sendall(b"re:" + request)
+        conn.shutdown(socket.SHUT_WR)
+
+    b = backends(reply_then_close, backlog=512)
+    lb = l4lb(simple_config([("a", b.address)]))
+    for round_ in range(3):
+        clients = []
+        for i in range(100):
+            s = connect(lb.port(), timeout=10)
+            s.sendall(b"q%d" % i)
+            s.shutdown(socket.SHUT_WR)
+            clients.append(s)
+        for i, s in enumerate(clients):
+            assert recv_all(s) == b"re:q%d" % i, (round_, i)
+            s.close()
+
+
 def test_backend_reset_midstream_closes_client_and_leaks_no_fds(backends, l4lb):
     def reset_after_some(conn, backend):
         conn.sendall(b"x" * 100000)
