@@ -303,9 +303,12 @@ cdef int _copy_once(splice_dir* d, bint* readable, bint* writable, int64_t* nrea
     return -1
 
 
-cdef int splice_pump(splice_dir* d, bint* readable, bint* writable, int64_t* nread) noexcept nogil:
+cdef int splice_pump(splice_dir* d, bint* readable, bint* writable, int64_t* nread,
+                     bint peer_done) noexcept nogil:
     """Move bytes src -> pipe -> dst until an EAGAIN, EOF, error or the budget says stop.
-    Returns SPLICE_*; adds the bytes read from src to nread[0]. Never blocks."""
+    Returns SPLICE_*; adds the bytes read from src to nread[0]. Never blocks.
+    `peer_done`: the other direction has ended, so the relay closes both sockets as soon
+    as this one ends, and close() sends the FIN a shutdown would."""
     cdef ssize_t n
     cdef Py_ssize_t budget = SPLICE_BUDGET
     cdef int64_t before
@@ -326,7 +329,8 @@ cdef int splice_pump(splice_dir* d, bint* readable, bint* writable, int64_t* nre
             d.err = errno if n < 0 else EPIPE
             return SPLICE_DST_FAILED
         if d.eof:
-            c_shutdown(d.dst, SHUT_WR)   # an error here shows up on the other direction
+            if not peer_done:
+                c_shutdown(d.dst, SHUT_WR)   # an error here shows up on the other direction
             d.done = True
             return SPLICE_DONE
         if not readable[0]:
@@ -497,6 +501,10 @@ cdef class SpliceServer:
         self.sock = sock
         self.sockets = [sock]
         self.fd = sock.fileno()
+        # Accepted sockets inherit TCP_NODELAY from the listening socket (Linux copies
+        # the listener's TCP state into each child), so it is set once here, not once
+        # per connection.
+        _set_nodelay(self.fd)
         self.on_readable = self._readable
         self.on_resume = self._resume
         if listener is not None:
@@ -605,7 +613,6 @@ cdef void splice_accepted(ListenerRuntime lst, SplicePoller poller, int fd,
     hub.total += 1
     lst.active += 1
     hub.link(r)
-    _set_nodelay(fd)
     # Readable and writable until a splice says EAGAIN: whatever arrived before the
     # registration is then read without waiting for an edge.
     r.c_readable = True
@@ -707,6 +714,9 @@ cdef class SpliceRelay(Relay):
     cdef void check_connect(self, uint32_t ev):
         cdef int err = 0
         cdef socklen_t elen = sizeof(err)
+        if ev & EPOLLOUT and not ev & (EPOLLERR | EPOLLHUP):
+            self.splice_connected(ev)    # writable without an error: connected
+            return
         if c_getsockopt(self.bfd, SOL_SOCKET, SO_ERROR, &err, &elen) < 0:
             err = errno
         if err == 0:
@@ -831,9 +841,11 @@ cdef class SpliceRelay(Relay):
         cdef int rc_down = SPLICE_WAIT
         cdef Target t = self.target
         if not self.up.done:
-            rc_up = splice_pump(&self.up, &self.c_readable, &self.b_writable, &nin)
+            rc_up = splice_pump(&self.up, &self.c_readable, &self.b_writable, &nin,
+                                self.down.done)
         if rc_up < SPLICE_SRC_FAILED and not self.down.done:
-            rc_down = splice_pump(&self.down, &self.b_readable, &self.c_writable, &nout)
+            rc_down = splice_pump(&self.down, &self.b_readable, &self.c_writable, &nout,
+                                  self.up.done)
         # A pipe is held only while bytes wait in it: an idle connection holds none.
         if self.up.pr >= 0 and self.up.held == 0:
             _release_pipe(&self.up)
