@@ -82,7 +82,7 @@ class PausableServer:
         self.sock.close()
 
 
-def open_listening_socket(addr: Address) -> socket.socket:
+def open_listening_socket(addr: Address, rcvbuf: int = 0, sndbuf: int = 0) -> socket.socket:
     """A bound, listening, non-blocking socket for `addr`. OSError (e.g. EADDRINUSE)
     propagates with the address in its message."""
     family = addr.family
@@ -98,6 +98,12 @@ def open_listening_socket(addr: Address) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        # Accepted sockets inherit the listener's buffer sizes; set before listen() so
+        # the window scale a client is offered fits them.
+        if rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        if sndbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
         sock.bind((host, addr.port))
         sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
@@ -230,7 +236,7 @@ class Balancer:
 
     async def start_listener(self, listener: Listener) -> None:
         for addr in listener.config.bind:
-            sock = open_listening_socket(addr)
+            sock = open_listening_socket(addr, listener.config.rcvbuf, listener.config.sndbuf)
             server = await self.serve_socket(sock, listener.config.splice, listener.runtime)
             listener.servers[str(addr)] = server
             bound = server.sockets[0].getsockname() if server.sockets else (addr.host, addr.port)
@@ -571,7 +577,7 @@ class Balancer:
                 for addr in lcfg.bind:
                     server = current.get(str(addr))
                     if server is None:
-                        sock = open_listening_socket(addr)
+                        sock = open_listening_socket(addr, lcfg.rcvbuf, lcfg.sndbuf)
                         server = await self.serve_socket(
                             sock, lcfg.splice,
                             listener.runtime if listener else self._late_factory(name))

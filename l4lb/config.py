@@ -220,6 +220,8 @@ class ListenerConfig:
     send_proxy: str = "off"
     accept_proxy: bool = False
     proxy_timeout: float = 5.0
+    rcvbuf: int = 0
+    sndbuf: int = 0
     allow: list[str] = field(default_factory=list)
     deny: list[str] = field(default_factory=list)
     max_connections: int = 10000
@@ -712,6 +714,13 @@ LISTENER = Table(ListenerConfig, {
     "proxy_timeout": Key(Number(0, above=True), 5.0,
         "With accept_proxy: seconds a client has to send its whole PROXY header; a slower "
         "one is closed and counted (a slowloris guard)."),
+    "rcvbuf": Key(Integer(0, 1 << 30), 0,
+        "SO_RCVBUF in bytes for both sockets of this listener's connections (the client's "
+        "through the listening socket, the backend's when it is created); 0 = the kernel's "
+        "autotuning. nginx's listen rcvbuf=, HAProxy's tune.rcvbuf.client/server. The "
+        "client side applies to binds opened after a change."),
+    "sndbuf": Key(Integer(0, 1 << 30), 0,
+        "SO_SNDBUF in bytes, like rcvbuf; 0 = the kernel's autotuning."),
     "allow": Key(ListOf(Cidr(), expects="an array of CIDR strings"), [],
         "CIDRs whose clients may connect; empty = everyone not denied. The longest "
         "prefix matching the client across allow and deny decides (deny on a tie)."),

@@ -194,6 +194,8 @@ class Listener:
         rt.sticky_split = cfg.sticky_split
         rt.accept_proxy = cfg.accept_proxy
         rt.proxy_timeout = cfg.proxy_timeout
+        rt.rcvbuf = cfg.rcvbuf
+        rt.sndbuf = cfg.sndbuf
         rt.send_proxy = {"off": 0, "v1": 1, "v2": 2}[cfg.send_proxy]
         # Always set (the relay calls them only with accept_proxy / send_proxy on), so a
         # reload that turns accept_proxy off cannot strand a client mid-header.

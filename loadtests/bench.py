@@ -5,6 +5,7 @@
     python loadtests/bench.py --reps 1 --duration 5 # a quick look (about 5 min)
     python loadtests/bench.py --chart-only loadtests/results/bench-*.jsonl   # redraw
     python loadtests/bench.py --stream              # + l4lb-stream (splice = false)
+    python loadtests/bench.py --tuned               # + l4lb-tuned (rcvbuf = sndbuf = 1 MiB)
 
 It runs the shared harness (`../shared/bench/bench.sh`, found relative to the repo root;
 `L4LB_SHARED_BENCH=DIR` overrides) with haproxy, haproxy-tuned, haproxy-splice, nginx and
@@ -74,6 +75,11 @@ def find_shared_bench() -> Path:
              % REPO)
 
 
+# l4lb-tuned's socket buffers (rcvbuf and sndbuf): HAProxy's tune.rcvbuf/sndbuf, the
+# one tuning that lowered l4lb's CPU per bulk GB here (loadtests/RESULTS-bench.md).
+TUNED_BUFFERS = 1024 * 1024
+
+
 def l4lb_command(stream: bool = False) -> str:
     """The cmd: template the harness fills in (a shell command line); quoted so paths
     with spaces survive. `stream`: the listener gets `splice = false`."""
@@ -96,6 +102,8 @@ def run_harness(bench_dir: Path, args, out: Path, report: Path) -> int:
         proxies += ["cmd:l4lb", l4lb_command()]
     if args.stream:
         proxies += ["cmd:l4lb-stream", l4lb_command(stream=True)]
+    if args.tuned:
+        proxies += ["cmd:l4lb-tuned", "L4LB_BUFFERS=%d %s" % (TUNED_BUFFERS, l4lb_command())]
     cmd = [str(bench_dir / "bench.sh"), "--mode", args.mode, "--reps", str(args.reps),
            "--duration", str(args.duration), "--workloads", args.workloads,
            "--out", str(out), *args.bench_arg, *proxies]
@@ -200,10 +208,12 @@ def draw_chart(meds, png: Path, title: str, ref: str = "haproxy") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    proxies = [p for p in REFERENCE_PROXIES + ["l4lb", "l4lb-stream"] if p in meds and p != ref]
+    proxies = [p for p in REFERENCE_PROXIES + ["l4lb", "l4lb-tuned", "l4lb-stream"]
+               if p in meds and p != ref]
     proxies += [p for p in meds if p not in proxies and p != ref and p != "direct"]
     colors = {"haproxy-tuned": "#9ecae1", "haproxy-splice": "#4292c6", "nginx": "#74c476",
-              "l4lb": "#e6550d", "l4lb-stream": "#fdae6b", "l4lb-splice": "#a63603"}
+              "l4lb": "#e6550d", "l4lb-tuned": "#a63603", "l4lb-stream": "#fdae6b",
+              "l4lb-splice": "#a63603"}
     fig, axes = plt.subplots(2, 1, figsize=(12, 8.5))
     panels = [(axes[0], THROUGHPUT, "throughput / %s  (higher is better)" % ref),
               (axes[1], COST, "cost / %s  (lower is better)" % ref)]
@@ -239,7 +249,7 @@ def summarize(records, stem: Path, title: str, append_report: bool = True) -> No
     if "haproxy" not in meds:
         print("bench: no haproxy results, no ratios to chart", file=sys.stderr)
         return
-    for proxy in ("l4lb", "l4lb-stream", "l4lb-splice"):
+    for proxy in ("l4lb", "l4lb-tuned", "l4lb-stream", "l4lb-splice"):
         if proxy not in meds:
             continue
         table = targets_table(meds, proxy)
@@ -263,6 +273,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mode", choices=["pinned", "unpinned", "both"], default="pinned")
     ap.add_argument("--skip", action="append", default=[], choices=REFERENCE_PROXIES + ["l4lb"],
                     help="leave a proxy out (repeatable); haproxy is needed for ratios")
+    ap.add_argument("--tuned", action="store_true",
+                    help="also run l4lb-tuned: rcvbuf = sndbuf = 1 MiB on its listener")
     ap.add_argument("--stream", action="store_true",
                     help="also run l4lb-stream: l4lb with `splice = false` (the stream relay)")
     ap.add_argument("--bench-arg", action="append", default=[],

@@ -9,6 +9,7 @@
 # `python setup.py build_ext --inplace` first); L4LB_PYTHON picks the interpreter.
 # L4LB_SPLICE=0 sets `splice = false` on the listener (the stream relay on uvloop's
 # transports), L4LB_SPLICE=1 `splice = true`; unset, the listener has l4lb's default.
+# L4LB_BUFFERS=N sets the listener's rcvbuf and sndbuf to N bytes (unset: autotuning).
 set -euo pipefail
 if [ $# -ne 2 ]; then
     echo "usage: $0 LISTEN_PORT BACKEND_PORT" >&2
@@ -25,6 +26,11 @@ case "${L4LB_SPLICE:-}" in
     0) splice_line="splice = false" ;;
     1) splice_line="splice = true" ;;
 esac
+buffers_lines=""
+if [ -n "${L4LB_BUFFERS:-}" ]; then
+    buffers_lines="rcvbuf = ${L4LB_BUFFERS}
+sndbuf = ${L4LB_BUFFERS}"
+fi
 
 algorithm=rr
 if [ "$("$py" -c "from l4lb.algorithms import ALGORITHMS; print('leastconn' in ALGORITHMS)")" = "True" ]; then
@@ -53,6 +59,7 @@ access = false
 bind = ["127.0.0.1:$listen"]
 pool = "bench"
 $splice_line
+$buffers_lines
 
 [pools.bench]
 algorithm = "$algorithm"

@@ -59,6 +59,8 @@ cdef class ListenerRuntime:
     cdef public int send_proxy        # 0 off, 1 v1, 2 v2
     cdef public bint accept_proxy     # expect a PROXY header first
     cdef public double proxy_timeout  # seconds to receive that header
+    cdef public int rcvbuf            # SO_RCVBUF for backend sockets; 0 = kernel autotuning
+    cdef public int sndbuf            # SO_SNDBUF for backend sockets; 0 = kernel autotuning
     cdef public object header_hook    # callable(relay, bytes) -> (consumed, src) | None, for accept_proxy
     cdef public object proxy_encoder  # callable(version, src, dst) -> bytes, for send_proxy
 

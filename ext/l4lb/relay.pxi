@@ -59,6 +59,7 @@ def monotonic():
     return _now()
 
 import errno as _errno
+import socket as _socket
 # connect() errors that mean "this process is out of descriptors or memory", not "the
 # backend is broken": the client is refused, the backend is not blamed (no passive
 # health failure, no retry elsewhere that would fail the same way).
@@ -570,6 +571,12 @@ cdef class Relay:
         self.last_active = now
         t.total += 1
         self.pool.algo.observe_rt(t.slot, now - self.bside.started)
+        if lst.rcvbuf or lst.sndbuf:         # only when configured: a Python call or two
+            sock = transport.get_extra_info("socket")
+            if lst.rcvbuf:
+                sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVBUF, lst.rcvbuf)
+            if lst.sndbuf:
+                sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDBUF, lst.sndbuf)
         if lst.send_proxy:
             if self.local_addr is None:
                 self.local_addr = self.ctransport.get_extra_info("sockname")

@@ -94,6 +94,8 @@ cdef extern from "<sys/socket.h>" nogil:
     enum: SOL_SOCKET
     enum: SO_ERROR
     enum: SO_LINGER
+    enum: SO_RCVBUF
+    enum: SO_SNDBUF
     enum: SHUT_WR
     enum: MSG_NOSIGNAL
     enum: MSG_PEEK
@@ -194,6 +196,15 @@ cdef inline void _set_nodelay(int fd) noexcept nogil:
 cdef inline bint _pipe_available(pipe_pool* pool) noexcept nogil:
     """Whether _acquire_pipe can hand out a pipe without passing the pool's cap."""
     return pool.nfree > 0 or (not pool.starved and (pool.cap <= 0 or pool.open < pool.cap))
+
+
+cdef inline void _set_buffers(int fd, int rcvbuf, int sndbuf) noexcept nogil:
+    """SO_RCVBUF / SO_SNDBUF of a new backend socket, before connect (0: leave the
+    kernel's autotuning)."""
+    if rcvbuf > 0:
+        c_setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof(int))
+    if sndbuf > 0:
+        c_setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(int))
 
 
 cdef int _acquire_pipe(splice_dir* d) noexcept nogil:
@@ -693,6 +704,7 @@ cdef class SpliceRelay(Relay):
                 self.connect_failed("connect_error")
             return
         _set_nodelay(fd)
+        _set_buffers(fd, self.listener.rcvbuf, self.listener.sndbuf)
         if c_connect(fd, <sockaddr*>&ss, slen) < 0 and errno != EINPROGRESS:
             e = errno
             c_close(fd)

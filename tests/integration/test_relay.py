@@ -1,7 +1,10 @@
 """The byte relay end to end: real sockets on loopback, l4lb run as a subprocess."""
 import hashlib
 import os
+import re
+import shutil
 import socket
+import subprocess
 import threading
 import time
 
@@ -249,4 +252,29 @@ def test_sigterm_exits_0_within_shutdown_timeout(backends, l4lb):
     t0 = time.monotonic()
     assert lb.stop(timeout=15) == 0
     assert time.monotonic() - t0 < 5.0 + 2.0          # shutdown_timeout = 5 in simple_config
+    s.close()
+
+
+def socket_buffers(local_port=None, remote_port=None):
+    """[(rb, tb)] of established TCP sockets on 127.0.0.1 by `ss -tmn` (skmem rb/tb)."""
+    if shutil.which("ss") is None:
+        pytest.skip("ss (iproute2) is not installed")
+    filt = f"sport = :{local_port}" if local_port else f"dport = :{remote_port}"
+    out = subprocess.run(["ss", "-tmnH", "state", "established", f"( {filt} )"],
+                         capture_output=True, text=True, timeout=10).stdout
+    return [(int(rb), int(tb)) for rb, tb in re.findall(r"rb(\d+),t\d+,tb(\d+)", out)]
+
+
+@pytest.mark.timeout(30)
+def test_rcvbuf_and_sndbuf_size_both_sockets_of_a_connection(backends, l4lb):
+    b = backends(echo_handler)
+    lb = l4lb(simple_config([("a", b.address)], listener_extra="rcvbuf = 100000\nsndbuf = 150000"))
+    s = connect(lb.port())
+    s.sendall(b"ping")
+    assert recv_exactly(s, 4) == b"ping"
+    # The kernel doubles what SO_RCVBUF/SO_SNDBUF ask for (its bookkeeping overhead).
+    assert socket_buffers(local_port=lb.port()) == [(200000, 300000)]      # client side
+    backend_port = int(b.address.rsplit(":", 1)[1])
+    sides = socket_buffers(remote_port=backend_port)                         # l4lb -> backend
+    assert sides == [(200000, 300000)]
     s.close()
