@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shlex
 import signal
 import subprocess
@@ -278,7 +279,9 @@ def test_rolling_deploy_under_load_drops_no_connection_and_ends_on_the_new_versi
     out = result.stdout
     for name in ("app1", "app2", "app3"):
         assert f"/{name} (" in out and f"{name}: back in rotation" in out
-    assert "connections left" in out            # progress while streams drained
+    # The drains watched real connections end (whether one had to wait long enough for a
+    # progress line depends on where the streams were; tests/unit/test_deploy.py covers it).
+    assert re.search(r"connections drained [1-9]", out), out
     assert "done: 3/3 backends of main replaced" in out and "killed 0" in out
     assert len(clients.shorts) > 100 and len(clients.streams) >= 3
     assert {v for _, v in clients.shorts} == {"v1", "v2"}
