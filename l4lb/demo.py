@@ -7,6 +7,9 @@ import tempfile
 from pathlib import Path
 
 DEMO_CONFIG = """\
+[global]
+max_connections = 1000     # a demo: fits the usual open-file limit, so no fd warning
+
 [log]
 format = "console"
 
