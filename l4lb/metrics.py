@@ -38,6 +38,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
 from . import __version__
+from ._native import max_pipes  # the relay's pipe cap, also counted in fds_needed
 from .config import Address
 from .log import get_logger
 from .model import BackendState
@@ -129,13 +130,6 @@ def uses_pipes(config) -> bool:
     """Whether any listener relays with the raw-socket relay (`splice = true`), whose
     bulk transfers borrow pipes."""
     return any(getattr(l, "splice", False) for l in config.listeners.values())
-
-
-def max_pipes(max_connections: int) -> int:
-    """The pipes a process keeps open at most (in use or kept for reuse): a quarter of
-    global.max_connections, HAProxy's default maxpipes; 0 (unlimited connections) = no
-    cap. Must match the cap splice_accepted sets (ext/l4lb/splice.pxi)."""
-    return (max_connections + 3) // 4 if max_connections > 0 else 0
 
 
 def fds_needed(max_connections: int, pipes: bool = False) -> int:

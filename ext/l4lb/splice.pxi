@@ -193,6 +193,17 @@ cdef inline void _set_nodelay(int fd) noexcept nogil:
     c_setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
 
 
+cdef inline Py_ssize_t _max_pipes(int64_t max_connections) noexcept nogil:
+    return (max_connections + 3) // 4 if max_connections > 0 else 0
+
+
+def max_pipes(int64_t max_connections):
+    """The pipes the process keeps open at most (in use or kept for reuse): a quarter of
+    global.max_connections, HAProxy's default maxpipes; 0 (unlimited connections) = no
+    cap. The relay's cap and the descriptor arithmetic of l4lb.metrics both use it."""
+    return _max_pipes(max_connections)
+
+
 cdef inline bint _pipe_available(pipe_pool* pool) noexcept nogil:
     """Whether _acquire_pipe can hand out a pipe without passing the pool's cap."""
     return pool.nfree > 0 or (not pool.starved and (pool.cap <= 0 or pool.open < pool.cap))
@@ -211,8 +222,9 @@ cdef int _acquire_pipe(splice_dir* d) noexcept nogil:
     """Give the direction a pipe: a kept empty one, or a new nonblocking one sized
     SPLICE_CHUNK when the system allows it (refused past fs.pipe-max-size or the
     per-user pipe page budget, unprivileged: the pipe keeps the default 64 KiB, which
-    still works). Returns 0, or an errno: EMFILE when the cap is reached, pipe2's own
-    when it fails (the pool is then starved until something closes)."""
+    still works). Returns 0, or an errno: EMFILE when the cap is reached or the pool is
+    starved, pipe2's own when it fails (the pool is then starved until something
+    closes)."""
     cdef pipe_pool* pool = d.pool
     cdef int fds[2]
     cdef int e
@@ -221,7 +233,7 @@ cdef int _acquire_pipe(splice_dir* d) noexcept nogil:
         d.pr = pool.free_r[pool.nfree]
         d.pw = pool.free_w[pool.nfree]
         return 0
-    if pool.cap > 0 and pool.open >= pool.cap:
+    if not _pipe_available(pool):       # at the cap, or starved
         return EMFILE
     if c_pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0:
         e = errno
@@ -607,8 +619,7 @@ cdef void splice_accepted(ListenerRuntime lst, SplicePoller poller, int fd,
     r.cfd = fd
     r.bfd = -1
     r.up.pool = r.down.pool = &poller.pipes
-    # HAProxy's default maxpipes: a quarter of the connection limit (0: no cap).
-    poller.pipes.cap = (hub.max_connections + 3) // 4 if hub.max_connections > 0 else 0
+    poller.pipes.cap = _max_pipes(hub.max_connections)     # follows a reload
     r.started = _now()
     r.last_active = r.started
     r.client_host, r.client_port = _sockaddr_host_port(ss)

@@ -9,10 +9,9 @@ import time
 import pytest
 
 from l4lb.config import parse_config
-from l4lb.control.client import call
 from l4lb.metrics import max_pipes
 
-from ..support import (connect, echo_handler, name_handler, recv_all,
+from ..support import (ask, connect, echo_handler, name_handler, recv_all,
                        recv_exactly, simple_config, with_splice)
 
 MiB = 1024 * 1024
@@ -35,10 +34,6 @@ def pipe_fds(lb) -> int:
         except OSError:
             pass
     return n
-
-
-def ask(lb, line):
-    return call(lb.path.parent / "l4lb.sock", line, timeout=10)
 
 
 def wait_until(predicate, timeout=5.0):
