@@ -166,8 +166,18 @@ def load_records(paths) -> list[dict]:
     return records
 
 
+def load_cpu_s_per_gb(r: dict) -> float | None:
+    """CPU-seconds per GB spent on the load core (CPU 1 when pinned: iperf3's client and
+    server, and the kernel work done in their context) during a pinned bulk run."""
+    busy = (r.get("cpu_busy_pct") or {}).get("1")
+    if r.get("mode") != "pinned" or busy is None or not r.get("bytes") or not r.get("wall_s"):
+        return None
+    return busy / 100.0 * r["wall_s"] / (r["bytes"] / 1e9)
+
+
 def medians(records: list[dict], mode: str = "pinned") -> dict[str, dict[tuple[str, str], float]]:
-    """{proxy: {(workload, key): median}} over runs without errors, non-noisy ones if any."""
+    """{proxy: {(workload, key): median}} over runs without errors, non-noisy ones if any.
+    Besides the harness's own keys: load_cpu_s_per_gb (see load_cpu_s_per_gb)."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in records:
         if r.get("mode") == mode and not r.get("error"):
@@ -179,7 +189,25 @@ def medians(records: list[dict], mode: str = "pinned") -> dict[str, dict[tuple[s
             vals = [r[key] for r in clean if r.get(key) is not None]
             if vals:
                 out.setdefault(proxy, {})[(wl, key)] = statistics.median(vals)
+        loads = [v for v in map(load_cpu_s_per_gb, clean) if v is not None]
+        if loads:
+            out.setdefault(proxy, {})[(wl, "load_cpu_s_per_gb")] = statistics.median(loads)
     return out
+
+
+def bulk_split_table(meds, wl: str = "bulk8") -> str:
+    """Markdown: where the CPU of a bulk workload goes, per proxy. On loopback the two
+    cores share the work of every byte (a sender's context runs the receiver's TCP
+    input), so a proxy that does less per GB leaves more to the load core; pinned, the
+    load core is saturated, and its cost per GB sets the throughput."""
+    rows = ["| proxy | %s Gbit/s | proxy CPU-s/GB | load core CPU-s/GB | both |" % wl,
+            "|---|---|---|---|---|"]
+    for proxy, m in meds.items():
+        g, p, ld = m.get((wl, "gbps")), m.get((wl, "cpu_s_per_gb")), m.get((wl, "load_cpu_s_per_gb"))
+        if g is None or p is None or ld is None:
+            continue
+        rows.append("| %s | %.2f | %.3f | %.3f | %.3f |" % (proxy, g, p, ld, p + ld))
+    return "\n".join(rows)
 
 
 def ratio(meds, proxy, ref, wl, key):
@@ -244,6 +272,58 @@ def draw_chart(meds, png: Path, title: str, ref: str = "haproxy") -> None:
     plt.close(fig)
 
 
+def draw_bulk_tradeoff(records, png: Path, wl: str = "bulk8") -> bool:
+    """One point per pinned `wl` run: proxy CPU-s/GB against load-core CPU-s/GB, with the
+    corner where both bulk targets of issue 6 would hold (proxy at most 0.7x
+    haproxy-splice's median, load core at most haproxy-tuned's: the load core is the
+    bottleneck, so matching haproxy-tuned's Gbit/s needs its cost per GB). Returns
+    whether there was anything to draw."""
+    runs = [r for r in records if r.get("mode") == "pinned" and r.get("workload") == wl
+            and not r.get("error") and not r.get("noisy") and r.get("cpu_s_per_gb")
+            and load_cpu_s_per_gb(r) is not None]
+    if not runs:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 6.5))
+    by_proxy: dict[str, list[dict]] = {}
+    for r in runs:
+        by_proxy.setdefault(r["proxy"], []).append(r)
+    for proxy, rs in sorted(by_proxy.items()):
+        ax.scatter([r["cpu_s_per_gb"] for r in rs], [load_cpu_s_per_gb(r) for r in rs],
+                   label="%s (%d runs)" % (proxy, len(rs)), s=36,
+                   marker="o" if proxy.startswith("l4lb") else "s",
+                   edgecolors="black" if proxy.startswith("l4lb") else "none")
+    xs = [r["cpu_s_per_gb"] for r in runs]
+    ys = [load_cpu_s_per_gb(r) for r in runs]
+    top = max(max(xs), max(ys)) * 1.05
+    for total in (0.6, 0.8, 1.0, 1.2, 1.4):
+        ax.plot([0, total], [total, 0], color="grey", linewidth=0.6, linestyle=":")
+        if total < top:
+            ax.annotate("both cores %.1f" % total, (total * 0.52, total * 0.48), fontsize=7,
+                        color="grey", rotation=-35)
+    meds = medians(runs)
+    splice = meds.get("haproxy-splice", {}).get((wl, "cpu_s_per_gb"))
+    tuned = meds.get("haproxy-tuned", {}).get((wl, "load_cpu_s_per_gb"))
+    if splice and tuned:
+        ax.fill_between([0, 0.7 * splice], 0, tuned, color="green", alpha=0.12,
+                        label="both %s targets of issue 6" % wl)
+    ax.set_xlim(0, top)
+    ax.set_ylim(0, max(ys) * 1.15)
+    ax.set_xlabel("proxy CPU-s per GB (the proxy's core)")
+    ax.set_ylabel("load CPU-s per GB (iperf3 client + server's core, saturated)")
+    ax.set_title("%s on loopback: the two cores share each byte's work (one point per run)" % wl)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def summarize(records, stem: Path, title: str, append_report: bool = True) -> None:
     meds = medians(records)
     if "haproxy" not in meds:
@@ -259,9 +339,19 @@ def summarize(records, stem: Path, title: str, append_report: bool = True) -> No
             with open(stem.with_suffix(".md"), "a") as f:
                 f.write("\n%s against the targets of issue 6 (pinned, medians):\n\n%s\n"
                         % (proxy, table))
+    split = bulk_split_table(meds)
+    if split.count("\n") > 1:
+        print("\nbulk8: CPU per GB on each core (pinned, medians):\n")
+        print(split)
+        if append_report:
+            with open(stem.with_suffix(".md"), "a") as f:
+                f.write("\nbulk8: CPU per GB on each core (pinned, medians):\n\n%s\n" % split)
     png = stem.with_suffix(".png")
     draw_chart(meds, png, title)
     print("\nchart: %s" % png)
+    bulk_png = stem.parent / (stem.name + "-bulk8.png")
+    if draw_bulk_tradeoff(records, bulk_png):
+        print("bulk8 per-run CPU split: %s" % bulk_png)
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,43 @@
+"""loadtests/bench.py's report from harness results: ratios, the targets, and where the CPU
+of a bulk run goes on each core (`--chart-only`, no proxy is run)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from ..support import REPO
+
+SCRIPT = REPO / "loadtests" / "bench.py"
+
+
+def bulk8(proxy, rep, gbps, proxy_cpu_s, load_busy_pct, wall=5.0):
+    gb = gbps * wall / 8
+    return {"mode": "pinned", "proxy": proxy, "rep": rep, "workload": "bulk8", "noisy": False,
+            "gbps": gbps, "bytes": int(gb * 1e9), "wall_s": wall, "proxy_cpu_s": proxy_cpu_s,
+            "cpu_s_per_gb": proxy_cpu_s / gb, "cpu_busy_pct": {"0": 50.0, "1": load_busy_pct}}
+
+
+def test_chart_only_reports_the_cpu_per_gb_of_both_cores(tmp_path):
+    records = [
+        bulk8("haproxy", 1, 8.0, 4.0, 100.0),          # 5 GB: 0.8 proxy, 1.0 load per GB
+        bulk8("haproxy-tuned", 1, 16.0, 4.0, 100.0),   # 10 GB: 0.4 and 0.5
+        bulk8("haproxy-splice", 1, 16.0, 2.5, 100.0),  # 0.25 and 0.5
+        bulk8("l4lb", 1, 16.0, 2.0, 100.0),            # 0.2 and 0.5
+        bulk8("l4lb", 2, 8.0, 1.0, 50.0),              # 0.2 and 0.5 again (load half idle)
+        dict(bulk8("l4lb", 3, 1.0, 9.0, 100.0), error="proxy died"),   # left out
+    ]
+    results = tmp_path / "bench-x.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in records))
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--chart-only", str(results)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "| haproxy | 8.00 | 0.800 | 1.000 | 1.800 |" in out
+    assert "| haproxy-tuned | 16.00 | 0.400 | 0.500 | 0.900 |" in out
+    assert "| l4lb | 12.00 | 0.200 | 0.500 | 0.700 |" in out
+    # and the targets: 16/16 = 1.0x haproxy-tuned's Gbit/s (median of 16 and 8 = 12: 0.75)
+    assert "| bulk8 Gbit/s >= 1.0x haproxy-tuned | 0.75 | **no** |" in out
+    assert "| bulk8 CPU per GB <= 0.7x haproxy-splice | 0.80 | **no** |" in out
+    assert (tmp_path / "bench-x.png").stat().st_size > 10_000
+    assert (tmp_path / "bench-x-bulk8.png").stat().st_size > 10_000
