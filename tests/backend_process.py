@@ -1,55 +1,20 @@
 """A backend as a separate process, so a test can kill it (SIGKILL: a crash) and start it
 again on the same port — what threads in the test process cannot do.
 
-Run as a script: `python tests/backend_process.py NAME [PORT]`. It listens on
-127.0.0.1:PORT (0 = any; SO_REUSEADDR so a restart can take the same port while old
-connections sit in TIME_WAIT), prints `listening PORT` once it accepts, and answers each
-line it receives with `NAME:LINE`.
+It is tests/echo_backend.py answering each line with `NAME:LINE`; the bind is retried
+while the killed process's port is still being released, so a restart takes the same port.
 """
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve()
-
-
-def serve_line(conn: socket.socket, name: bytes) -> None:
-    buf = b""
-    try:
-        while True:
-            data = conn.recv(65536)
-            if not data:
-                return
-            buf += data
-            while b"\n" in buf:
-                line, buf = buf.split(b"\n", 1)
-                conn.sendall(name + b":" + line + b"\n")
-    except OSError:
-        pass
-    finally:
-        conn.close()
-
-
-def main(argv: list[str]) -> None:
-    name = argv[0].encode()
-    port = int(argv[1]) if len(argv) > 1 else 0
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
-    sock.listen(512)
-    print(f"listening {sock.getsockname()[1]}", flush=True)
-    while True:
-        conn, _ = sock.accept()
-        threading.Thread(target=serve_line, args=(conn, name), daemon=True).start()
+ECHO_BACKEND = Path(__file__).resolve().parent / "echo_backend.py"
 
 
 class BackendProcess:
-    """`backend_process.py NAME PORT` as a child process; `kill` then `start` again keeps
-    the port."""
+    """An echo_backend.py child process; `kill` then `start` again keeps the port."""
 
     def __init__(self, name: str, port: int = 0):
         self.name = name
@@ -62,9 +27,10 @@ class BackendProcess:
 
     def start(self) -> "BackendProcess":
         """Start it and return once it is listening."""
-        self.proc = subprocess.Popen([sys.executable, str(SCRIPT), self.name, str(self.port)],
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ECHO_BACKEND), "--port", str(self.port), "--version", self.name,
+             "--separator", ":", "--announce"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
         if not line.startswith("listening "):
             self.kill()
@@ -79,7 +45,3 @@ class BackendProcess:
         if self.proc is not None:
             self.proc.wait(10)
             self.proc.stdout.close()
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -1,8 +1,11 @@
-"""A tiny line-echo backend process for deploy tests: each line comes back as
-"VERSION LINE", so a client can tell which version served it.
+"""A tiny line-echo backend process for deploy and health tests: each line comes back as
+"VERSION LINE" (or VERSION, --separator, LINE), so a client can tell which version served it.
 
     python tests/echo_backend.py --port 9001 --version v2 [--pidfile F] [--daemon]
-                                 [--lifetime S]
+                                 [--lifetime S] [--separator SEP] [--announce]
+
+--port 0 takes any free port; --announce prints `listening PORT` on stdout once it
+listens (tests/backend_process.py reads it).
 
 It writes its pid to --pidfile once it listens (so the file's pid always accepts
 connections), retries the bind for a few seconds while the previous version still holds
@@ -76,8 +79,12 @@ def main() -> None:
     ap.add_argument("--pidfile")
     ap.add_argument("--daemon", action="store_true")
     ap.add_argument("--lifetime", type=float, default=120.0)
+    ap.add_argument("--separator", default=" ")
+    ap.add_argument("--announce", action="store_true")
     args = ap.parse_args()
     sock = listen(args.host, args.port)
+    if args.announce:
+        print(f"listening {sock.getsockname()[1]}", flush=True)
     if args.daemon:
         detach()
     threading.Timer(args.lifetime, os._exit, (0,)).start()
@@ -86,7 +93,7 @@ def main() -> None:
         with open(tmp, "w") as f:
             f.write(str(os.getpid()))
         os.replace(tmp, args.pidfile)
-    tag = args.version.encode() + b" "
+    tag = (args.version + args.separator).encode()
     while True:
         conn, _ = sock.accept()
         threading.Thread(target=serve_client, args=(conn, tag), daemon=True).start()
