@@ -13,7 +13,10 @@ from ..support import REPO, free_port_refused
 
 
 def free_port_run(n: int) -> int:
-    """A port p with p..p+n-1 all free on loopback (the demo's backends take a run)."""
+    """A port p with p..p+n-1 all free on loopback (the demo's backends take a run).
+    Free as the demo sees it: it binds with SO_REUSEADDR (asyncio's default), so a port
+    that only TIME_WAIT connections use counts as free — after a full suite, runs of
+    ports without any are rare."""
     for _ in range(50):
         base = free_port_refused()
         if base + n > 65535:
@@ -23,6 +26,7 @@ def free_port_run(n: int) -> int:
             for p in range(base, base + n):
                 s = socket.socket()
                 socks.append(s)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 s.bind(("127.0.0.1", p))
             return base
         except OSError:
