@@ -39,6 +39,11 @@ ctypedef struct splice_dir:
     bint eof                          # src returned end of file
     bint done                         # eof passed on: dst was shut down for writing
     bint src_hup                      # src reported EPOLLRDHUP/HUP/ERR: read it to the end
+    bint src_fin                      # src reported EPOLLRDHUP without EPOLLERR: its FIN
+                                      # is in, so a read that drains it is the last one
+    bint src_urg                      # src reported EPOLLPRI (TCP urgent data): reads
+                                      # stop short at the urgent mark, so no short read
+                                      # is taken to mean "drained" any more
     int err                           # errno of the failure that ended it
     pipe_pool* pool                   # where the pipe comes from and goes back to
 

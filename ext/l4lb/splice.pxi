@@ -20,6 +20,12 @@
 #   the pipe and src is not read (its flag stays set) until dst's EPOLLOUT edge: memory
 #   per direction is bounded by the pipe. The pipe is filled only when empty, so EAGAIN
 #   from src always means "no data" and never "pipe full".
+# - Short reads: a read that returns less than it asked for took all there was, so the
+#   read that would only say EAGAIN is skipped; once the peer's FIN is in (EPOLLRDHUP
+#   without EPOLLERR), such a read is the last, and its bytes go out with MSG_MORE so
+#   that the shutdown right after puts the FIN into their segment (one packet and one
+#   recv less per closing exchange). TCP urgent data (EPOLLPRI) ends both rules for that
+#   direction: a read stops short at the urgent mark.
 # - Fairness: a pump moves at most SPLICE_BUDGET bytes per event; a relay that still has
 #   bytes to read is run again on the next loop iteration (SplicePoller.again).
 # - Half close: src EOF -> once the pipe is drained, shutdown(dst, SHUT_WR); the other
@@ -62,6 +68,7 @@ cdef extern from "<sys/epoll.h>" nogil:
     int epoll_ctl(int epfd, int op, int fd, epoll_event* event)
     int epoll_wait(int epfd, epoll_event* events, int maxevents, int timeout)
     enum: EPOLLIN
+    enum: EPOLLPRI
     enum: EPOLLOUT
     enum: EPOLLERR
     enum: EPOLLHUP
@@ -99,6 +106,7 @@ cdef extern from "<sys/socket.h>" nogil:
     enum: SHUT_WR
     enum: MSG_NOSIGNAL
     enum: MSG_PEEK
+    enum: MSG_MORE
 
 cdef extern from "<netinet/in.h>" nogil:
     cdef struct in_addr:
@@ -161,7 +169,7 @@ ACCEPT_CAPACITY_ERRNOS = frozenset({_errno.EMFILE, _errno.ENFILE, _errno.ENOBUFS
                                     _errno.ENOMEM})
 
 cdef unsigned int SPLICE_FLAGS = SPLICE_F_MOVE | SPLICE_F_NONBLOCK
-cdef uint32_t SPLICE_EVENTS = <uint32_t>(EPOLLIN | EPOLLOUT | EPOLLRDHUP) | <uint32_t>EPOLLET
+cdef uint32_t SPLICE_EVENTS = <uint32_t>(EPOLLIN | EPOLLPRI | EPOLLOUT | EPOLLRDHUP) | <uint32_t>EPOLLET
 
 cdef enum:
     SPLICE_WAIT = 0         # nothing more until the next edge
@@ -276,6 +284,7 @@ cdef int _copy_once(splice_dir* d, bint* readable, bint* writable, int64_t* nrea
     cdef ssize_t n = c_recv(d.src, COPY_BUFFER, COPY_CHUNK, MSG_PEEK if peek else 0)
     cdef ssize_t sent, w
     cdef int e
+    cdef int more = 0
     if n == 0:
         d.eof = True
         readable[0] = False
@@ -290,13 +299,20 @@ cdef int _copy_once(splice_dir* d, bint* readable, bint* writable, int64_t* nrea
         return SPLICE_SRC_FAILED
     if n == COPY_CHUNK and not peek:
         d.bulk = True                    # more was waiting: splice from the next read on
-    elif not d.src_hup and not peek:
+    elif d.src_fin and not d.src_urg and not peek:
+        # The peer's FIN came before this read, which took all there was: what follows
+        # is end of file, so it is not read. The bytes go out with MSG_MORE and the
+        # shutdown (or close) that follows at once puts the FIN in their segment.
+        d.eof = True
+        readable[0] = False
+        more = MSG_MORE
+    elif not d.src_hup and not d.src_urg and not peek:
         # A short read took all there was: a later arrival brings a new edge, so the
         # recv that would only say EAGAIN is skipped (two syscalls per request and
         # reply). Not once the peer has shut down: its FIN may have come with the
         # edge being handled, and only reading on finds it.
         readable[0] = False
-    sent = c_send(d.dst, COPY_BUFFER, <size_t>n, MSG_NOSIGNAL) if writable[0] else 0
+    sent = c_send(d.dst, COPY_BUFFER, <size_t>n, MSG_NOSIGNAL | more) if writable[0] else 0
     if sent < 0:
         if errno != EAGAIN and errno != EINTR:
             d.err = errno
@@ -767,6 +783,8 @@ cdef class SpliceRelay(Relay):
         self.b_writable = True
         self.b_readable = (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP)) != 0
         self.down.src_hup = (ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) != 0
+        self.down.src_fin = (ev & (EPOLLRDHUP | EPOLLERR)) == EPOLLRDHUP
+        self.down.src_urg = (ev & EPOLLPRI) != 0
         self.up.src = self.cfd
         self.up.dst = self.bfd
         self.down.src = self.bfd
@@ -830,17 +848,23 @@ cdef class SpliceRelay(Relay):
                 if self.bfd >= 0:
                     self.check_connect(ev)
                 return
+            if ev & EPOLLPRI:
+                self.down.src_urg = True
             if ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
                 self.b_readable = True
                 if ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR):
                     self.down.src_hup = True
+                    self.down.src_fin = (ev & (EPOLLRDHUP | EPOLLERR)) == EPOLLRDHUP
             if ev & (EPOLLOUT | EPOLLHUP | EPOLLERR):
                 self.b_writable = True
         else:
+            if ev & EPOLLPRI:
+                self.up.src_urg = True
             if ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
                 self.c_readable = True
                 if ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR):
                     self.up.src_hup = True
+                    self.up.src_fin = (ev & (EPOLLRDHUP | EPOLLERR)) == EPOLLRDHUP
             if ev & (EPOLLOUT | EPOLLHUP | EPOLLERR):
                 self.c_writable = True
             if self.state != RELAY_OPEN:

@@ -3,6 +3,7 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -106,6 +107,41 @@ def test_a_short_request_and_reply_that_arrive_with_their_fin_are_never_stuck(ba
         for i, s in enumerate(clients):
             assert recv_all(s) == b"re:q%d" % i, (round_, i)
             s.close()
+
+
+@pytest.mark.timeout(60)
+def test_tcp_urgent_data_ends_no_read_early(backends, l4lb):
+    """A read stops short at TCP's urgent mark, so a short read is no proof that the
+    socket was drained (the raw relay trusts short reads, and after a FIN takes one for
+    the last). The urgent byte itself is not relayed, as with HAProxy: l4lb reads the
+    in-band stream only (no SO_OOBINLINE, no MSG_OOB)."""
+    def echo_to_eof(conn, backend):
+        conn.sendall(recv_all(conn))
+        conn.shutdown(socket.SHUT_WR)
+
+    b = backends(echo_to_eof)
+    lb = l4lb(simple_config([("a", b.address)]))
+    for stopped in (True, False):
+        s = connect(lb.port(), timeout=10)
+        deadline = time.monotonic() + 10
+        while b.accepted < (1 if stopped else 2) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)                          # the relay is open, the client read
+        if stopped:
+            # Stopped, l4lb finds data, urgent mark, more data and FIN in one edge.
+            lb.proc.send_signal(signal.SIGSTOP)
+        try:
+            s.sendall(b"a" * 100)
+            time.sleep(0 if stopped else 0.05)
+            s.send(b"!", socket.MSG_OOB)
+            time.sleep(0 if stopped else 0.05)
+            s.sendall(b"b" * 100)
+            s.shutdown(socket.SHUT_WR)
+            time.sleep(0.1)
+        finally:
+            lb.proc.send_signal(signal.SIGCONT)
+        assert recv_all(s) == b"a" * 100 + b"b" * 100, stopped
+        s.close()
 
 
 def test_backend_reset_midstream_closes_client_and_leaks_no_fds(backends, l4lb):
