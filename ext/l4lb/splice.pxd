@@ -35,6 +35,7 @@ ctypedef struct splice_dir:
     int pr                            # the pipe's read end (spliced into dst); -1 until needed
     int pw                            # the pipe's write end (spliced from src); -1 until needed
     bint bulk                         # splicing: the last reads were large (see the pump)
+    int small_reads                   # splice reads under COPY_SMALL in a row
     Py_ssize_t held                   # bytes in the pipe not yet written to dst
     bint eof                          # src returned end of file
     bint done                         # eof passed on: dst was shut down for writing

@@ -147,11 +147,14 @@ cdef enum:
     # keep-alive traffic) cost two plain syscalls, as in any proxy, and a connection that
     # never carries bulk data never creates its pipes (pipe2, fcntl and two closes each:
     # 8 syscalls per connection). A copy read that fills COPY_CHUNK means bulk is
-    # waiting: the direction gets its pipe and splices; a splice read under COPY_SMALL
-    # turns it back to copying. COPY_CHUNK is at most a default pipe's capacity (64 KiB),
+    # waiting: the direction gets its pipe and splices; SMALL_READS_TO_COPY splice reads
+    # in a row under COPY_SMALL turn it back to copying (one alone is often just the end
+    # of a burst: flipping on it sent a fast bulk flow through the copy path for up to a fifth
+    # of its bytes). COPY_CHUNK is at most a default pipe's capacity (64 KiB),
     # so what a short send leaves always fits into the direction's pipe in one write.
     COPY_CHUNK = 64 * 1024
     COPY_SMALL = 16 * 1024
+    SMALL_READS_TO_COPY = 4
     # Bytes peeked for a PROXY header: the longest one the parser accepts is a v2 header
     # of 16 + MAX_V2_LENGTH (1024) bytes, so a peek this long always decides.
     HEADER_PEEK = 1088
@@ -391,8 +394,13 @@ cdef int splice_pump(splice_dir* d, bint* readable, bint* writable, int64_t* nre
             d.held += n
             nread[0] += n
             budget -= n
-            if n < COPY_SMALL:
-                d.bulk = False           # the flow got thin: copy again
+            if n >= COPY_SMALL:
+                d.small_reads = 0
+            else:
+                d.small_reads += 1
+                if d.small_reads >= SMALL_READS_TO_COPY:
+                    d.bulk = False       # the flow got thin: copy again
+                    d.small_reads = 0
             continue
         if n == 0:
             d.eof = True
