@@ -41,3 +41,22 @@ def test_chart_only_reports_the_cpu_per_gb_of_both_cores(tmp_path):
     assert "| bulk8 CPU per GB <= 0.7x haproxy-splice | 0.80 | **no** |" in out
     assert (tmp_path / "bench-x.png").stat().st_size > 10_000
     assert (tmp_path / "bench-x-bulk8.png").stat().st_size > 10_000
+
+
+def close(proxy, rep, rps):
+    return {"mode": "pinned", "proxy": proxy, "rep": rep, "workload": "close", "noisy": False,
+            "rps": rps, "cpu_s_per_100k": 7.0}
+
+
+def test_rep_by_rep_ratios_pair_reps_within_a_run_only(tmp_path):
+    first = tmp_path / "bench-a.jsonl"
+    second = tmp_path / "bench-b.jsonl"
+    first.write_text("".join(json.dumps(r) + "\n" for r in [
+        close("haproxy", 1, 100.0), close("l4lb", 1, 110.0),          # 1.10
+        close("haproxy", 2, 100.0), dict(close("l4lb", 2, 300.0), noisy=True)]))  # left out
+    second.write_text("".join(json.dumps(r) + "\n" for r in [
+        close("haproxy", 1, 200.0), close("l4lb", 1, 180.0)]))        # 0.90
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--chart-only", str(first), str(second)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| new connections/s >= 1.0x haproxy | 2 | 1 | 0.90 | 1.00 | 1.10 |" in proc.stdout
