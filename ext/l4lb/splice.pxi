@@ -149,9 +149,9 @@ cdef enum:
     # 8 syscalls per connection). A copy read that fills COPY_CHUNK means bulk is
     # waiting: the direction gets its pipe and splices; SMALL_READS_TO_COPY splice reads
     # in a row under COPY_SMALL turn it back to copying (one alone is often just the end
-    # of a burst: flipping on it sent a fast bulk flow through the copy path for up to a fifth
-    # of its bytes). COPY_CHUNK is at most a default pipe's capacity (64 KiB),
-    # so what a short send leaves always fits into the direction's pipe in one write.
+    # of a burst: flipping on it sent up to a fifth of a fast bulk flow's bytes through
+    # the copy path). COPY_CHUNK is at most a default pipe's capacity (64 KiB), so what
+    # a short send leaves always fits into the direction's pipe in one write.
     COPY_CHUNK = 64 * 1024
     COPY_SMALL = 16 * 1024
     SMALL_READS_TO_COPY = 4
