@@ -37,6 +37,9 @@ ctypedef struct splice_dir:
     bint bulk                         # splicing: the last reads were large (see the pump)
     int small_reads                   # splice reads under COPY_SMALL in a row
     Py_ssize_t held                   # bytes in the pipe not yet written to dst
+    char* spill                       # bytes a short send left when no pipe could be had
+    Py_ssize_t spill_len              # (pipe2 failed: out of descriptors), written to dst
+    Py_ssize_t spill_off              # before anything else; NULL / 0 almost always
     bint eof                          # src returned end of file
     bint done                         # eof passed on: dst was shut down for writing
     bint src_hup                      # src reported EPOLLRDHUP/HUP/ERR: read it to the end

@@ -40,7 +40,8 @@ from cpython.ref cimport PyObject
 from libc.stdint cimport uintptr_t
 from libc.errno cimport (errno, EAGAIN, EINTR, EINPROGRESS, EPIPE, ECONNREFUSED,
                          ECONNABORTED, ETIMEDOUT, EMFILE, ENFILE, ENOBUFS, ENOMEM, EPROTO)
-from libc.string cimport memset
+from libc.string cimport memset, memcpy
+from libc.stdlib cimport malloc, free
 
 import socket as _socket
 
@@ -278,6 +279,12 @@ cdef inline void _release_pipe(splice_dir* d) noexcept nogil:
     d.held = 0
 
 
+cdef inline void _free_spill(splice_dir* d) noexcept nogil:
+    free(d.spill)
+    d.spill = NULL
+    d.spill_len = d.spill_off = 0
+
+
 cdef int _copy_once(splice_dir* d, bint* readable, bint* writable, int64_t* nread) noexcept nogil:
     """One recv + send of up to COPY_CHUNK bytes; what the send leaves goes into the
     direction's pipe. When no pipe can be had (the pool's cap), the read is a MSG_PEEK
@@ -286,7 +293,6 @@ cdef int _copy_once(splice_dir* d, bint* readable, bint* writable, int64_t* nrea
     cdef bint peek = d.pr < 0 and not _pipe_available(d.pool)
     cdef ssize_t n = c_recv(d.src, COPY_BUFFER, COPY_CHUNK, MSG_PEEK if peek else 0)
     cdef ssize_t sent, w
-    cdef int e
     cdef int more = 0
     if n == 0:
         d.eof = True
@@ -332,11 +338,18 @@ cdef int _copy_once(splice_dir* d, bint* readable, bint* writable, int64_t* nrea
         return -1
     nread[0] += n
     if sent < n:
-        if d.pr < 0:
-            e = _acquire_pipe(d)
-            if e != 0:                   # pipe2 failed just now: out of descriptors
-                d.err = e
+        if d.pr < 0 and _acquire_pipe(d) != 0:
+            # pipe2 failed just now (out of descriptors) and the bytes are off the
+            # socket: keep them on the heap (at most COPY_CHUNK, this once; the pool is
+            # starved now, so the next reads peek) until dst takes them.
+            d.spill = <char*>malloc(<size_t>(n - sent))
+            if d.spill == NULL:
+                d.err = ENOMEM
                 return SPLICE_DST_FAILED
+            memcpy(d.spill, COPY_BUFFER + sent, <size_t>(n - sent))
+            d.spill_len = n - sent
+            d.spill_off = 0
+            return -1
         w = c_write(d.pw, COPY_BUFFER + sent, <size_t>(n - sent))
         if w != n - sent:                # cannot happen: the pipe is empty and big enough
             d.err = errno if w < 0 else EPIPE
@@ -356,6 +369,23 @@ cdef int splice_pump(splice_dir* d, bint* readable, bint* writable, int64_t* nre
     cdef int64_t before
     cdef int rc
     while True:
+        if d.spill_len > 0:
+            if not writable[0]:
+                return SPLICE_WAIT
+            n = c_send(d.dst, d.spill + d.spill_off, <size_t>(d.spill_len - d.spill_off),
+                       MSG_NOSIGNAL)
+            if n > 0:
+                d.spill_off += n
+                if d.spill_off == d.spill_len:
+                    _free_spill(d)
+                continue
+            if n < 0 and errno == EINTR:
+                continue
+            if n < 0 and errno == EAGAIN:
+                writable[0] = False
+                return SPLICE_WAIT
+            d.err = errno if n < 0 else EPIPE
+            return SPLICE_DST_FAILED
         if d.held > 0:
             if not writable[0]:
                 return SPLICE_WAIT
@@ -948,6 +978,8 @@ cdef class SpliceRelay(Relay):
         self.cfd = self.bfd = -1
         _release_pipe(&self.up)
         _release_pipe(&self.down)
+        _free_spill(&self.up)
+        _free_spill(&self.down)
         if self.poller is not None:
             self.poller.pipes.starved = False    # descriptors were freed
 

@@ -1,11 +1,14 @@
 """What only the raw-socket relay (`splice = true`) has: raw accept, pipes and their pool,
 send_proxy written before splicing, fd accounting. The relay's contract itself
 (test_relay.py) and the PROXY tests run against both relays."""
+import hashlib
 import os
 import resource
 import socket
+import threading
 import time
 
+import psutil
 import pytest
 
 from l4lb.config import parse_config
@@ -170,6 +173,58 @@ def test_accept_pauses_on_emfile_and_resumes_without_spinning(backends, l4lb):
     s.sendall(b"again")
     assert recv_exactly(s, 5) == b"again"
     s.close()
+    assert lb.proc.poll() is None
+
+
+@pytest.mark.timeout(60)
+def test_bytes_of_a_short_send_are_kept_when_no_pipe_can_be_made(backends, l4lb):
+    """A small read's send to a full backend is short, and the rest goes into a pipe;
+    when pipe2 then fails (out of descriptors) those bytes are already off the client's
+    socket: they must still arrive, in order, and the connection go on."""
+    go = threading.Event()
+
+    def read_when_told(conn, backend):
+        go.wait(30)
+        h = hashlib.sha256()
+        while data := conn.recv(65536):
+            h.update(data)
+        conn.sendall(h.hexdigest().encode())
+
+    b = backends(read_when_told)
+    lb = l4lb(simple_config([("a", b.address)]))
+    s = connect(lb.port(), timeout=30)
+    assert wait_until(lambda: b.accepted == 1)
+    time.sleep(0.2)                                  # the relay is open
+    _, hard = lb.ps.rlimit(psutil.RLIMIT_NOFILE)
+    lb.ps.rlimit(psutil.RLIMIT_NOFILE, (lb.ps.num_fds(), hard))   # no new descriptor
+    payload = os.urandom(16 * MiB)
+    progress = [0]
+
+    def send_slowly():
+        # 8 KiB at a time, slowly: l4lb reads each piece alone, so it copies (no pipe)
+        # until the backend, which reads nothing yet, is full and a send comes up short.
+        for i in range(0, len(payload), 8192):
+            s.sendall(payload[i:i + 8192])
+            progress[0] = i
+            time.sleep(0.0005)
+
+    sender = threading.Thread(target=send_slowly)
+    sender.start()
+    try:
+        last, still = -1, 0
+        while still < 5 and sender.is_alive():       # wait until the client is stuck
+            time.sleep(0.1)
+            still = still + 1 if progress[0] == last else 0
+            last = progress[0]
+        assert progress[0] < len(payload) - 8192     # it was stuck, not done
+    finally:
+        go.set()
+        sender.join(30)
+    s.shutdown(socket.SHUT_WR)
+    assert recv_all(s) == hashlib.sha256(payload).hexdigest().encode()
+    s.close()
+    lb.ps.rlimit(psutil.RLIMIT_NOFILE, (hard, hard))
+    assert ask(lb, "show info")["pipes"]["created"] == 0
     assert lb.proc.poll() is None
 
 
