@@ -309,8 +309,9 @@ def draw_bulk_tradeoff(records, png: Path, wl: str = "bulk8") -> bool:
     a saturated load core spending that much per GB moves haproxy-tuned's Gbit/s.
     Returns whether there was anything to draw."""
     runs = [r for r in records if r.get("mode") == "pinned" and r.get("workload") == wl
-            and not r.get("error") and not r.get("noisy") and r.get("cpu_s_per_gb")
-            and load_cpu_s_per_gb(r) is not None]
+            and not r.get("error") and not r.get("noisy") and r.get("cpu_s_per_gb")]
+    load = {id(r): load_cpu_s_per_gb(r) for r in runs}
+    runs = [r for r in runs if load[id(r)] is not None]
     if not runs:
         return False
     import matplotlib
@@ -322,12 +323,12 @@ def draw_bulk_tradeoff(records, png: Path, wl: str = "bulk8") -> bool:
     for r in runs:
         by_proxy.setdefault(r["proxy"], []).append(r)
     for proxy, rs in sorted(by_proxy.items()):
-        ax.scatter([r["cpu_s_per_gb"] for r in rs], [load_cpu_s_per_gb(r) for r in rs],
+        ax.scatter([r["cpu_s_per_gb"] for r in rs], [load[id(r)] for r in rs],
                    label="%s (%d runs)" % (proxy, len(rs)), s=36,
                    marker="o" if proxy.startswith("l4lb") else "s",
                    edgecolors="black" if proxy.startswith("l4lb") else "none")
     xs = [r["cpu_s_per_gb"] for r in runs]
-    ys = [load_cpu_s_per_gb(r) for r in runs]
+    ys = [load[id(r)] for r in runs]
     top = max(max(xs), max(ys)) * 1.05
     for total in (0.6, 0.8, 1.0, 1.2, 1.4):
         ax.plot([0, total], [total, 0], color="grey", linewidth=0.6, linestyle=":")
@@ -355,6 +356,14 @@ def draw_bulk_tradeoff(records, png: Path, wl: str = "bulk8") -> bool:
 
 
 def summarize(records, stem: Path, title: str, append_report: bool = True) -> None:
+    def emit(heading: str, *tables: str) -> None:
+        """Print a section, and append it to the run's report when there is one."""
+        text = "\n" + "\n\n".join(tables)
+        print("\n%s\n%s" % (heading, text))
+        if append_report:
+            with open(stem.with_suffix(".md"), "a") as f:
+                f.write("\n%s\n%s\n" % (heading, text))
+
     meds = medians(records)
     if "haproxy" not in meds:
         print("bench: no haproxy results, no ratios to chart", file=sys.stderr)
@@ -362,23 +371,11 @@ def summarize(records, stem: Path, title: str, append_report: bool = True) -> No
     for proxy in ("l4lb", "l4lb-tuned", "l4lb-stream", "l4lb-splice"):
         if proxy not in meds:
             continue
-        table = targets_table(meds, proxy)
-        spread = rep_spread_table(records, proxy)
-        print("\n%s against the targets of issue 6 (pinned, medians):\n" % proxy)
-        print(table)
-        print("\nand rep by rep:\n")
-        print(spread)
-        if append_report:
-            with open(stem.with_suffix(".md"), "a") as f:
-                f.write("\n%s against the targets of issue 6 (pinned, medians):\n\n%s\n"
-                        "\nand rep by rep:\n\n%s\n" % (proxy, table, spread))
+        emit("%s against the targets of issue 6 (pinned, medians):" % proxy,
+             targets_table(meds, proxy), "and rep by rep:", rep_spread_table(records, proxy))
     split = bulk_split_table(meds)
     if split.count("\n") > 1:
-        print("\nbulk8: CPU per GB on each core (pinned, medians):\n")
-        print(split)
-        if append_report:
-            with open(stem.with_suffix(".md"), "a") as f:
-                f.write("\nbulk8: CPU per GB on each core (pinned, medians):\n\n%s\n" % split)
+        emit("bulk8: CPU per GB on each core (pinned, medians):", split)
     png = stem.with_suffix(".png")
     draw_chart(meds, png, title)
     print("\nchart: %s" % png)

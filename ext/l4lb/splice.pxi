@@ -279,6 +279,16 @@ cdef inline void _release_pipe(splice_dir* d) noexcept nogil:
     d.held = 0
 
 
+cdef inline void _note_src_events(splice_dir* d, uint32_t ev) noexcept nogil:
+    """What an epoll event on d's source says about how its reads may be trusted (see
+    the top of this file: short reads)."""
+    if ev & EPOLLPRI:
+        d.src_urg = True
+    if ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+        d.src_hup = True
+        d.src_fin = (ev & (EPOLLRDHUP | EPOLLERR)) == EPOLLRDHUP
+
+
 cdef inline void _free_spill(splice_dir* d) noexcept nogil:
     free(d.spill)
     d.spill = NULL
@@ -820,9 +830,7 @@ cdef class SpliceRelay(Relay):
         self.last_active = self.hub.now
         self.b_writable = True
         self.b_readable = (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP)) != 0
-        self.down.src_hup = (ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) != 0
-        self.down.src_fin = (ev & (EPOLLRDHUP | EPOLLERR)) == EPOLLRDHUP
-        self.down.src_urg = (ev & EPOLLPRI) != 0
+        _note_src_events(&self.down, ev)
         self.up.src = self.cfd
         self.up.dst = self.bfd
         self.down.src = self.bfd
@@ -886,23 +894,15 @@ cdef class SpliceRelay(Relay):
                 if self.bfd >= 0:
                     self.check_connect(ev)
                 return
-            if ev & EPOLLPRI:
-                self.down.src_urg = True
+            _note_src_events(&self.down, ev)
             if ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
                 self.b_readable = True
-                if ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR):
-                    self.down.src_hup = True
-                    self.down.src_fin = (ev & (EPOLLRDHUP | EPOLLERR)) == EPOLLRDHUP
             if ev & (EPOLLOUT | EPOLLHUP | EPOLLERR):
                 self.b_writable = True
         else:
-            if ev & EPOLLPRI:
-                self.up.src_urg = True
+            _note_src_events(&self.up, ev)
             if ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
                 self.c_readable = True
-                if ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR):
-                    self.up.src_hup = True
-                    self.up.src_fin = (ev & (EPOLLRDHUP | EPOLLERR)) == EPOLLRDHUP
             if ev & (EPOLLOUT | EPOLLHUP | EPOLLERR):
                 self.c_writable = True
             if self.state != RELAY_OPEN:
