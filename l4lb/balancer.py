@@ -534,6 +534,7 @@ class Balancer:
                 listener = self.listeners[name] = Listener(lcfg, self.hub, self.pools)
                 changes.append(f"listener {name} added")
             else:
+                changes.extend(self._retune_binds(listener, lcfg, new_servers.get(name, {})))
                 listener.configure(lcfg, self.pools)
             servers = new_servers.get(name, {})
             for server in servers.values():
@@ -561,6 +562,33 @@ class Balancer:
                 self.pool_removed(old)
                 changes.append(f"pool {name} removed")
         self.apply_runtime_state()
+        return changes
+
+    def _retune_binds(self, listener: Listener, lcfg, servers: dict) -> list[str]:
+        """A reload that changes a listener's rcvbuf or sndbuf: backend sockets follow at
+        once (they are sized when created); client sockets inherit the listening
+        socket's sizes, so the new size is set on each bind the reload keeps (new binds
+        are opened with it). A size set back to 0 cannot give an open socket its
+        autotuning back: the binds kept keep the old size until they are reopened (a
+        restart, or a bind moved to another address), which the change says."""
+        changes = []
+        kept = [server for addr, server in listener.servers.items()
+                if servers.get(addr) is server]
+        for key, option in (("rcvbuf", socket.SO_RCVBUF), ("sndbuf", socket.SO_SNDBUF)):
+            was, now = getattr(listener.config, key), getattr(lcfg, key)
+            if was == now:
+                continue
+            if now:
+                for server in kept:
+                    for sock in server.sockets:
+                        sock.setsockopt(socket.SOL_SOCKET, option, now)
+                changes.append(f"listener {listener.config.name}: {key} {now}")
+            elif kept:
+                changes.append(f"listener {listener.config.name}: {key} 0 (autotuning) for "
+                               f"backend sockets; client sockets keep {was} until the binds "
+                               "are reopened (restart)")
+            else:
+                changes.append(f"listener {listener.config.name}: {key} 0 (autotuning)")
         return changes
 
     async def _open_new_binds(self, new: Config) -> dict:

@@ -10,12 +10,8 @@ import uvloop
 from l4lb.balancer import PausableServer, open_listening_socket
 from l4lb.config import Address
 
-
-@pytest.fixture
-def l4lb(l4lb_each_relay):
-    """Every test here runs against both relays (splice = true and false)."""
-    return l4lb_each_relay
-
+# Every test here runs against both relays (splice = true and false).
+pytestmark = pytest.mark.each_relay
 
 
 class Greeter(asyncio.Protocol):

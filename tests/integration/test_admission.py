@@ -7,13 +7,8 @@ import pytest
 
 from ..support import connect, name_handler, simple_config, ask
 
-
-
-@pytest.fixture
-def l4lb(l4lb_each_relay):
-    """Every test here runs against both relays (splice = true and false)."""
-    return l4lb_each_relay
-
+# Every test here runs against both relays (splice = true and false).
+pytestmark = pytest.mark.each_relay
 
 
 def listener_row(lb, name="web"):

@@ -7,12 +7,8 @@ import pytest
 
 from ..support import backends_toml, connect, name_handler
 
-
-@pytest.fixture
-def l4lb(l4lb_each_relay):
-    """Every test here runs against both relays (splice = true and false)."""
-    return l4lb_each_relay
-
+# Every test here runs against both relays (splice = true and false).
+pytestmark = pytest.mark.each_relay
 
 
 def has_ipv6_loopback() -> bool:

@@ -9,12 +9,9 @@ from l4lb.proxyproto import encode_v2, parse_proxy_header
 
 from ..support import connect, simple_config, ask
 
-
-@pytest.fixture
-def l4lb(l4lb_each_relay):
-    """Every test here runs against both relays: the stream relay reads the header from
-    its buffer, the raw-socket relay (`splice = true`) peeks at the socket."""
-    return l4lb_each_relay
+# Every test here runs against both relays: the stream relay reads the header from its
+# buffer, the raw-socket relay (`splice = true`) peeks at the socket.
+pytestmark = pytest.mark.each_relay
 
 
 def rejected(lb, reason, count=None, timeout=10.0):

@@ -11,17 +11,13 @@ import time
 
 import pytest
 
-from ..support import (connect, echo_handler, free_port_refused, name_handler, recv_all,
+from ..support import (ask, connect, echo_handler, free_port_refused, name_handler, recv_all,
                        recv_exactly, simple_config, fds_in_use)
 
 MiB = 1024 * 1024
 
-
-@pytest.fixture
-def l4lb(l4lb_each_relay):
-    """Every test here runs against both relays (splice = true and false)."""
-    return l4lb_each_relay
-
+# Every test here runs against both relays (splice = true and false).
+pytestmark = pytest.mark.each_relay
 
 
 def test_64_mib_each_way_concurrently_arrives_intact(backends, l4lb):
@@ -314,3 +310,39 @@ def test_rcvbuf_and_sndbuf_size_both_sockets_of_a_connection(backends, l4lb):
     sides = socket_buffers(remote_port=backend_port)                         # l4lb -> backend
     assert sides == [(200000, 300000)]
     s.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_reload_resizes_the_buffers_of_new_connections(backends, l4lb):
+    b = backends(echo_handler)
+    lb = l4lb(simple_config([("a", b.address)], listener_extra="rcvbuf = 100000\nsndbuf = 150000"))
+    backend_port = int(b.address.rsplit(":", 1)[1])
+    first = connect(lb.port())
+    first.sendall(b"ping")
+    assert recv_exactly(first, 4) == b"ping"
+    text = lb.path.read_text()
+    lb.path.write_text(text.replace("rcvbuf = 100000", "rcvbuf = 120000")
+                       .replace("sndbuf = 150000", "sndbuf = 160000"))
+    changes = ask(lb, "reload")["changes"]
+    assert "listener web: rcvbuf 120000" in changes
+    assert "listener web: sndbuf 160000" in changes
+    second = connect(lb.port())
+    second.sendall(b"pong")
+    assert recv_exactly(second, 4) == b"pong"
+    # The first connection keeps its sizes; the second has the new ones, on both sides.
+    assert sorted(socket_buffers(local_port=lb.port())) == [(200000, 300000), (240000, 320000)]
+    assert sorted(socket_buffers(remote_port=backend_port)) == [(200000, 300000),
+                                                                  (240000, 320000)]
+    # Back to autotuning: backend sockets follow; the open bind cannot, and says so.
+    lb.path.write_text(text.replace("rcvbuf = 100000\n", "").replace("sndbuf = 150000\n", ""))
+    changes = ask(lb, "reload")["changes"]
+    assert any(c.startswith("listener web: rcvbuf 0 (autotuning) for backend sockets; "
+                            "client sockets keep 120000") for c in changes), changes
+    third = connect(lb.port())
+    third.sendall(b"ring")
+    assert recv_exactly(third, 4) == b"ring"
+    assert sorted(socket_buffers(local_port=lb.port()))[-1] == (240000, 320000)
+    assert len([s for s in socket_buffers(remote_port=backend_port)
+                if s not in ((200000, 300000), (240000, 320000))]) == 1
+    for s in (first, second, third):
+        s.close()
