@@ -4,6 +4,7 @@ send_proxy written before splicing, fd accounting. The relay's contract itself
 import hashlib
 import os
 import resource
+import signal
 import socket
 import threading
 import time
@@ -273,3 +274,43 @@ def test_pipes_are_reused_and_past_the_cap_bulk_is_copied_intact(backends, l4lb)
         s.close()
     pipes = ask(lb, "show info")["pipes"]
     assert pipes["created"] <= 1 and pipes["used"] == 0
+
+
+def segments_received(sock) -> int:
+    """tcpi_segs_in of a TCP socket (struct tcp_info, Linux 4.2+: offset 140)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 192)
+    return int.from_bytes(info[140:144], "little")
+
+
+@pytest.mark.timeout(30)
+def test_a_reply_and_the_fin_that_came_with_it_leave_in_one_segment(backends, l4lb):
+    """When the backend's FIN is in by the time its reply is read, that read is the last:
+    the reply goes out with MSG_MORE and the shutdown right after puts the FIN into the
+    same segment (HAProxy does the same), one packet and one wake-up less per closing
+    exchange. l4lb is stopped while the backend replies and closes, so it finds both in
+    one edge."""
+    got, go = threading.Event(), threading.Event()
+
+    def reply_and_close(conn, backend):
+        conn.recv(100)
+        got.set()
+        go.wait(10)
+        conn.sendall(b"r" * 1000)
+        conn.close()
+
+    b = backends(reply_and_close)
+    lb = l4lb(simple_config([("a", b.address)]))
+    s = connect(lb.port(), timeout=10)
+    s.sendall(b"request")
+    assert got.wait(10)
+    time.sleep(0.1)                  # every ACK is in
+    lb.proc.send_signal(signal.SIGSTOP)
+    try:
+        before = segments_received(s)
+        go.set()
+        time.sleep(0.2)              # the reply and the FIN wait in l4lb's backend socket
+    finally:
+        lb.proc.send_signal(signal.SIGCONT)
+    assert recv_all(s) == b"r" * 1000
+    assert segments_received(s) - before == 1
+    s.close()
