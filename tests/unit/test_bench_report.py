@@ -39,6 +39,8 @@ def test_chart_only_reports_the_cpu_per_gb_of_both_cores(tmp_path):
     # and the targets: 16/16 = 1.0x haproxy-tuned's Gbit/s (median of 16 and 8 = 12: 0.75)
     assert "| bulk8 Gbit/s >= 1.0x haproxy-tuned | 0.75 | **no** |" in out
     assert "| bulk8 CPU per GB <= 0.7x haproxy-splice | 0.80 | **no** |" in out
+    # rep 1: 1.0x the Gbit/s but 0.8x the CPU; rep 2 has no reference rep: not counted
+    assert "| both bulk8 targets in the same rep | 1 | 0 | - | - | - |" in out
     assert (tmp_path / "bench-x.png").stat().st_size > 10_000
     assert (tmp_path / "bench-x-bulk8.png").stat().st_size > 10_000
 
@@ -60,3 +62,22 @@ def test_rep_by_rep_ratios_pair_reps_within_a_run_only(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| new connections/s >= 1.0x haproxy | 2 | 1 | 0.90 | 1.00 | 1.10 |" in proc.stdout
+
+
+def test_both_bulk8_targets_are_counted_only_when_one_rep_meets_both(tmp_path):
+    records = []
+    # (Gbit/s, CPU-s) of l4lb against haproxy-tuned at 16 Gbit/s and haproxy-splice at
+    # 0.25 CPU-s/GB: rep 1 meets both, rep 2 only the Gbit/s, rep 3 only the CPU.
+    for rep, gbps, cpu in ((1, 16.0, 1.5), (2, 17.0, 3.0), (3, 12.0, 1.0)):
+        records += [bulk8("haproxy", rep, 8.0, 4.0, 100.0),
+                    bulk8("haproxy-tuned", rep, 16.0, 4.0, 100.0),
+                    bulk8("haproxy-splice", rep, 16.0, 2.5, 100.0),
+                    bulk8("l4lb", rep, gbps, cpu, 100.0)]
+    results = tmp_path / "bench-y.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in records))
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--chart-only", str(results)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| bulk8 Gbit/s >= 1.0x haproxy-tuned | 3 | 2 |" in proc.stdout
+    assert "| bulk8 CPU per GB <= 0.7x haproxy-splice | 3 | 2 |" in proc.stdout
+    assert "| both bulk8 targets in the same rep | 3 | 1 | - | - | - |" in proc.stdout
