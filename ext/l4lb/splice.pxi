@@ -379,29 +379,21 @@ cdef int splice_pump(splice_dir* d, bint* readable, bint* writable, int64_t* nre
     cdef int64_t before
     cdef int rc
     while True:
-        if d.spill_len > 0:
+        if d.spill_len > 0 or d.held > 0:
             if not writable[0]:
                 return SPLICE_WAIT
-            n = c_send(d.dst, d.spill + d.spill_off, <size_t>(d.spill_len - d.spill_off),
-                       MSG_NOSIGNAL)
+            if d.spill_len > 0:          # spilled bytes (pipe2 failed) go before the pipe's
+                n = c_send(d.dst, d.spill + d.spill_off, <size_t>(d.spill_len - d.spill_off),
+                           MSG_NOSIGNAL)
+            else:
+                n = c_splice(d.pr, NULL, d.dst, NULL, <size_t>d.held, SPLICE_FLAGS)
             if n > 0:
-                d.spill_off += n
-                if d.spill_off == d.spill_len:
-                    _free_spill(d)
-                continue
-            if n < 0 and errno == EINTR:
-                continue
-            if n < 0 and errno == EAGAIN:
-                writable[0] = False
-                return SPLICE_WAIT
-            d.err = errno if n < 0 else EPIPE
-            return SPLICE_DST_FAILED
-        if d.held > 0:
-            if not writable[0]:
-                return SPLICE_WAIT
-            n = c_splice(d.pr, NULL, d.dst, NULL, <size_t>d.held, SPLICE_FLAGS)
-            if n > 0:
-                d.held -= n
+                if d.spill_len == 0:
+                    d.held -= n
+                else:
+                    d.spill_off += n
+                    if d.spill_off == d.spill_len:
+                        _free_spill(d)
                 continue                 # a short write is confirmed by the EAGAIN next
             if n < 0 and errno == EINTR:
                 continue
