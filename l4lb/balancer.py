@@ -530,13 +530,13 @@ class Balancer:
         # Listeners.
         for name, lcfg in new.listeners.items():
             listener = self.listeners.get(name)
+            servers = new_servers.get(name, {})
             if listener is None:
                 listener = self.listeners[name] = Listener(lcfg, self.hub, self.pools)
                 changes.append(f"listener {name} added")
             else:
-                changes.extend(self._retune_binds(listener, lcfg, new_servers.get(name, {})))
+                changes.extend(self._retune_binds(listener, lcfg, servers))
                 listener.configure(lcfg, self.pools)
-            servers = new_servers.get(name, {})
             for server in servers.values():
                 if isinstance(server, _native.SpliceServer):
                     server.attach(listener.runtime)       # no-op once attached
