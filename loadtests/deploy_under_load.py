@@ -73,6 +73,12 @@ WARMUP_S = 4.0
 COOLDOWN_S = 4.0
 # Width of the timeline's buckets, seconds: fine enough to show a deploy step of a second.
 TIMELINE_STEP = 0.25
+# The deploy starts only once the old version has served this many requests, and the run
+# ends only once a whole timeline bucket after the deploy has served requests: --warmup and
+# --cooldown are minimums, so a busy machine (slow Locust start-up) still charts both sides.
+WARMUP_REQUESTS = 20
+# Seconds to wait for either condition before giving up (the run reports what it saw).
+SETTLE_TIMEOUT = 60.0
 # Hard ceiling on a whole scenario's Locust run; a deploy that hangs is cut off here.
 MAX_RUN_S = 300
 
@@ -619,6 +625,21 @@ def draw_chart(timeline_path: Path, png: Path) -> None:
 
 # --- main ----------------------------------------------------------------------------------
 
+def wait_for_timeline(run: ScenarioRun, path: Path, done: Callable[[list[dict]], bool],
+                      timeout: float = SETTLE_TIMEOUT) -> None:
+    """Wait until `done(rows of the timeline so far)` holds (Locust flushes a bucket once
+    it is over). RuntimeError when Locust exits first; after `timeout` s it goes on, and the
+    result shows what the load saw."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if run.locust.poll() is not None:
+            raise RuntimeError("locust exited early; log:\n"
+                               + (run.workdir / "locust.log").read_text()[-3000:])
+        if done(read_timeline(path)):
+            return
+        time.sleep(TIMELINE_STEP)
+
+
 def run_scenario(scenario: Scenario, args) -> int:
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
@@ -635,15 +656,17 @@ def run_scenario(scenario: Scenario, args) -> int:
         run.start_locust(stem, timeline_path)
         run.mark("load on")
         time.sleep(args.warmup)
-        if run.locust.poll() is not None:
-            raise RuntimeError("locust exited early; log:\n"
-                               + (workdir / "locust.log").read_text()[-3000:])
+        wait_for_timeline(run, timeline_path, lambda rows: sum(
+            sum(r["versions"].values()) for r in rows) >= WARMUP_REQUESTS)
         try:
             scenario.deploy(run)
         except Exception as exc:   # a failed deploy is a result: stop, report, still chart
             deploy_error = exc
             run.mark("deploy failed")
+        deployed_at = time.time()
         time.sleep(args.cooldown)
+        wait_for_timeline(run, timeline_path, lambda rows: any(
+            r["t"] >= deployed_at and sum(r["versions"].values()) > 0 for r in rows))
     finally:
         run.stop_all()
         if args.keep_workdir or deploy_error:
@@ -737,9 +760,11 @@ def main(argv=None) -> int:
     ap.add_argument("--drain-timeout", type=float, default=30.0,
                     help="rolling, blue-green: l4lb deploy --drain-timeout (default 30)")
     ap.add_argument("--warmup", type=float, default=WARMUP_S,
-                    help="seconds of load before the deploy (default %g)" % WARMUP_S)
+                    help="seconds of load before the deploy, at least; it also waits for %d "
+                         "requests served (default %g)" % (WARMUP_REQUESTS, WARMUP_S))
     ap.add_argument("--cooldown", type=float, default=COOLDOWN_S,
-                    help="seconds of load after it (default %g)" % COOLDOWN_S)
+                    help="seconds of load after it, at least; it also waits for a timeline bucket "
+                         "served wholly after the deploy (default %g)" % COOLDOWN_S)
     ap.add_argument("--results", default=str(RESULTS),
                     help="folder for the chart, timeline and CSVs (default loadtests/results)")
     ap.add_argument("--no-plot", action="store_true", help="skip the PNG")
