@@ -40,20 +40,47 @@ Options added to locust's command line:
                       (env L4LB_LOCUST_TIMELINE; used by deploy_under_load.py)
   --timeline-step S   the timeline's bucket width in seconds (default 1; 0.25 shows a
                       deploy's steps)
+  --tcp-time-unit us|ms
+                      the unit response times are reported in (default us). Locust keeps
+                      response times as whole numbers, so a loopback request of 0.3 ms
+                      shows as 0 ms in the console, the CSV and the HTML report; in µs it
+                      shows as 300. The unit is part of every request name ("line [us]"),
+                      so every table says which it is.
+
+Locust prints `--help` before it imports a locustfile, so `locust -f FILE --help` cannot list
+these options: `python loadtests/locustfile.py --help` prints Locust's help with them, and
+`python loadtests/locustfile.py ARGS...` runs `locust -f loadtests/locustfile.py ARGS...`.
+
+The `--csv` stats file is rewritten once the run is over: Locust writes it every second and
+not again at the end, so it would miss the last second's requests (up to a third of a 3 s
+run; locust issues #1806, #2299); now it holds exactly what the printed summary holds.
 """
 from __future__ import annotations
 
+import atexit
+import csv
 import itertools
 import json
+import os
 import random
 import socket
+import sys
 import time
 
+HELP_FLAGS = {"-h", "--help"}
+if __name__ == "__main__" and not HELP_FLAGS & set(sys.argv[1:]):
+    # Run as a script: hand over to Locust with this file (--help is answered at the end
+    # of this file, once the options below are registered).
+    os.execvp(sys.executable, [sys.executable, "-m", "locust", "-f", os.path.abspath(__file__),
+                               *sys.argv[1:]])
+
 import gevent
-from locust import User, events, task
+from locust import User, events, stats, task
 
 # Bytes read per recv(): a reply line is short, one read almost always holds it all.
 RECV_SIZE = 65536
+# --tcp-time-unit: what one reported unit is worth in seconds.
+TIME_UNITS = {"us": 1e6, "ms": 1e3}
 _user_ids = itertools.count(1)
 
 
@@ -78,6 +105,10 @@ def add_tcp_options(parser):
     parser.add_argument("--timeline-step", type=float, default=1.0,
                         env_var="L4LB_LOCUST_TIMELINE_STEP",
                         help="timeline bucket width, seconds (default 1)")
+    parser.add_argument("--tcp-time-unit", choices=sorted(TIME_UNITS), default="us",
+                        env_var="L4LB_TCP_TIME_UNIT",
+                        help="unit of the reported response times, also named in each "
+                             "request name (default us: sub-millisecond times stay visible)")
 
 
 def parse_target(host: str | None) -> tuple[str, int]:
@@ -147,6 +178,8 @@ class TcpUser(User):
         if n > 65000:
             raise ValueError("--tcp-source-addresses: at most 65000")
         self.sources = n
+        self.unit = getattr(opts, "tcp_time_unit", "us") if opts else "us"
+        self.per_second = TIME_UNITS[self.unit]
 
     def source(self) -> str | None:
         """A source address for the next connection (None: the system picks)."""
@@ -168,8 +201,8 @@ class TcpUser(User):
     def report(self, name: str, started: float, length: int, exc: Exception | None,
                version: str = "") -> None:
         self.environment.events.request.fire(
-            request_type="tcp", name=name,
-            response_time=(time.perf_counter() - started) * 1000.0,
+            request_type="tcp", name="%s [%s]" % (name, self.unit),
+            response_time=(time.perf_counter() - started) * self.per_second,
             response_length=length, exception=exc, context={"version": version})
 
 
@@ -235,6 +268,25 @@ class ConnectionPerRequestUser(TcpUser):
         self.report("connect+line", started, len(reply), None, version)
 
 
+# --- the final CSV -------------------------------------------------------------------
+
+@events.init.add_listener
+def rewrite_stats_csv_at_exit(environment, **_):
+    """Locust's StatsCSVFileWriter writes PREFIX_stats.csv once a second and not at the end;
+    rewrite it from the final stats once Locust has closed its files (it exits through
+    sys.exit, so atexit runs after close_files)."""
+    prefix = getattr(environment.parsed_options, "csv_prefix", None) \
+        if environment.parsed_options else None
+    if not prefix or environment.runner is None:
+        return
+
+    def rewrite():
+        with open("%s_stats.csv" % prefix, "w", newline="") as f:
+            stats.StatsCSV(environment, stats.PERCENTILES_TO_REPORT).requests_csv(csv.writer(f))
+
+    atexit.register(rewrite)
+
+
 # --- per-second timeline (deploy_under_load.py reads it) --------------------------------
 
 class Timeline:
@@ -293,3 +345,10 @@ def start_timeline(environment, **_):
     environment.events.request.add_listener(timeline.on_request)
     timeline.flusher = gevent.spawn(timeline.run_flusher)
     environment.events.quitting.add_listener(lambda **_: timeline.close())
+
+
+if __name__ == "__main__":
+    # Only --help gets here (see the top): Locust's own help, with this file's options.
+    from locust.argument_parser import get_parser
+
+    get_parser().parse_args(["-f", os.path.abspath(__file__), *sys.argv[1:]])
