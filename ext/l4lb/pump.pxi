@@ -36,8 +36,7 @@
 # - End of file: once everything read is delivered, shutdown(dst, SHUT_WR) (PUMP_DONE);
 #   the other direction goes on. Errors are PUMP_SRC_FAILED / PUMP_DST_FAILED with the
 #   errno in d.err: the relay decides whose reset it was.
-# Nothing here touches a Python object: the pump runs without the GIL's help and
-#   allocates nothing per chunk.
+# - Everything here is nogil C: no Python object and no allocation per chunk.
 from libc.errno cimport errno, EAGAIN, EINTR, EPIPE, EMFILE, ENOMEM
 from libc.stdint cimport int64_t, uint32_t
 from libc.stdlib cimport malloc, free

@@ -56,8 +56,8 @@ cdef class Relay:
     cdef double deadline              # connect / queue / header deadline, by state
     cdef double connect_started       # _now() when the connect to target began
     cdef public str close_reason      # why it closed (the access log's reason); None while live
-    cdef Relay prev                   # neighbours in the hub's list of live relays
-    cdef Relay next
+    cdef Relay prev                   # the previous live relay in the hub's list
+    cdef Relay next                   # the next live relay in the hub's list
     cdef public object local_addr     # (host, port) the client connected to, when needed
                                       # (set from an accepted PROXY header's destination)
     cdef object gate                  # the gate that admitted this relay: gate.release(self)
@@ -68,8 +68,8 @@ cdef class Relay:
     cdef int bfd                      # backend socket (owned), -1 until connecting / once closed
     cdef bint c_readable              # edge seen and not yet read to EAGAIN
     cdef bint c_writable              # no EAGAIN on write since the last EPOLLOUT edge
-    cdef bint b_readable              # the same two for the backend socket
-    cdef bint b_writable
+    cdef bint b_readable              # c_readable, for the backend socket
+    cdef bint b_writable              # c_writable, for the backend socket
     cdef bint deferred                # queued in poller.again
     cdef splice_dir up                # client -> backend
     cdef splice_dir down              # backend -> client

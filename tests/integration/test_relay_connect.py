@@ -57,7 +57,12 @@ class Relaying:
     127.0.0.1:0, and the access log's (relay, reason) records."""
 
     def __init__(self, targets, retries=2):
-        self.hub = _native.Hub(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        # An exception in a relay callback (a debug build's failed transition check) is
+        # only logged by the loop: collect them, close() fails the test on any.
+        self.errors = []
+        loop.set_exception_handler(lambda loop, context: self.errors.append(context))
+        self.hub = _native.Hub(loop)
         self.closed = []
         self.hub.access_log = lambda relay, reason: self.closed.append(reason)
         algo = _native.RoundRobin()
@@ -84,6 +89,7 @@ class Relaying:
     def close(self):
         self.acceptor.close()
         self.hub.close_all()
+        assert not self.errors, self.errors
 
 
 def test_a_hostname_whose_first_address_is_dead_connects_to_the_next():
