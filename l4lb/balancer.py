@@ -7,7 +7,6 @@ connection at most (the access log line), never per chunk of data.
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import time
 
@@ -27,59 +26,6 @@ FD_EXHAUSTED_LOG_INTERVAL = 10.0
 # Seconds accepting stays paused once the process ran out of descriptors: new clients wait
 # in the kernel's backlog meanwhile instead of being accepted only to be refused.
 ACCEPT_PAUSE = 0.1
-
-
-class PausableServer:
-    """A uvloop server that can stop and resume accepting.
-
-    uvloop's servers can only be closed, and closing one closes its socket. So the
-    listening socket stays ours, and the uvloop server runs on a duplicate of it:
-    pausing closes the server (the duplicate) while the socket keeps listening and the
-    kernel queues new connections in its backlog; resuming serves a fresh duplicate."""
-
-    def __init__(self, loop, sock: socket.socket, factory):
-        self.loop = loop
-        self.sock = sock
-        self.factory = factory
-        self.server = None
-        self.closed = False
-        self.resume_handle = None
-
-    @property
-    def sockets(self) -> list:
-        return [self.sock]
-
-    async def start(self) -> None:
-        dup = socket.socket(fileno=os.dup(self.sock.fileno()))
-        try:
-            self.server = await self.loop.create_server(self.factory, sock=dup,
-                                                        backlog=LISTEN_BACKLOG)
-        except BaseException:
-            dup.close()
-            raise
-
-    def pause(self, seconds: float = ACCEPT_PAUSE) -> bool:
-        """Stop accepting for `seconds`; False when already paused (or closed)."""
-        if self.server is None or self.closed:
-            return False
-        self.server.close()
-        self.server = None
-        self.resume_handle = self.loop.call_later(seconds, self._resume)
-        return True
-
-    def _resume(self) -> None:
-        self.resume_handle = None
-        if not self.closed and self.server is None:
-            self.loop.create_task(self.start())
-
-    def close(self) -> None:
-        self.closed = True
-        if self.resume_handle is not None:
-            self.resume_handle.cancel()
-        if self.server is not None:
-            self.server.close()
-            self.server = None
-        self.sock.close()
 
 
 def open_listening_socket(addr: Address, rcvbuf: int = 0, sndbuf: int = 0) -> socket.socket:
@@ -221,18 +167,10 @@ class Balancer:
 
     async def serve_socket(self, sock: socket.socket, splice: bool, runtime):
         """Accept on `sock` for `runtime` (a ListenerRuntime, or a factory of one for a
-        listener a reload is creating): a uvloop server, or with `splice` a SpliceServer
-        (raw sockets relayed by splice(2); attached once the listener exists)."""
-        if splice:
-            return _native.SpliceServer(
-                sock, runtime if isinstance(runtime, _native.ListenerRuntime) else None)
-        server = PausableServer(self.loop, sock, runtime)
-        try:
-            await server.start()
-        except BaseException:
-            server.close()
-            raise
-        return server
+        listener a reload is creating): an Acceptor, attached once the listener exists.
+        `splice` is always true (the stream relay was removed)."""
+        return _native.Acceptor(
+            sock, runtime if isinstance(runtime, _native.ListenerRuntime) else None)
 
     async def start_listener(self, listener: Listener) -> None:
         for addr in listener.config.bind:
@@ -538,7 +476,7 @@ class Balancer:
                 changes.extend(self._retune_binds(listener, lcfg, servers))
                 listener.configure(lcfg, self.pools)
             for server in servers.values():
-                if isinstance(server, _native.SpliceServer):
+                if isinstance(server, _native.Acceptor):
                     server.attach(listener.runtime)       # no-op once attached
             for addr, server in listener.servers.items():
                 if servers.get(addr) is not server:

@@ -240,6 +240,9 @@ class Config:
     metrics: MetricsConfig
     listeners: dict[str, ListenerConfig]
     pools: dict[str, PoolConfig]
+    # `FILE:LINE key: message` lines for keys that still work but are deprecated; the
+    # caller logs them (the config is valid).
+    warnings: list[str] = field(default_factory=list, compare=False)
 
 
 # -- rules: what a valid value is -------------------------------------------------------
@@ -309,6 +312,24 @@ class Rule:
 
     def reject(self, raw: Any) -> ValueError:
         return ValueError(f"must be {self.expects}, got {show(raw)}")
+
+
+# The listener key `splice` chose between two relays until the uvloop stream relay was
+# removed: `true` (the relay that remains) is accepted with a deprecation warning.
+SPLICE_REMOVED = "the uvloop stream relay was removed; delete this key"
+SPLICE_DEPRECATED = "deprecated: the raw-socket relay is the only relay; delete this key"
+
+
+class SpliceFlag(Rule):
+    """The deprecated `splice` key: true, the only relay there is, or an error."""
+    expects = "true (deprecated)"
+
+    def check(self, raw):
+        if raw is True:
+            return True
+        if raw is False:
+            raise ValueError(SPLICE_REMOVED)
+        raise self.reject(raw)
 
 
 class Integer(Rule):
@@ -736,13 +757,12 @@ LISTENER = Table(ListenerConfig, {
     "queue_timeout": Key(Number(), 5.0,
         "Seconds a client may wait for a slot when every backend is at its max_connections; "
         "0 = do not queue, close at once."),
-    "splice": Key(Boolean(), True,
-        "true: the raw-socket relay: accept and connect without uvloop's transports, copy "
-        "small reads and move bulk in the kernel with splice(2) through a pipe borrowed "
-        "from a pool while bytes wait in it (at most global.max_connections / 4 pipes). "
-        "false: the stream relay on uvloop's transports (about twice the CPU per new "
-        "connection). A change applies to binds opened after it (restart to switch a "
-        "running bind)."),
+    "splice": Key(SpliceFlag(), True,
+        "Deprecated, and only `true` is accepted (with a warning in the log): every "
+        "listener relays with raw sockets, copying small reads and moving bulk in the "
+        "kernel with splice(2) through a pipe borrowed from a pool while bytes wait in "
+        "it (at most global.max_connections / 4 pipes). `false` chose the uvloop "
+        "stream relay, which was removed: it is an error. Delete the key."),
 }, doc="A set of listening addresses in front of a pool or a split of pools.",
     check=check_listener)
 
@@ -824,7 +844,22 @@ def parse_config(text: str, path) -> Config:
     _resolve_paths(config, absolute.parent, report)
     if issues:
         raise ConfigError(issues)
+    config.warnings = _deprecations(data, name, locator)
     return config
+
+
+def _deprecations(data: dict, name: str, locator: TomlLocator) -> list[str]:
+    """`FILE:LINE key: message` for each deprecated key the file sets: `splice = true`."""
+    listeners = data.get("listeners")
+    if not isinstance(listeners, dict):
+        return []
+    warnings = []
+    for listener, body in listeners.items():
+        if isinstance(body, dict) and body.get("splice") is True:
+            path = ("listeners", listener, "splice")
+            warnings.append(str(ConfigIssue(name, locator.line_of(path), format_path(path),
+                                            SPLICE_DEPRECATED)))
+    return warnings
 
 
 def _syntax_issue(name: str, text: str, message: str) -> ConfigIssue:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import re
 import signal
 import socket
 import subprocess
@@ -244,15 +243,6 @@ def fds_in_use(lb) -> int:
     """The balancer's open descriptors, less the empty pipes its pool keeps for reuse
     (`show info` pipes.free, two descriptors each): what a leak would grow."""
     return lb.ps.num_fds() - 2 * ask(lb, "show info")["pipes"]["free"]
-
-
-def with_splice(config: str, on: bool = True) -> str:
-    """`config` with `splice = true` (or false) on every listener."""
-    text, n = re.subn(r"^(\[listeners\.[^\]\n]+\]\n)",
-                      lambda m: m.group(1) + f"splice = {'true' if on else 'false'}\n",
-                      config, flags=re.MULTILINE)
-    assert n > 0, "no [listeners.NAME] table"
-    return text
 
 
 def two_pool_config(blue, green, route: str = 'pool = "blue"', access: bool = True,

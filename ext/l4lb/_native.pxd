@@ -1,4 +1,8 @@
-# Declarations of every cdef class in l4lb._native, one part per file.
+# Declarations of every cdef class and shared C type of l4lb._native, one part per file
+# (C declarations from the system: includes/system.pxd).
 include "algorithm.pxd"
+include "runtime.pxd"
+include "pump.pxd"
 include "relay.pxd"
-include "splice.pxd"
+include "poller.pxd"
+include "acceptor.pxd"

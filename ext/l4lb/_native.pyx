@@ -1,16 +1,17 @@
 # cython: language_level=3
 """l4lb's compiled hot path: backend selection and the byte relay.
 
-This file only includes the parts; each part opens with its theory of operation.
+This file only includes the parts; each part opens with its theory of operation:
+hashing and the algorithms (backend selection), runtime (what the control plane
+configures: Target, PoolRuntime, ListenerRuntime, Hub), pump (bytes of one direction:
+copy and splice, the pipe pool), relay (one client and its backend: the state machine),
+poller (the epoll every relay socket is in) and acceptor (accept4 on a listening socket).
 """
-cdef extern from *:
-    """
-    #ifndef L4LB_DEBUG
-    #define L4LB_DEBUG 0
-    #endif
-    """
-    const bint L4LB_DEBUG
+cimport cython
+from l4lb.includes.system cimport L4LB_DEBUG
 
+# True in a debug build (L4LB_DEBUG=1 at build time): the relay's state transitions are
+# checked against their table (relay_set_state) and a bad one raises AssertionError.
 DEBUG_BUILD = L4LB_DEBUG
 
 include "hashing.pxi"
@@ -21,5 +22,8 @@ include "leastconn.pxi"
 include "lrt.pxi"
 include "hash.pxi"
 include "p2c.pxi"
+include "runtime.pxi"
+include "pump.pxi"
 include "relay.pxi"
-include "splice.pxi"
+include "poller.pxi"
+include "acceptor.pxi"

@@ -1,160 +1,97 @@
-# The relay's runtime objects (relay.pxi). The control plane (l4lb/model.py) owns one
-# Target per backend, one PoolRuntime per pool and one ListenerRuntime per listener, and
-# changes them in place; the relay only reads them and bumps their counters.
+# The relay (relay.pxi): one client connection and its backend connection.
 cimport cython
-from libc.stdint cimport int64_t, uint64_t
+from libc.stdint cimport int64_t, uint32_t, uint64_t
+from l4lb.includes.system cimport sockaddr_storage
 
+# A relay's states. Every write goes through relay_set_state (relay.pxi), which checks
+# it against RELAY_NEXT under L4LB_DEBUG. The diagram:
+#
+#   NEW ──────────┬──> HEADER ──> CONNECTING <──┬──> QUEUED
+#   (accepted)    └──────────────>    │         └─── (a slot freed)
+#                                     v
+#                                   OPEN
+#   and every state but CLOSED ──> CLOSED (rejected, refused, reset, timed out, done)
+#
+# A retry after a failed connect stays in CONNECTING (no write).
 cdef enum:
-    RELAY_HEADER = 0        # reading a PROXY protocol header from the client
-    RELAY_CONNECTING = 1    # backend connect in flight; client bytes are held in `pending`
-    RELAY_QUEUED = 2        # every eligible backend is at max_connections; waiting for a slot
-    RELAY_OPEN = 3          # both sides connected; bytes flow
-    RELAY_CLOSED = 4        # finished: counters settled, unlinked from the hub
+    RELAY_NEW = 0           # accepted, not yet admitted (limits, gate, pool)
+    RELAY_HEADER = 1        # reading a PROXY protocol header from the client
+    RELAY_CONNECTING = 2    # picking a backend, resolving its name or connecting to it
+    RELAY_QUEUED = 3        # every eligible backend is at max_connections; waiting for a slot
+    RELAY_OPEN = 4          # both sides connected; bytes flow
+    RELAY_CLOSED = 5        # finished: counters settled, unlinked from the hub
+    RELAY_STATES = 6        # how many states there are
 
-cpdef enum:
-    HASH_KEY_SRC_IP = 0
-    HASH_KEY_SRC_IP_PORT = 1
-
-
-cdef class Target:
-    cdef readonly str pool            # pool name (for logs and show conns)
-    cdef readonly str name            # backend name
-    cdef public object host           # where to connect: IP literal or hostname
-    cdef public object port
-    cdef public int slot              # the backend's slot in its pool's Algorithm
-    cdef public int64_t active        # relays assigned to this backend and not yet closed
-    cdef public int64_t total         # connections that reached the backend
-    cdef public int64_t failed        # connect failures and connect timeouts
-    cdef public int64_t bytes_in      # client -> backend bytes
-    cdef public int64_t bytes_out     # backend -> client bytes
-    cdef public object on_connect_failed   # callable(Target, reason) or None: passive health
-    cdef public object on_idle        # callable(Target) or None: called when active drops to 0
-
-
-cdef class PoolRuntime:
-    cdef readonly str name
-    cdef public Algorithm algo        # the pool's selection algorithm
-    cdef public list targets          # slot -> Target (None once removed)
-    cdef public int hash_key          # HASH_KEY_*: what the routing key hashes
-    cdef public bint needs_key        # the algorithm reads the routing key (hash)
-    cdef public object queue          # collections.deque of Relays waiting for a slot
-    cdef public double queue_timeout  # seconds a queued client may wait
-
-
-cdef class ListenerRuntime:
-    cdef readonly str name
-    cdef public Hub hub
-    cdef public PoolRuntime pool      # the active pool, when there is no split
-    cdef public list split_pools      # PoolRuntime per split side, or None
-    cdef public list split_bounds     # cumulative percentages matching split_pools
-    cdef public bint sticky_split     # a client IP always lands on the same side
-    cdef public double connect_timeout
-    cdef public double idle_timeout
-    cdef public int retries           # other backends tried after a failed connect
-    cdef public int64_t max_connections
-    cdef public int64_t active        # relays of this listener not yet closed
-    cdef public int64_t accepted      # connections accepted and admitted
-    cdef public object rejected       # dict reason -> count (rare path, Python is fine)
-    cdef public object gate           # optional admission object (ACL, per-source limits)
-    cdef public int send_proxy        # 0 off, 1 v1, 2 v2
-    cdef public bint accept_proxy     # expect a PROXY header first
-    cdef public double proxy_timeout  # seconds to receive that header
-    cdef public int rcvbuf            # SO_RCVBUF for backend sockets; 0 = kernel autotuning
-    cdef public int sndbuf            # SO_SNDBUF for backend sockets; 0 = kernel autotuning
-    cdef public object header_hook    # callable(relay, bytes) -> (consumed, src) | None, for accept_proxy
-    cdef public object proxy_encoder  # callable(version, src, dst) -> bytes, for send_proxy
-
-
-cdef class Hub:
-    cdef char* rbuf                   # the loop's one shared read buffer (see relay.pxi)
-    cdef Py_ssize_t rbuf_size
-    cdef object rview                 # memoryview over rbuf handed to uvloop by get_buffer
-    cdef public object loop
-    cdef public double now            # loop.time() as of the last sweep: coarse clock for stamps
-    cdef public int64_t active        # relays not yet closed, all listeners
-    cdef public int64_t total         # relays ever admitted
-    cdef public int64_t max_connections
-    cdef public int64_t pending_limit # bytes held per client while its backend connects
-    cdef public object access_log     # callable(Relay, reason) or None
-    cdef public object on_overload    # callable() when a connect finds no free descriptor
-    cdef public object splice_poller  # the SplicePoller of splice listeners, made on first use
-    cdef Relay head                   # intrusive doubly linked list of live relays
-    cdef public uint64_t next_id
-    cdef uint64_t rng                 # splitmix64 state for non-sticky splits
-    cdef void link(self, Relay r)
-    cdef void unlink(self, Relay r)
-
-
-cdef class BackendSide:
-    cdef Relay relay                  # the pair this protocol belongs to
-    cdef double started               # loop.time() when the connect began
-
-
-cdef class Relay
+# RELAY_NEXT[state]: the bit set of the states it may move to (1 << RELAY_X each).
+cdef enum:
+    RELAY_NEXT_NEW = (1 << RELAY_HEADER) | (1 << RELAY_CONNECTING) | (1 << RELAY_CLOSED)
+    RELAY_NEXT_HEADER = (1 << RELAY_CONNECTING) | (1 << RELAY_CLOSED)
+    RELAY_NEXT_CONNECTING = (1 << RELAY_QUEUED) | (1 << RELAY_OPEN) | (1 << RELAY_CLOSED)
+    RELAY_NEXT_QUEUED = (1 << RELAY_CONNECTING) | (1 << RELAY_CLOSED)
+    RELAY_NEXT_OPEN = 1 << RELAY_CLOSED
+    RELAY_NEXT_CLOSED = 0
 
 
 @cython.final
-cdef class Connector:
-    # Drives one loop.create_connection coroutine without a Task (relay.pxi).
-    cdef object coro                  # the create_connection coroutine
-    cdef Relay relay                  # the relay it connects for; None once done
-    cdef BackendSide bside            # the protocol the new transport gets
-    cdef object fut                   # the future the coroutine waits on
-    cdef object wakeup                # self._wakeup, bound once
-    cdef bint done
-    cdef void start(self, Relay relay, BackendSide bside, object coro)
-    cdef void step(self, object exc)
-    cdef Relay finish(self)
-
-
 cdef class Relay:
-    # One client connection and its backend connection: the client-side protocol.
-    cdef readonly uint64_t id
-    cdef Hub hub
-    cdef readonly ListenerRuntime listener
-    cdef readonly PoolRuntime pool
-    cdef readonly Target target       # None until a backend is picked
-    cdef int slot
-    cdef int state                    # RELAY_*
-    cdef object ctransport            # client transport
-    cdef object btransport            # backend transport, once connected
-    cdef object cwrite                # ctransport.write, bound once
-    cdef object bwrite                # btransport.write, bound once
-    cdef BackendSide bside
-    cdef object connect_task
-    cdef bytearray pending            # client bytes held until the backend is up (bounded)
-    cdef bint client_eof              # EOF read from the client
-    cdef bint backend_eof             # EOF read from the backend
-    cdef bint client_paused           # client reading paused (backpressure or pending full)
-    cdef bint backend_paused
-    cdef readonly str client_host
-    cdef readonly object client_port
+    # One client and its backend: raw nonblocking sockets registered in the Hub's
+    # Poller, bytes moved by the pump (one splice_dir per direction).
+    cdef readonly uint64_t id         # the hub's number for it (show conns, kill, logs)
+    cdef Hub hub                      # the loop's data-path state
+    cdef Poller poller                # the epoll both sockets are registered in
+    cdef readonly ListenerRuntime listener  # the listener that accepted it
+    cdef readonly PoolRuntime pool    # the pool chosen at admission; None before
+    cdef readonly Target target       # the backend it holds a slot of; None when none
+    cdef int state                    # RELAY_*; written only by relay_set_state
+    cdef readonly str client_host     # the client's IP (a PROXY header's source, if any)
+    cdef readonly object client_port  # the client's port
     cdef uint64_t key                 # routing key (hash64 of the client address)
     cdef int avoid[ALGO_MAX_AVOID]    # slots that failed a connect for this client
-    cdef int navoid
+    cdef int navoid                   # entries used in avoid
+    cdef str last_failure             # the reason of the last failed connect, or None
     cdef readonly int64_t bytes_in    # client -> backend
     cdef readonly int64_t bytes_out   # backend -> client
-    cdef readonly double started      # loop.time() at accept
+    cdef readonly double started      # _now() at accept
     cdef double last_active           # hub.now at the last byte either way
     cdef double deadline              # connect / queue / header deadline, by state
-    cdef public str close_reason
-    cdef Relay prev
-    cdef Relay next
+    cdef double connect_started       # _now() when the connect to target began
+    cdef public str close_reason      # why it closed (the access log's reason); None while live
+    cdef Relay prev                   # the previous live relay in the hub's list
+    cdef Relay next                   # the next live relay in the hub's list
     cdef public object local_addr     # (host, port) the client connected to, when needed
                                       # (set from an accepted PROXY header's destination)
     cdef object gate                  # the gate that admitted this relay: gate.release(self)
                                       # on close; None when the listener has no gate
+    cdef object resolving             # the getaddrinfo future of a hostname backend, or None
+    cdef list addresses               # a hostname's (family, host, port) still to try, or None
+    cdef int cfd                      # client socket (owned), -1 once closed
+    cdef int bfd                      # backend socket (owned), -1 until connecting / once closed
+    cdef bint c_readable              # edge seen and not yet read to EAGAIN
+    cdef bint c_writable              # no EAGAIN on write since the last EPOLLOUT edge
+    cdef bint b_readable              # c_readable, for the backend socket
+    cdef bint b_writable              # c_writable, for the backend socket
+    cdef bint deferred                # queued in poller.again
+    cdef splice_dir up                # client -> backend
+    cdef splice_dir down              # backend -> client
 
-    cdef void admit(self)
+    cdef void accepted(self, ListenerRuntime lst, Poller poller, int fd,
+                       sockaddr_storage* ss)
     cdef void reject(self, str reason)
-    cdef void read_proxy_header(self)
-    cdef void release_target(self)
-    cdef void refuse_overloaded(self)
+    cdef void admit(self)
+    cdef PoolRuntime choose_pool(self)
     cdef void start_connect(self)
     cdef void open_backend_connection(self, Target t)
+    cdef void connect_address(self, int family, object host, int port)
+    cdef void connect_next_or_fail(self, str reason)
     cdef void connect_failed(self, str reason)
-    cdef void backend_connected(self, object transport)
-    cdef void finish(self, str reason)
+    cdef void refuse_overloaded(self)
+    cdef void release_target(self)
+    cdef void check_connect(self, uint32_t ev)
+    cdef void backend_connected(self, uint32_t ev)
+    cdef void read_proxy_header(self, bint client_eof)
+    cdef void on_event(self, bint backend, uint32_t ev)
+    cdef void pump_both(self)
     cdef void close_both(self, str reason, bint abort)
+    cdef void finish(self, str reason)
+    cdef void close_fds(self, bint reset)
     cdef void sweep_one(self, double now)
-    cdef PoolRuntime choose_pool(self)

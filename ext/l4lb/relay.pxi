@@ -1,122 +1,184 @@
-# The byte relay: one client connection, one backend connection, bytes both ways.
+# The relay: one client connection, one backend connection, bytes both ways.
 #
 # Theory of operation (DESIGN.md §8):
-# - The client side (Relay) and the backend side (BackendSide) are buffered protocols:
-#   uvloop reads straight into the buffer get_buffer returns. Every protocol of the loop
-#   gets the same buffer (Hub.rbuf), so an idle connection holds no read buffer at all.
-# - buffer_updated(n) hands the n bytes to the peer transport as one bytes object. It
-#   must be a copy: uvloop's write() queues what it is given until the end of the loop
-#   iteration and keeps a reference rather than a copy, so handing it a view of the
-#   shared buffer would let the next read (any connection's) overwrite queued bytes.
-#   One bytes object per chunk is what uvloop's own data_received path allocates too.
-# - Backpressure: when a peer transport's write buffer passes its high-water mark it
-#   calls our pause_writing, and we stop reading the other side; resume_writing resumes
-#   it. So each direction holds at most the high-water mark plus one chunk.
-# - Until the backend is connected, client bytes go to `pending` (at most
-#   Hub.pending_limit; past that the client is paused) and are written first.
-# - Half close: EOF from one side becomes write_eof on the other while the other
-#   direction keeps flowing; once both sides have sent EOF the pair is closed. A reset
-#   (connection_lost with an error) on either side aborts the other.
-# - No timers per connection: Hub.sweep walks the live relays a few times a second and
-#   applies connect, queue, header and idle deadlines from coarse stamps.
-cimport cython
+# - A Relay owns two raw nonblocking sockets: the client's, from the Acceptor, and the
+#   backend's, connected here. Both sit in the Hub's Poller; their edges come back to
+#   on_event, which runs the pump (pump.pxi) for both directions. Bytes never become
+#   Python objects; an idle relay holds no buffer and no pipe.
+# - Its life is a small state machine (RELAY_*, the diagram in relay.pxd): admission
+#   (global and listener limits, then the listener's gate: ACL and per-source limits),
+#   an optional PROXY header, the choice of pool (a split draws one) and of backend,
+#   the connect, the open pair, the close. Every state write goes through
+#   relay_set_state, which checks it against the table in debug builds.
+# - Backend choice: the pool's algorithm picks a slot never in `avoid`, the slots that
+#   already failed this client; a failed connect avoids that backend, reports it to
+#   passive health and tries another while `retries` last. When every backend is full
+#   (max_connections), the client waits in the pool's queue (queue_timeout). When no
+#   backend is left, the close names why: the last connect failure's reason if backends
+#   were tried and failed, else `no_backend`.
+# - Connect: an IP literal is connected to at once; a hostname is resolved off the loop
+#   (loop.getaddrinfo, per connection as loop.create_connection does) and each of its
+#   addresses is tried in order until one connects, all within connect_timeout (a name
+#   whose first address is dead still connects). Out of descriptors is no backend's
+#   fault: the client is refused as `fd_exhausted`, no backend is blamed.
+# - Before the backend is connected the client is not read at all: its bytes wait in
+#   its kernel socket buffer. A client that resets or vanishes meanwhile is noticed by
+#   EPOLLERR/EPOLLHUP; a mere FIN (a request sent whole) waits for the backend.
+# - accept_proxy: the header is peeked at, parsed by the listener's hook and taken off
+#   the socket exactly; what follows stays in the kernel for the pump. send_proxy: the
+#   header is written with send() before the first byte of the client's.
+# - Half close: one direction's EOF becomes shutdown(SHUT_WR) on the other socket; both
+#   done -> close. A reset either way closes both with SO_LINGER 0, so the other side
+#   sees the reset too; timeouts and kills close plainly.
+# - No timers per connection: Hub.sweep calls sweep_one on every live relay a few times
+#   a second and applies connect, queue, header and idle deadlines from coarse stamps.
+from libc.errno cimport (errno, EAGAIN, EINTR, EINPROGRESS, ECONNREFUSED, ECONNRESET,
+                         ETIMEDOUT)
+from libc.string cimport memset
 from cpython.bytes cimport PyBytes_FromStringAndSize
-from cpython.mem cimport PyMem_Malloc, PyMem_Free
-from libc.string cimport memcpy
+from l4lb.includes.system cimport (
+    sockaddr, sockaddr_storage, sockaddr_in, sockaddr_in6, socklen_t, linger, c_socket,
+    c_connect, c_getsockopt, c_setsockopt, c_getsockname, c_recv, c_send, c_close,
+    inet_pton, inet_ntop, htons, ntohs, AF_INET, AF_INET6, SOCK_STREAM, SOCK_NONBLOCK,
+    SOCK_CLOEXEC, SOL_SOCKET, SO_ERROR, SO_LINGER, SO_RCVBUF, SO_SNDBUF, MSG_NOSIGNAL,
+    MSG_PEEK, IPPROTO_TCP, TCP_NODELAY, EPOLLIN, EPOLLOUT, EPOLLERR, EPOLLHUP, EPOLLRDHUP)
 
 import asyncio
-import collections
-
-# 256 KiB: large enough that a bulk transfer costs few callbacks per MiB, small enough
-# that the one buffer per process stays in cache-friendly territory.
-DEF_READ_BUFFER = 256 * 1024
-# Bytes a client may send before its backend connection is up; past it, reading pauses.
-DEF_PENDING_LIMIT = 256 * 1024
-# Seconds between sweeps: the resolution of every timeout.
-SWEEP_INTERVAL = 0.25
-
-cdef object _CancelledError = asyncio.CancelledError
-
-cdef extern from "<time.h>" nogil:
-    ctypedef int clockid_t
-    cdef struct timespec:
-        long tv_sec
-        long tv_nsec
-    int clock_gettime(clockid_t clk, timespec* tp)
-    enum: CLOCK_MONOTONIC
-
-
-cdef inline double _now() noexcept nogil:
-    # uvloop's loop.time() counts whole milliseconds (libuv's cached uv_now), too coarse
-    # for loopback connect times; this is the same CLOCK_MONOTONIC, read precisely.
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return ts.tv_sec + ts.tv_nsec * 1e-9
-
-
-def monotonic():
-    """The relay's clock (CLOCK_MONOTONIC, seconds): what Relay.started is measured on."""
-    return _now()
-
-import errno as _errno
 import socket as _socket
-# connect() errors that mean "this process is out of descriptors or memory", not "the
-# backend is broken": the client is refused, the backend is not blamed (no passive
-# health failure, no retry elsewhere that would fail the same way).
-OVERLOAD_ERRNOS = frozenset({_errno.EMFILE, _errno.ENFILE, _errno.ENOBUFS, _errno.ENOMEM})
+
+cdef enum:
+    # Bytes peeked for a PROXY header: the longest one the parser accepts is a v2 header
+    # of 16 + MAX_V2_LENGTH (1024) bytes, so a peek this long always decides.
+    HEADER_PEEK = 1088
+
+SPLICE_HEADER_PEEK = HEADER_PEEK
+
+# RELAY_* by number, as show conns and the access log name them.
+RELAY_STATE_NAMES = ("new", "header", "connecting", "queued", "open", "closed")
+
+# RELAY_NEXT_* by state (relay.pxd): the transition table relay_set_state checks.
+cdef int RELAY_NEXT[RELAY_STATES]
+RELAY_NEXT[:] = [RELAY_NEXT_NEW, RELAY_NEXT_HEADER, RELAY_NEXT_CONNECTING,
+                 RELAY_NEXT_QUEUED, RELAY_NEXT_OPEN, RELAY_NEXT_CLOSED]
 
 
-cdef class Target:
-    """One backend as the relay sees it: where to connect, and its C counters."""
-
-    def __init__(self, str pool, str name, host, port, int slot):
-        self.pool = pool
-        self.name = name
-        self.host = host
-        self.port = port
-        self.slot = slot
-        self.on_connect_failed = None
-        self.on_idle = None
-
-    def __repr__(self):
-        return f"<Target {self.pool}/{self.name} {self.host}:{self.port} active={self.active}>"
+cdef inline int relay_set_state(Relay r, int state) except -1:
+    """The one writer of Relay.state. Debug builds check the move against RELAY_NEXT
+    and raise AssertionError on one the diagram does not allow; in release builds
+    L4LB_DEBUG is the constant 0 and this is a plain assignment."""
+    if L4LB_DEBUG:
+        if state < 0 or state >= RELAY_STATES or not (RELAY_NEXT[r.state] >> state) & 1:
+            raise AssertionError(
+                f"relay {r.id}: state {RELAY_STATE_NAMES[r.state]} -> "
+                f"{RELAY_STATE_NAMES[state] if 0 <= state < RELAY_STATES else state} "
+                "is not in RELAY_NEXT")
+    r.state = state
+    return 0
 
 
-cdef class PoolRuntime:
-    """A pool on the data path: its algorithm and its targets by slot."""
-
-    def __init__(self, str name, Algorithm algo, int hash_key=HASH_KEY_SRC_IP,
-                 bint needs_key=False, double queue_timeout=5.0):
-        self.name = name
-        self.algo = algo
-        self.targets = []
-        self.hash_key = hash_key
-        self.needs_key = needs_key
-        self.queue = collections.deque()
-        self.queue_timeout = queue_timeout
-
-    def add_target(self, Target target):
-        """Append a target whose slot was just created in self.algo."""
-        if target.slot != len(self.targets):
-            raise ValueError(f"slot {target.slot} out of order (expected {len(self.targets)})")
-        self.targets.append(target)
-
-    def serve_queue(self):
-        """Hand freed slots to queued clients in arrival order; called when a slot frees."""
-        cdef Relay r
-        while self.queue:
-            r = <Relay>self.queue[0]
-            if r.state != RELAY_QUEUED:
-                self.queue.popleft()
-                continue
-            if not _any_eligible(self.algo, r):
-                return
-            self.queue.popleft()
-            r.state = RELAY_CONNECTING
-            r.start_connect()
+def _relay_walk(states):
+    """For tests: move a fresh relay (not connected to anything) from `new` through the
+    named states with relay_set_state; returns the name of the state it ends in. A
+    debug build raises AssertionError at the first move outside the table."""
+    cdef Relay r = Relay.__new__(Relay)
+    for name in states:
+        relay_set_state(r, RELAY_STATE_NAMES.index(name))
+    return RELAY_STATE_NAMES[r.state]
 
 
-cdef bint _any_eligible(Algorithm algo, Relay r) except -1:
+# --- sockets --------------------------------------------------------------------------
+
+cdef inline void close_fd(int fd, bint reset) noexcept nogil:
+    """Close a socket; with `reset`, SO_LINGER 0 first so the peer gets an RST."""
+    cdef linger lg
+    if fd < 0:
+        return
+    if reset:
+        lg.l_onoff = 1
+        lg.l_linger = 0
+        c_setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg))
+    c_close(fd)
+
+
+cdef inline void set_nodelay(int fd) noexcept nogil:
+    # As uvloop does for TCP transports: a small write is sent at once, not held by Nagle.
+    cdef int one = 1
+    c_setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+
+
+cdef inline void set_buffers(int fd, int rcvbuf, int sndbuf) noexcept nogil:
+    """SO_RCVBUF / SO_SNDBUF of a new backend socket, before connect so that the window
+    scale it offers fits them (0: leave the kernel's autotuning)."""
+    if rcvbuf > 0:
+        c_setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof(int))
+    if sndbuf > 0:
+        c_setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(int))
+
+
+cdef object sockaddr_host_port(sockaddr_storage* ss):
+    """(host, port) of an IPv4/IPv6 socket address, or (None, None)."""
+    cdef char buf[64]
+    cdef sockaddr_in* sin
+    cdef sockaddr_in6* sin6
+    if ss.ss_family == AF_INET:
+        sin = <sockaddr_in*>ss
+        inet_ntop(AF_INET, &sin.sin_addr, buf, sizeof(buf))
+        return buf.decode("ascii"), ntohs(sin.sin_port)
+    if ss.ss_family == AF_INET6:
+        sin6 = <sockaddr_in6*>ss
+        inet_ntop(AF_INET6, &sin6.sin6_addr, buf, sizeof(buf))
+        return buf.decode("ascii"), ntohs(sin6.sin6_port)
+    return None, None
+
+
+cdef socklen_t fill_sockaddr(int family, object host, int port, sockaddr_storage* ss) except? 0:
+    """Write host:port (an IP literal) into ss; returns its length, 0 if host is no IP
+    literal of `family` (0 = either family)."""
+    cdef bytes raw = str(host).split("%", 1)[0].encode("ascii", "replace")
+    cdef sockaddr_in* sin = <sockaddr_in*>ss
+    cdef sockaddr_in6* sin6 = <sockaddr_in6*>ss
+    memset(ss, 0, sizeof(sockaddr_storage))
+    if family != AF_INET6 and inet_pton(AF_INET, raw, &sin.sin_addr) == 1:
+        sin.sin_family = AF_INET
+        sin.sin_port = htons(<unsigned short>port)
+        return sizeof(sockaddr_in)
+    if family != AF_INET and inet_pton(AF_INET6, raw, &sin6.sin6_addr) == 1:
+        sin6.sin6_family = AF_INET6
+        sin6.sin6_port = htons(<unsigned short>port)
+        return sizeof(sockaddr_in6)
+    return 0
+
+
+cdef str connect_errno_reason(int e):
+    """The close reason of a backend connect that failed with errno `e`."""
+    if e == ECONNREFUSED:
+        return "connect_refused"
+    if e == ETIMEDOUT:
+        return "connect_timeout"
+    if e == ECONNRESET:
+        return "backend_reset"           # accepted by the backend's kernel, then reset
+    return "connect_error"
+
+
+# --- the pool's queue -----------------------------------------------------------------
+
+cdef int relay_serve_queue(PoolRuntime pool) except -1:
+    """Hand freed slots to queued clients in arrival order; called when a slot frees."""
+    cdef Relay r
+    while pool.queue:
+        r = <Relay>pool.queue[0]
+        if r.state != RELAY_QUEUED:
+            pool.queue.popleft()
+            continue
+        if not any_eligible(pool.algo, r):
+            return 0
+        pool.queue.popleft()
+        relay_set_state(r, RELAY_CONNECTING)
+        r.start_connect()
+    return 0
+
+
+cdef bint any_eligible(Algorithm algo, Relay r) except -1:
     cdef int i
     for i in range(algo.n):
         if algo.eligible(i) and not algo.avoided(i, r.avoid, r.navoid):
@@ -124,228 +186,62 @@ cdef bint _any_eligible(Algorithm algo, Relay r) except -1:
     return False
 
 
-cdef class ListenerRuntime:
-    """A listener on the data path: where its clients go and its limits and counters."""
-
-    def __init__(self, str name, Hub hub):
-        self.name = name
-        self.hub = hub
-        self.pool = None
-        self.split_pools = None
-        self.split_bounds = None
-        self.sticky_split = True
-        self.connect_timeout = 2.0
-        self.idle_timeout = 600.0
-        self.retries = 2
-        self.max_connections = 10000
-        self.rejected = {}
-        self.gate = None
-        self.send_proxy = 0
-        self.accept_proxy = False
-        self.proxy_timeout = 5.0
-        self.header_hook = None
-        self.proxy_encoder = None
-
-    def set_split(self, list pools, list percents):
-        """Route new clients to `pools` by `percents` (summing to 100); None/None = no split."""
-        if pools is None:
-            self.split_pools = None
-            self.split_bounds = None
-            return
-        bounds = []
-        acc = 0
-        for p in percents:
-            acc += int(p)
-            bounds.append(acc)
-        if acc != 100:
-            raise ValueError("split percentages must sum to 100")
-        self.split_pools = list(pools)
-        self.split_bounds = bounds
-
-    def count_rejected(self, str reason):
-        self.rejected[reason] = self.rejected.get(reason, 0) + 1
-
-    def __call__(self):
-        """Protocol factory for loop.create_server: a new Relay per accepted connection."""
-        cdef Relay r = Relay.__new__(Relay)
-        r.listener = self
-        r.hub = self.hub
-        r.slot = -1
-        r.state = RELAY_CONNECTING
-        return r
+cdef bint any_full(Algorithm algo, Relay r) except -1:
+    """True when some backend would be eligible but for its max_connections."""
+    cdef int i
+    for i in range(algo.n):
+        if (algo.present[i] and algo.up[i] and algo.weight[i] > 0
+                and algo.max_conns[i] > 0 and algo.active[i] >= algo.max_conns[i]
+                and not algo.avoided(i, r.avoid, r.navoid)):
+            return True
+    return False
 
 
-cdef class Hub:
-    """Per-loop state of the data path: the shared read buffer, global counters, the
-    list of live relays, and the sweep that applies every timeout."""
+cdef void drop_closed_queue_heads(PoolRuntime pool):
+    """Pop relays that left the queue (timed out, gone) off its head. Without this a
+    pool whose backends stay full keeps every timed-out client in its deque until a slot
+    frees: queued clients time out in arrival order, so trimming the head is enough."""
+    q = pool.queue
+    while q and (<Relay>q[0]).state != RELAY_QUEUED:
+        q.popleft()
 
-    def __cinit__(self, loop, Py_ssize_t read_buffer=DEF_READ_BUFFER):
-        self.rbuf = <char*>PyMem_Malloc(read_buffer)
-        if self.rbuf == NULL:
-            raise MemoryError()
-        self.rbuf_size = read_buffer
-        self.rview = memoryview(<char[:read_buffer]>self.rbuf)
-        self.loop = loop
-        self.now = _now()
-        self.max_connections = 20000
-        self.pending_limit = DEF_PENDING_LIMIT
-        self.access_log = None
-        self.on_overload = None
-        self.head = None
-        self.next_id = 1
-        self.rng = 0x5EED
+
+# --- the relay ------------------------------------------------------------------------
+
+@cython.final
+@cython.freelist(128)
+cdef class Relay:
+    """One client and its backend (see the top of relay.pxi). Linked in the Hub's list
+    while live: show conns, kill, drain, shutdown and the sweep's timeouts reach it."""
+
+    def __cinit__(self):
+        self.cfd = -1
+        self.bfd = -1
+        self.up.pr = self.up.pw = self.down.pr = self.down.pw = -1
 
     def __dealloc__(self):
-        # rview may outlive us only through uvloop holding a read in flight, which cannot
-        # happen once every transport is closed; the Hub lives as long as the balancer.
-        PyMem_Free(self.rbuf)
-
-    cdef void link(self, Relay r):
-        r.prev = None
-        r.next = self.head
-        if self.head is not None:
-            self.head.prev = r
-        self.head = r
-
-    cdef void unlink(self, Relay r):
-        if r.prev is not None:
-            r.prev.next = r.next
-        else:
-            if self.head is r:
-                self.head = r.next
-        if r.next is not None:
-            r.next.prev = r.prev
-        r.prev = None
-        r.next = None
-
-    def sweep(self):
-        """Apply connect, queue, header and idle deadlines; call a few times a second."""
-        cdef double now = _now()
-        cdef Relay r = self.head
-        cdef Relay nxt
-        self.now = now
-        while r is not None:
-            nxt = r.next
-            r.sweep_one(now)
-            r = nxt
-
-    def relays(self):
-        """A list of the live relays (for show conns, kill, shutdown)."""
-        out = []
-        cdef Relay r = self.head
-        while r is not None:
-            out.append(r)
-            r = r.next
-        return out
-
-    def close_all(self, str reason="shutdown"):
-        """Abort every live relay now."""
-        for r in self.relays():
-            (<Relay>r).close_both(reason, True)
-
-    def close_target(self, Target target, str reason="killed"):
-        """Abort every relay whose backend is `target`; returns how many."""
-        cdef int n = 0
-        for r in self.relays():
-            if (<Relay>r).target is target:
-                (<Relay>r).close_both(reason, True)
-                n += 1
-        return n
-
-
-cdef object _spare_view = memoryview(bytearray(DEF_READ_BUFFER))
-
-
-cdef inline object _shared_view(Relay r):
-    # A closed pair may still get one read from uvloop: give it a scratch buffer whose
-    # bytes are dropped by buffer_updated.
-    return _spare_view if r is None else r.hub.rview
-
-
-cdef class BackendSide:
-    """The backend-side protocol of a relay: forwards everything to its Relay."""
-
-    def __call__(self):
-        # loop.create_connection wants a factory; the protocol object is its own factory,
-        # which spares a closure per connection.
-        return self
-
-    def connection_made(self, transport):
-        if self.relay is None or self.relay.state == RELAY_CLOSED:
-            transport.abort()
-            return
-        self.relay.backend_connected(transport)
-
-    def get_buffer(self, Py_ssize_t sizehint):
-        return _shared_view(self.relay)
-
-    def buffer_updated(self, Py_ssize_t n):
-        cdef Relay r = self.relay
-        if r is None or r.state != RELAY_OPEN:
-            return      # the pair was closed while this read was in flight
-        r.bytes_out += n
-        r.target.bytes_out += n
-        r.last_active = r.hub.now
-        r.cwrite(PyBytes_FromStringAndSize(r.hub.rbuf, n))
-
-    def eof_received(self):
-        cdef Relay r = self.relay
-        if r is None:
-            return True
-        r.backend_eof = True
-        if r.client_eof:
-            r.close_both("closed", False)
-            return True
-        if not r.ctransport.is_closing():
-            r.ctransport.write_eof()
-        return True
-
-    def pause_writing(self):
-        cdef Relay r = self.relay
-        if r is None:
-            return
-        if not r.client_paused and not r.client_eof:
-            r.client_paused = True
-            r.ctransport.pause_reading()
-
-    def resume_writing(self):
-        cdef Relay r = self.relay
-        if r is None:
-            return
-        if r.client_paused and not r.client_eof:
-            r.client_paused = False
-            r.ctransport.resume_reading()
-
-    def connection_lost(self, exc):
-        cdef Relay r = self.relay
-        if r is None or r.state == RELAY_CLOSED:
-            return
-        if exc is not None:
-            r.close_both("backend_reset", True)
-        else:
-            r.close_both("closed", False)
-
-
-cdef class Relay:
-    """The client-side protocol of a relay, and the relay's state."""
+        # Only reached with open descriptors if a relay was dropped without close_both.
+        self.close_fds(True)
 
     def __repr__(self):
-        return f"<Relay {self.id} {self.client_host}:{self.client_port} state={self.state}>"
+        return (f"<Relay {self.id} {self.client_host}:{self.client_port} "
+                f"state={RELAY_STATE_NAMES[self.state]}>")
 
-    # --- the client side's protocol callbacks ----------------------------------------
+    # --- admission --------------------------------------------------------------------
 
-    def connection_made(self, transport):
-        cdef Hub hub = self.hub
-        cdef ListenerRuntime lst = self.listener
-        self.ctransport = transport
-        self.cwrite = transport.write
+    cdef void accepted(self, ListenerRuntime lst, Poller poller, int fd,
+                       sockaddr_storage* ss):
+        """Take over the accepted socket `fd`: the limits, then the header or admit."""
+        cdef Hub hub = lst.hub
+        self.listener = lst
+        self.hub = hub
+        self.poller = poller
+        self.cfd = fd
+        self.up.pool = self.down.pool = &poller.pipes
+        poller.pipes.cap = pipe_cap_for(hub.max_connections)     # follows a reload
         self.started = _now()
         self.last_active = self.started
-        self.close_reason = None
-        peer = transport.get_extra_info("peername")
-        if peer is not None:
-            self.client_host = peer[0]
-            self.client_port = peer[1]
+        self.client_host, self.client_port = sockaddr_host_port(ss)
         if hub.max_connections > 0 and hub.active >= hub.max_connections:   # 0 = unlimited
             self.reject("global_max_connections")
             return
@@ -358,17 +254,28 @@ cdef class Relay:
         hub.total += 1
         lst.active += 1
         hub.link(self)
+        # Readable and writable until a read or write says EAGAIN: whatever arrived
+        # before the registration is then read without waiting for an edge.
+        self.c_readable = True
+        self.c_writable = True
+        if poller.watch(fd, self, False) < 0:
+            lst.count_rejected("fd_exhausted")
+            self.close_both("fd_exhausted", True)
+            return
         if lst.accept_proxy:
-            self.state = RELAY_HEADER
+            # The header is read by read_proxy_header on the client's first edge (a
+            # registration reports bytes that arrived before it).
+            relay_set_state(self, RELAY_HEADER)
             self.deadline = self.started + lst.proxy_timeout
-            self.pending = bytearray()
             return
         self.admit()
 
     cdef void reject(self, str reason):
-        self.state = RELAY_CLOSED
+        """Refuse a client before it is counted or linked (a limit was reached)."""
+        relay_set_state(self, RELAY_CLOSED)
         self.listener.count_rejected(reason)
-        self.ctransport.abort()
+        close_fd(self.cfd, False)
+        self.cfd = -1
 
     cdef void admit(self):
         """Check the gate, choose the pool and start connecting (after any PROXY header)."""
@@ -387,7 +294,7 @@ cdef class Relay:
             return
         if self.pool.needs_key:
             self.key = _address_key(self.client_host, self.client_port, self.pool.hash_key)
-        self.state = RELAY_CONNECTING
+        relay_set_state(self, RELAY_CONNECTING)
         self.start_connect()
 
     cdef PoolRuntime choose_pool(self):
@@ -406,100 +313,61 @@ cdef class Relay:
                 return lst.split_pools[i]
         return lst.split_pools[len(bounds) - 1]
 
-    def get_buffer(self, Py_ssize_t sizehint):
-        return self.hub.rview
-
-    def buffer_updated(self, Py_ssize_t n):
-        cdef Hub hub = self.hub
-        self.last_active = hub.now
-        if self.state == RELAY_OPEN:
-            self.bytes_in += n
-            self.target.bytes_in += n
-            self.bwrite(PyBytes_FromStringAndSize(hub.rbuf, n))
-            return
-        if self.state == RELAY_CLOSED:
-            return
-        # Not connected yet (or still reading a PROXY header): hold the bytes, bounded.
-        if self.pending is None:
-            self.pending = bytearray()
-        self.pending += hub.rview[:n]
-        if self.state == RELAY_HEADER:
-            self.read_proxy_header()
-            return
-        self.bytes_in += n
-        if len(self.pending) >= hub.pending_limit and not self.client_paused:
-            self.client_paused = True
-            self.ctransport.pause_reading()
-
-    cdef void read_proxy_header(self):
+    cdef void read_proxy_header(self, bint client_eof):
+        """accept_proxy: peek at what the client sent, let the listener's header hook
+        parse it, and take exactly the header off the socket; the bytes after it stay
+        in the kernel for the pump. Incomplete: wait for the next edge (the sweep
+        enforces proxy_timeout). Invalid, or an EOF before a whole header: the
+        connection is refused as `bad_proxy_header`."""
         cdef ListenerRuntime lst = self.listener
-        result = lst.header_hook(self, bytes(self.pending))
-        if result is None:
-            return                       # need more bytes
-        consumed, src = result
-        if consumed < 0:
+        cdef char buf[HEADER_PEEK]
+        cdef ssize_t n = c_recv(self.cfd, buf, HEADER_PEEK, MSG_PEEK)
+        cdef Py_ssize_t consumed
+        if n < 0:
+            if errno == EAGAIN or errno == EINTR:
+                return
+            self.close_both("client_gone", True)
+            return
+        result = None
+        if n > 0:
+            self.last_active = self.hub.now
+            result = lst.header_hook(self, PyBytes_FromStringAndSize(buf, n))
+            if result is None and not client_eof:
+                return                   # need more bytes
+        if result is None or result[0] < 0:
             lst.count_rejected("bad_proxy_header")
             self.close_both("bad_proxy_header", True)
             return
-        del self.pending[:consumed]
-        self.bytes_in += len(self.pending)
+        consumed, src = result
+        # The peeked bytes are in the socket: this recv takes exactly the header.
+        if c_recv(self.cfd, buf, <size_t>consumed, 0) != consumed:
+            self.close_both("client_gone", True)
+            return
         if src is not None:
             self.client_host, self.client_port = src
+        self.c_readable = True           # bytes after the header are read by the pump
         self.admit()
 
-    def eof_received(self):
-        self.client_eof = True
-        if self.state == RELAY_OPEN:
-            if self.backend_eof:
-                self.close_both("closed", False)
-                return True
-            if not self.btransport.is_closing():
-                self.btransport.write_eof()
-        elif self.state == RELAY_HEADER:
-            self.listener.count_rejected("bad_proxy_header")
-            self.close_both("bad_proxy_header", True)
-        # CONNECTING / QUEUED: the EOF is passed on once the backend is up.
-        return True
-
-    def pause_writing(self):
-        if self.btransport is not None and not self.backend_paused and not self.backend_eof:
-            self.backend_paused = True
-            self.btransport.pause_reading()
-
-    def resume_writing(self):
-        if self.btransport is not None and self.backend_paused and not self.backend_eof:
-            self.backend_paused = False
-            self.btransport.resume_reading()
-
-    def connection_lost(self, exc):
-        if self.state == RELAY_CLOSED:
-            return
-        if exc is not None:
-            self.close_both("client_reset", True)
-        elif self.state == RELAY_OPEN:
-            self.close_both("closed", False)
-        else:
-            self.close_both("client_gone", True)
-
-    # --- connecting to a backend ----------------------------------------------------
+    # --- connecting to a backend ------------------------------------------------------
 
     cdef void start_connect(self):
         """Pick a backend (never one in `avoid`) and start connecting to it, or queue
-        the client when every eligible backend is full, or close it when none is up."""
+        the client when every eligible backend is full, or close it when none is left:
+        with the last connect failure's reason when backends were tried, else
+        `no_backend`."""
         cdef PoolRuntime pool = self.pool
         cdef Algorithm algo = pool.algo
         cdef int slot = algo.pick_c(self.key, self.avoid, self.navoid)
         cdef Target t
         if slot < 0:
-            if _any_full(algo, self):
-                self.state = RELAY_QUEUED
+            if any_full(algo, self):
+                relay_set_state(self, RELAY_QUEUED)
                 self.deadline = _now() + pool.queue_timeout
                 pool.queue.append(self)
                 return
-            self.close_both("no_backend", True)
+            self.close_both(self.last_failure or "no_backend", True)
             return
         t = <Target>pool.targets[slot]
-        self.slot = slot
         self.target = t
         algo.conn_opened(slot)
         t.active += 1
@@ -507,23 +375,103 @@ cdef class Relay:
 
     cdef void open_backend_connection(self, Target t):
         """Start connecting to `t`, already counted as this relay's backend; success ends
-        in backend_connected, failure in connect_failed. (SpliceRelay overrides it with a
-        raw nonblocking socket.)"""
-        self.bside = BackendSide.__new__(BackendSide)
-        self.bside.relay = self
-        self.bside.started = _now()
-        self.deadline = self.bside.started + self.listener.connect_timeout
-        cdef Connector connector = Connector.__new__(Connector)
-        self.connect_task = connector
-        connector.start(self, self.bside,
-                        self.hub.loop.create_connection(self.bside, t.host, t.port))
+        in backend_connected, failure in connect_failed."""
+        cdef sockaddr_storage ss
+        self.connect_started = _now()
+        self.deadline = self.connect_started + self.listener.connect_timeout
+        self.addresses = None
+        if fill_sockaddr(0, t.host, t.port, &ss):
+            self.connect_address(0, t.host, t.port)
+            return
+        # A hostname: resolve it off the loop (per connection, as loop.create_connection
+        # does), then try its addresses in order.
+        fut = asyncio.ensure_future(
+            self.hub.loop.getaddrinfo(t.host, t.port, type=_socket.SOCK_STREAM))
+        self.resolving = fut
+        fut.add_done_callback(self._resolved)
+
+    def _resolved(self, fut):
+        if self.resolving is not fut or self.state != RELAY_CONNECTING:
+            return
+        self.resolving = None
+        if fut.cancelled() or fut.exception() is not None or not fut.result():
+            self.connect_failed("connect_error")
+            return
+        self.addresses = [(family, addr[0], addr[1])
+                          for family, _, _, _, addr in fut.result()]
+        self.connect_next_or_fail("connect_error")
+
+    cdef void connect_next_or_fail(self, str reason):
+        """The connect to one address of the target failed with `reason`: try the
+        target's next address (a hostname's), or count the target as failed."""
+        if self.addresses:
+            family, host, port = self.addresses.pop(0)
+            self.connect_address(family, host, port)
+            return
+        self.connect_failed(reason)
+
+    cdef void connect_address(self, int family, object host, int port):
+        """Start a nonblocking connect to host:port (an IP literal); completion is the
+        backend socket's first edge (check_connect)."""
+        cdef sockaddr_storage ss
+        cdef socklen_t slen = fill_sockaddr(family, host, port, &ss)
+        cdef int fd, e
+        if slen == 0:
+            self.connect_next_or_fail("connect_error")
+            return
+        fd = c_socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+        if fd < 0:
+            if overload_errno(errno):
+                self.refuse_overloaded()
+            else:
+                self.connect_next_or_fail("connect_error")
+            return
+        set_nodelay(fd)
+        set_buffers(fd, self.listener.rcvbuf, self.listener.sndbuf)
+        if c_connect(fd, <sockaddr*>&ss, slen) < 0 and errno != EINPROGRESS:
+            e = errno
+            c_close(fd)
+            if overload_errno(e):
+                self.refuse_overloaded()
+            else:
+                self.connect_next_or_fail(connect_errno_reason(e))
+            return
+        self.bfd = fd
+        self.b_readable = False
+        self.b_writable = False
+        if self.poller.watch(fd, self, True) < 0:
+            self.bfd = -1
+            c_close(fd)
+            self.refuse_overloaded()
+        # The first edge (EPOLLOUT, or EPOLLERR on failure) arrives even when the connect
+        # completed at once: registration reports a socket that is already writable.
+
+    cdef void check_connect(self, uint32_t ev):
+        cdef int err = 0
+        cdef socklen_t elen = sizeof(err)
+        if ev & EPOLLOUT and not ev & (EPOLLERR | EPOLLHUP):
+            self.backend_connected(ev)   # writable without an error: connected
+            return
+        if c_getsockopt(self.bfd, SOL_SOCKET, SO_ERROR, &err, &elen) < 0:
+            err = errno
+        if err == 0:
+            if ev & EPOLLOUT:
+                self.backend_connected(ev)
+            return
+        c_close(self.bfd)
+        self.bfd = -1
+        if overload_errno(err):
+            self.refuse_overloaded()
+        else:
+            self.connect_next_or_fail(connect_errno_reason(err))
 
     cdef void connect_failed(self, str reason):
         """The connect to self.target failed: count it, avoid that backend, try another
-        while retries last, else close the client."""
+        while retries last, else close the client with `reason`."""
         cdef Target t = self.target
         cdef ListenerRuntime lst = self.listener
-        self.connect_task = None
+        self.resolving = None
+        self.addresses = None
         if self.state == RELAY_CLOSED:
             return
         self.release_target()
@@ -531,8 +479,11 @@ cdef class Relay:
         if self.navoid < ALGO_MAX_AVOID:
             self.avoid[self.navoid] = t.slot
             self.navoid += 1
+        self.last_failure = reason
         if t.on_connect_failed is not None:
             t.on_connect_failed(t, reason)
+        if self.state == RELAY_CLOSED:   # passive health closed it (on_down = "close")
+            return
         if self.navoid > lst.retries:
             self.close_both(reason, True)
             return
@@ -540,7 +491,8 @@ cdef class Relay:
 
     cdef void refuse_overloaded(self):
         """No descriptor for the backend socket: refuse this client, blame nobody."""
-        self.connect_task = None
+        self.resolving = None
+        self.addresses = None
         self.listener.count_rejected("fd_exhausted")
         if self.hub.on_overload is not None:
             self.hub.on_overload()
@@ -558,70 +510,134 @@ cdef class Relay:
         if t.active == 0 and t.on_idle is not None:
             t.on_idle(t)
         if pool.queue:
-            pool.serve_queue()
+            relay_serve_queue(pool)
 
-    cdef void backend_connected(self, object transport):
+    cdef void backend_connected(self, uint32_t ev):
         cdef Target t = self.target
         cdef ListenerRuntime lst = self.listener
         cdef double now = _now()
-        self.state = RELAY_OPEN
-        self.connect_task = None
-        self.btransport = transport
-        self.bwrite = transport.write
-        self.last_active = now
+        cdef bytes header
+        cdef sockaddr_storage ss
+        cdef socklen_t slen = sizeof(ss)
+        cdef ssize_t n
+        # The pipes come later, when a direction first carries bulk (see the pump).
+        relay_set_state(self, RELAY_OPEN)
+        self.addresses = None
+        self.last_active = self.hub.now
+        self.b_writable = True
+        self.b_readable = (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP)) != 0
+        pump_note_src_events(&self.down, ev)
+        self.up.src = self.cfd
+        self.up.dst = self.bfd
+        self.down.src = self.bfd
+        self.down.dst = self.cfd
         t.total += 1
-        self.pool.algo.observe_rt(t.slot, now - self.bside.started)
-        if lst.rcvbuf or lst.sndbuf:         # only when configured: a Python call or two
-            sock = transport.get_extra_info("socket")
-            if lst.rcvbuf:
-                sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVBUF, lst.rcvbuf)
-            if lst.sndbuf:
-                sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDBUF, lst.sndbuf)
+        self.pool.algo.observe_rt(t.slot, now - self.connect_started)
         if lst.send_proxy:
             if self.local_addr is None:
-                self.local_addr = self.ctransport.get_extra_info("sockname")
-            self.bwrite(lst.proxy_encoder(lst.send_proxy, (self.client_host, self.client_port),
-                                          self.local_addr))
-        if self.client_paused and not self.client_eof:
-            self.client_paused = False
-            self.ctransport.resume_reading()
-        if self.pending is not None:
-            if len(self.pending):
-                self.target.bytes_in += len(self.pending)
-                self.bwrite(bytes(self.pending))
-            self.pending = None
-        if self.client_eof:
-            transport.write_eof()
+                if c_getsockname(self.cfd, <sockaddr*>&ss, &slen) == 0:
+                    self.local_addr = sockaddr_host_port(&ss)
+            header = lst.proxy_encoder(lst.send_proxy, (self.client_host, self.client_port),
+                                       self.local_addr)
+            # A fresh socket's send buffer takes a header of at most a few hundred bytes.
+            n = c_send(self.bfd, <const char*>header, len(header), MSG_NOSIGNAL)
+            if n != len(header):
+                self.close_both("backend_reset", True)
+                return
+        self.pump_both()
+
+    # --- events and the pump ----------------------------------------------------------
+
+    cdef void on_event(self, bint backend, uint32_t ev):
+        if backend:
+            if self.state == RELAY_CONNECTING:
+                if self.bfd >= 0:
+                    self.check_connect(ev)
+                return
+            pump_note_src_events(&self.down, ev)
+            if ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+                self.b_readable = True
+            if ev & (EPOLLOUT | EPOLLHUP | EPOLLERR):
+                self.b_writable = True
+        else:
+            pump_note_src_events(&self.up, ev)
+            if ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+                self.c_readable = True
+            if ev & (EPOLLOUT | EPOLLHUP | EPOLLERR):
+                self.c_writable = True
+            if self.state != RELAY_OPEN:
+                if self.state == RELAY_HEADER:
+                    self.read_proxy_header((ev & (EPOLLRDHUP | EPOLLHUP)) != 0)
+                    return
+                # Connecting or queued: a client that reset or vanished is let go now;
+                # a mere FIN (a request sent whole) waits in the socket for the backend.
+                if ev & (EPOLLERR | EPOLLHUP):
+                    self.close_both("client_gone", True)
+                return
+        self.pump_both()
+        if ev & EPOLLERR and self.state == RELAY_OPEN:
+            # The pump moved what was readable; the error itself may sit on a side no
+            # direction touches any more (half closed): a reset either way ends the pair.
+            self.close_both("backend_reset" if backend else "client_reset", True)
+
+    cdef void pump_both(self):
+        cdef int64_t nin = 0, nout = 0
+        cdef int rc_up = PUMP_WAIT
+        cdef int rc_down = PUMP_WAIT
+        cdef Target t = self.target
+        if not self.up.done:
+            rc_up = pump_direction(&self.up, &self.c_readable, &self.b_writable, &nin,
+                                   self.down.done)
+        if rc_up < PUMP_SRC_FAILED and not self.down.done:
+            rc_down = pump_direction(&self.down, &self.b_readable, &self.c_writable, &nout,
+                                     self.up.done)
+        # A pipe is held only while bytes wait in it: an idle connection holds none.
+        if self.up.pr >= 0 and self.up.held == 0:
+            pipe_release(&self.up)
+        if self.down.pr >= 0 and self.down.held == 0:
+            pipe_release(&self.down)
+        if nin or nout:
+            self.bytes_in += nin
+            self.bytes_out += nout
+            t.bytes_in += nin
+            t.bytes_out += nout
+            self.last_active = self.hub.now
+        if rc_up == PUMP_SRC_FAILED or rc_down == PUMP_DST_FAILED:
+            self.close_both("client_reset", True)
+        elif rc_up == PUMP_DST_FAILED or rc_down == PUMP_SRC_FAILED:
+            self.close_both("backend_reset", True)
+        elif self.up.done and self.down.done:
+            self.close_both("closed", False)
+        elif rc_up == PUMP_MORE or rc_down == PUMP_MORE:
+            self.poller.defer(self)
 
     # --- closing ----------------------------------------------------------------------
 
     cdef void close_both(self, str reason, bint abort):
-        """Close (or abort, for resets and timeouts) both sides and settle the counters.
+        """Close both sockets and the pipes and settle the counters.
         Idempotent: only the first call counts."""
         if self.state == RELAY_CLOSED:
             return
-        if self.state == RELAY_CONNECTING and self.connect_task is not None:
-            self.connect_task.cancel()
-            self.connect_task = None
         cdef bint was_queued = self.state == RELAY_QUEUED
-        self.state = RELAY_CLOSED
-        if abort:
-            self.ctransport.abort()
-            if self.btransport is not None:
-                self.btransport.abort()
-        else:
-            self.ctransport.close()
-            if self.btransport is not None:
-                self.btransport.close()
+        if self.resolving is not None:           # a hostname lookup in flight
+            self.resolving.cancel()
+            self.resolving = None
+        self.addresses = None
+        relay_set_state(self, RELAY_CLOSED)
+        # A reset on one side is passed on as a reset (SO_LINGER 0); every other close,
+        # aborts included, is a plain close(), as uvloop's transport.abort() does (the
+        # kernel still resets a socket that holds unread bytes).
+        self.close_fds(abort and (reason == "client_reset" or reason == "backend_reset"))
         self.finish(reason)
         if was_queued:
-            _drop_closed_queue_heads(self.pool)
+            drop_closed_queue_heads(self.pool)
 
     cdef void finish(self, str reason):
+        """Settle a closed relay: unlink it, count it, log it, release its gate and its
+        backend slot."""
         cdef Hub hub = self.hub
         self.close_reason = reason
-        self.pending = None
-        self.hub.unlink(self)
+        hub.unlink(self)
         hub.active -= 1
         self.listener.active -= 1
         if hub.access_log is not None:
@@ -631,12 +647,18 @@ cdef class Relay:
             self.gate = None
             gate.release(self)
         self.release_target()
-        # Break the cycles relay <-> protocols so the pair is freed by refcount alone.
-        if self.bside is not None:
-            self.bside.relay = None
-            self.bside = None
-        self.cwrite = None
-        self.bwrite = None
+
+    cdef void close_fds(self, bint reset):
+        # Closing a socket also removes it from the epoll (nothing else holds a dup).
+        close_fd(self.cfd, reset)
+        close_fd(self.bfd, reset)
+        self.cfd = self.bfd = -1
+        pipe_release(&self.up)
+        pipe_release(&self.down)
+        pump_free_spill(&self.up)
+        pump_free_spill(&self.down)
+        if self.poller is not None:
+            self.poller.pipes.starved = False    # descriptors were freed
 
     cdef void sweep_one(self, double now):
         cdef ListenerRuntime lst = self.listener
@@ -644,9 +666,13 @@ cdef class Relay:
             if now - self.last_active >= lst.idle_timeout:
                 self.close_both("idle_timeout", True)
         elif self.state == RELAY_CONNECTING:
-            if self.connect_task is not None and now >= self.deadline:
-                self.connect_task.cancel()
-                self.connect_task = None
+            # connect_timeout covers the whole target: its lookup and all its addresses.
+            if now >= self.deadline and (self.bfd >= 0 or self.resolving is not None):
+                if self.resolving is not None:
+                    self.resolving.cancel()
+                    self.resolving = None
+                close_fd(self.bfd, False)
+                self.bfd = -1
                 self.connect_failed("connect_timeout")
         elif self.state == RELAY_QUEUED:
             if now >= self.deadline:
@@ -657,7 +683,7 @@ cdef class Relay:
                 lst.count_rejected("proxy_timeout")
                 self.close_both("proxy_timeout", True)
 
-    # --- read-only facts for the control plane -----------------------------------------
+    # --- read-only facts for the control plane ----------------------------------------
 
     @property
     def backend_name(self):
@@ -669,149 +695,8 @@ cdef class Relay:
 
     @property
     def state_name(self):
-        return ("header", "connecting", "queued", "open", "closed")[self.state]
+        return RELAY_STATE_NAMES[self.state]
 
     def close(self, str reason="killed"):
         """Abort both sides now (control plane: kill, shutdown)."""
         self.close_both(reason, True)
-
-
-cdef void _drop_closed_queue_heads(PoolRuntime pool):
-    """Pop relays that left the queue (timed out, gone) off its head. Without this a
-    pool whose backends stay full keeps every timed-out client in its deque until a slot
-    frees: queued clients time out in arrival order, so trimming the head is enough."""
-    q = pool.queue
-    while q and (<Relay>q[0]).state != RELAY_QUEUED:
-        q.popleft()
-
-
-cdef bint _any_full(Algorithm algo, Relay r) except -1:
-    """True when some backend would be eligible but for its max_connections."""
-    cdef int i
-    for i in range(algo.n):
-        if (algo.present[i] and algo.up[i] and algo.weight[i] > 0
-                and algo.max_conns[i] > 0 and algo.active[i] >= algo.max_conns[i]
-                and not algo.avoided(i, r.avoid, r.navoid)):
-            return True
-    return False
-
-
-cdef extern from "arpa/inet.h" nogil:
-    int inet_pton(int af, const char* src, void* dst)
-
-cdef extern from "sys/socket.h":
-    enum: AF_INET
-    enum: AF_INET6
-
-
-cdef uint64_t _address_key(str host, object port, int kind) except? 0:
-    """The routing key of a client address: hash64 of its packed IP (an IPv4-mapped IPv6
-    address counts as the IPv4 one), followed by the port as two big-endian bytes for
-    src_ip_port. Explicit bytes and hash: the same client maps the same way in every
-    process and after every restart. An unparsable host hashes as its text."""
-    cdef unsigned char buf[18]
-    cdef Py_ssize_t n
-    cdef int p
-    cdef bytes raw = (host or "").split("%", 1)[0].encode("ascii", "replace")
-    if inet_pton(AF_INET, raw, buf) == 1:
-        n = 4
-    elif inet_pton(AF_INET6, raw, buf) == 1:
-        n = 16
-        if (buf[0] | buf[1] | buf[2] | buf[3] | buf[4] | buf[5] | buf[6] | buf[7]
-                | buf[8] | buf[9]) == 0 and buf[10] == 0xff and buf[11] == 0xff:
-            memcpy(buf, buf + 12, 4)         # ::ffff:a.b.c.d routes like a.b.c.d
-            n = 4
-    else:
-        return hash64_c(<const unsigned char*>raw, len(raw))
-    if kind == HASH_KEY_SRC_IP_PORT:
-        p = int(port or 0)
-        buf[n] = (p >> 8) & 0xff
-        buf[n + 1] = p & 0xff
-        n += 2
-    return hash64_c(buf, n)
-
-
-def address_key(str host, port=None, int kind=HASH_KEY_SRC_IP):
-    """The routing key the relay computes for a client address (for tests and tools)."""
-    return _address_key(host, port, kind)
-
-
-cdef class Connector:
-    """Drives one `loop.create_connection` coroutine without an asyncio Task.
-
-    A Task per connection costs a Task object, a context copy and one extra loop
-    iteration before the connect even starts (create_task only schedules the first
-    step). Here the coroutine's first step runs at once, and each future it awaits wakes
-    it through a done callback, which is all a Task does for a coroutine that is never
-    awaited by anyone. On success BackendSide.connection_made has already wired the
-    pair; on failure the relay retries elsewhere or closes; `cancel` (connect timeout,
-    client gone) throws CancelledError in, and uvloop closes the half-open socket."""
-
-    cdef void start(self, Relay relay, BackendSide bside, object coro):
-        self.relay = relay
-        self.bside = bside
-        self.coro = coro
-        self.wakeup = self._wakeup
-        self.step(None)
-
-    def _wakeup(self, fut):
-        if not self.done:
-            self.fut = None
-            self.step(None)
-
-    def cancel(self):
-        if self.done:
-            return
-        if self.fut is not None:
-            self.fut.remove_done_callback(self.wakeup)
-            self.fut = None
-        self.step(_CancelledError())
-
-    cdef void step(self, object exc):
-        cdef Relay relay
-        try:
-            if exc is None:
-                fut = self.coro.send(None)
-            else:
-                fut = self.coro.throw(exc)
-        except StopIteration:
-            self.finish()
-        except _CancelledError:
-            self.finish()                # timed out (the sweep retries) or the client left
-        except OSError as e:
-            relay = self.finish()
-            if relay is not None:
-                if e.errno in OVERLOAD_ERRNOS:
-                    relay.refuse_overloaded()
-                else:
-                    relay.connect_failed(_connect_error_reason(e))
-        except Exception:                # e.g. a resolver failure for a hostname backend
-            relay = self.finish()
-            if relay is not None:
-                relay.connect_failed("connect_error")
-        else:
-            # What a Task does with a yielded future: clear the blocking flag, wait.
-            fut._asyncio_future_blocking = False
-            self.fut = fut
-            fut.add_done_callback(self.wakeup)
-
-    cdef Relay finish(self):
-        """Mark done; the relay this connect still belongs to, or None if it moved on."""
-        cdef Relay relay = self.relay
-        self.done = True
-        self.coro = None
-        self.fut = None
-        self.wakeup = None
-        self.relay = None
-        if relay is not None and relay.state == RELAY_CONNECTING and relay.bside is self.bside:
-            return relay
-        return None
-
-
-cdef str _connect_error_reason(exc):
-    import errno
-    if exc.errno == errno.ECONNREFUSED:
-        return "connect_refused"
-    if exc.errno in (errno.ETIMEDOUT,):
-        return "connect_timeout"
-    return "connect_error"

@@ -7,9 +7,6 @@ import pytest
 
 from ..support import connect, name_handler, simple_config, ask
 
-# Every test here runs against both relays (splice = true and false).
-pytestmark = pytest.mark.each_relay
-
 
 def listener_row(lb, name="web"):
     return next(r for r in ask(lb, "show listeners")["listeners"] if r["name"] == name)

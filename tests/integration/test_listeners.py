@@ -7,9 +7,6 @@ import pytest
 
 from ..support import backends_toml, connect, name_handler
 
-# Every test here runs against both relays (splice = true and false).
-pytestmark = pytest.mark.each_relay
-
 
 def has_ipv6_loopback() -> bool:
     try:

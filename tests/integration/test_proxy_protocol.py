@@ -9,10 +9,6 @@ from l4lb.proxyproto import encode_v2, parse_proxy_header
 
 from ..support import connect, simple_config, ask
 
-# Every test here runs against both relays: the stream relay reads the header from its
-# buffer, the raw-socket relay (`splice = true`) peeks at the socket.
-pytestmark = pytest.mark.each_relay
-
 
 def rejected(lb, reason, count=None, timeout=10.0):
     """rejected[reason] of listener web, waiting until it reaches `count` if given."""

@@ -1,6 +1,6 @@
-"""What only the raw-socket relay (`splice = true`) has: raw accept, pipes and their pool,
-send_proxy written before splicing, fd accounting. The relay's contract itself
-(test_relay.py) and the PROXY tests run against both relays."""
+"""The raw-socket relay's own machinery: raw accept, pipes and their pool, send_proxy
+written before splicing, fd accounting. The relay's contract itself is in test_relay.py,
+the PROXY header in test_proxy_protocol.py."""
 import hashlib
 import os
 import resource
@@ -16,17 +16,9 @@ from l4lb.config import parse_config
 from l4lb.metrics import max_pipes
 
 from ..support import (ask, connect, echo_handler, name_handler, recv_all,
-                       recv_exactly, simple_config, with_splice)
+                       recv_exactly, simple_config)
 
 MiB = 1024 * 1024
-
-
-@pytest.fixture
-def l4lb(l4lb):
-    """The conftest fixture, with `splice = true` on the listener `web`."""
-    def start(config, **kw):
-        return l4lb(with_splice(config), **kw)
-    return start
 
 
 def pipe_fds(lb) -> int:
@@ -233,8 +225,8 @@ def test_the_header_peek_covers_the_longest_proxy_header_the_parser_accepts():
     from l4lb import _native
     from l4lb.proxyproto import MAX_V1, MAX_V2_LENGTH
     assert _native.SPLICE_HEADER_PEEK >= max(MAX_V1, 16 + MAX_V2_LENGTH)
-    text = with_splice(simple_config([("a", "127.0.0.1:9")], listener_extra="accept_proxy = true"))
-    assert parse_config(text, "l4lb.toml").listeners["web"].splice is True
+    text = simple_config([("a", "127.0.0.1:9")], listener_extra="accept_proxy = true")
+    assert parse_config(text, "l4lb.toml").listeners["web"].accept_proxy is True
 
 
 @pytest.mark.timeout(60)

@@ -32,9 +32,8 @@ def test_splice_listeners_add_two_descriptors_per_pipe_for_a_quarter_of_the_conn
         tmp_path):
     from l4lb.config import parse_config
 
-    plain = parse_config('[listeners.a]\nbind = ["127.0.0.1:1"]\npool = "p"\nsplice = false\n'
-                         '[pools.p]\nalgorithm = "rr"\n', tmp_path / "a.toml")
-    spliced = parse_config('[listeners.a]\nbind = ["127.0.0.1:1"]\npool = "p"\nsplice = true\n'
+    plain = parse_config('[pools.p]\nalgorithm = "rr"\n', tmp_path / "a.toml")
+    spliced = parse_config('[listeners.a]\nbind = ["127.0.0.1:1"]\npool = "p"\n'
                            '[pools.p]\nalgorithm = "rr"\n', tmp_path / "b.toml")
     assert not uses_pipes(plain) and uses_pipes(spliced)
     assert (max_pipes(100), max_pipes(4), max_pipes(1), max_pipes(0)) == (25, 1, 1, 0)

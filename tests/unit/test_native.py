@@ -64,3 +64,48 @@ def test_address_key_is_stable_and_port_sensitive():
     assert k != n.address_key("10.1.2.4")
     assert (n.address_key("10.1.2.3", 1, n.HASH_KEY_SRC_IP_PORT)
             != n.address_key("10.1.2.3", 2, n.HASH_KEY_SRC_IP_PORT))
+
+
+def test_the_relay_moves_along_its_transition_table():
+    walk = l4lb._native._relay_walk
+    assert walk(["header", "connecting", "queued", "connecting", "open", "closed"]) == "closed"
+    assert walk(["closed"]) == "closed"                 # rejected before admission
+
+
+@pytest.mark.skipif(not l4lb._native.DEBUG_BUILD, reason="release build: the setter is a "
+                    "plain assignment (build with L4LB_DEBUG=1 to check transitions)")
+@pytest.mark.parametrize("path", [["open"], ["queued"], ["connecting", "header"],
+                                  ["connecting", "closed", "connecting"],
+                                  ["connecting", "open", "queued"]])
+def test_a_debug_build_refuses_a_relay_transition_outside_the_table(path):
+    with pytest.raises(AssertionError, match="is not in RELAY_NEXT"):
+        l4lb._native._relay_walk(path)
+
+
+def test_one_overload_errno_set_and_one_accept_pause_are_exported():
+    import errno
+
+    n = l4lb._native
+    assert n.OVERLOAD_ERRNOS == {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+    assert 0 < n.ACCEPT_PAUSE < 1
+
+
+def test_the_acceptor_and_poller_construct_and_close():
+    import asyncio
+    import socket
+
+    loop = asyncio.new_event_loop()
+    sock = socket.create_server(("127.0.0.1", 0))
+    sock.setblocking(False)
+    try:
+        hub = l4lb._native.Hub(loop)
+        acceptor = l4lb._native.Acceptor(sock, l4lb._native.ListenerRuntime("l", hub))
+        assert acceptor.sockets == [sock]
+        assert hub.splice_poller.pipe_stats["used"] == 0
+        assert acceptor.pause(0.01) is True
+        acceptor.close()
+        acceptor.close()                                # idempotent
+        assert sock.fileno() == -1
+    finally:
+        sock.close()
+        loop.close()
