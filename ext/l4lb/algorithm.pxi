@@ -48,7 +48,14 @@ WEIGHT_MAX = ALGO_WEIGHT_MAX
 
 
 cdef class Algorithm:
-    """Base class: bookkeeping shared by every algorithm; picks nothing itself."""
+    """Base class: bookkeeping shared by every algorithm; picks nothing itself.
+
+    Each subclass states its config word (`name`, also the name of its .pxi and of its
+    twin's module) and whether its picks read the client's routing key (`needs_key`):
+    the relay computes the key only for a pool whose algorithm says so.
+    """
+    name = ""
+    needs_key = False
 
     def __cinit__(self, uint64_t seed=0, *args, **kwargs):
         # *args/**kwargs: subclasses take more constructor arguments (Maglev's table size),

@@ -65,6 +65,7 @@ def maglev_table_size(int64_t current, int64_t present):
 
 cdef class MaglevHash(Algorithm):
     name = "hash"
+    needs_key = True
 
     def __cinit__(self, uint64_t seed=0, int64_t min_table_size=MAGLEV_TABLE_SIZE):
         if min_table_size < 3:

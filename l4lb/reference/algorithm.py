@@ -13,7 +13,8 @@ def check_weight(weight: int) -> None:
 
 
 class Algorithm:
-    name = ""
+    name = ""           # the config word: also this module's and the .pxi's name
+    needs_key = False   # whether pick() reads the routing key (hash only)
 
     def __init__(self, seed: int = 0, **kwargs):
         self.weight: list[int] = []

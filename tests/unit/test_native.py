@@ -3,7 +3,7 @@ import pytest
 
 import l4lb._native
 from .algo_ops import add_up, make
-from l4lb.algorithms import ALGORITHMS, create_algorithm
+from l4lb.algorithms import ALGORITHMS, REFERENCES, create_algorithm
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -15,7 +15,7 @@ def test_the_native_module_is_a_compiled_shared_object():
 
 @pytest.mark.parametrize("word", sorted(ALGORITHMS))
 def test_each_class_is_named_by_its_config_word_and_picks(word):
-    compiled, twin = ALGORITHMS[word]
+    compiled, twin = ALGORITHMS[word], REFERENCES[word]
     assert compiled.name == twin.name == word
     algo = create_algorithm(word, seed=1)
     assert isinstance(algo, compiled)
