@@ -14,8 +14,8 @@
 #
 # Eligible = present, up, weight > 0, below its max_connections, and not in `avoid`.
 #
-# Weights are integers in 0..WEIGHT_MAX. The control plane multiplies config weights
-# (0..10000) by 100 to express slow start, and every algorithm is invariant to scaling all
+# Weights are integers in 0..ALGO_WEIGHT_MAX (2^24, algorithm.pxd). The control plane
+# multiplies the operator's weights (0..10000) by 100 to express slow start, and every algorithm is invariant to scaling all
 # weights by one constant factor (each states how), so that scaling changes nothing.
 from cpython.mem cimport PyMem_Realloc, PyMem_Free
 from libc.string cimport memset
@@ -43,8 +43,6 @@ cdef extern from *:
 
 # Smoothing factor of the response-time EWMA: each sample moves the average by 1/5.
 cdef double EWMA_ALPHA = 0.2
-
-WEIGHT_MAX = ALGO_WEIGHT_MAX
 
 
 cdef class Algorithm:

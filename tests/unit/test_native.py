@@ -64,3 +64,29 @@ def test_address_key_is_stable_and_port_sensitive():
     assert k != n.address_key("10.1.2.4")
     assert (n.address_key("10.1.2.3", 1, n.HASH_KEY_SRC_IP_PORT)
             != n.address_key("10.1.2.3", 2, n.HASH_KEY_SRC_IP_PORT))
+
+
+@pytest.mark.parametrize("word", sorted(ALGORITHMS))
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "twin"])
+def test_class_and_twin_accept_weights_up_to_the_exported_algo_bound_and_no_further(
+        word, compiled):
+    bound = l4lb._native.ALGO_WEIGHT_MAX
+    algo = make(word, compiled)
+    i = algo.add("top", bound)
+    algo.set_weight(i, bound)
+    with pytest.raises(ValueError, match=str(bound)):
+        algo.add("over", bound + 1)
+    with pytest.raises(ValueError, match=str(bound)):
+        algo.set_weight(i, bound + 1)
+    assert len(algo) == 1
+
+
+def test_the_algo_weight_bound_holds_the_largest_operator_weight_at_slow_start_scale():
+    # Two bounds with two meanings: the operator's weight (control/config) and what the
+    # algorithms accept after the control plane scales it for slow start.
+    from l4lb.control.protocol import WEIGHT_MAX as OPERATOR_WEIGHT_MAX
+    from l4lb.model import WEIGHT_SCALE
+    assert l4lb._native.ALGO_WEIGHT_MAX == 1 << 24
+    assert OPERATOR_WEIGHT_MAX * WEIGHT_SCALE <= l4lb._native.ALGO_WEIGHT_MAX
+    assert not hasattr(l4lb._native, "WEIGHT_MAX")
+    assert l4lb._native.ALGO_MAX_AVOID == 32
