@@ -14,7 +14,8 @@ from .reference.p2c import PowerOfTwo as _PowerOfTwoTwin
 from .reference.rr import RoundRobin as _RoundRobinTwin
 from .reference.wrr import WeightedRoundRobin as _WeightedRoundRobinTwin
 
-# Config order: the order `l4lb docs` and error messages list the words in.
+# In the order the config documents the words (rr first): a list derived from this
+# registry (config choices, docs) keeps it.
 _COMPILED = (_native.RoundRobin, _native.WeightedRoundRobin, _native.LeastConn,
              _native.MaglevHash, _native.LeastResponseTime, _native.PowerOfTwo)
 _TWINS = (_RoundRobinTwin, _WeightedRoundRobinTwin, _LeastConnTwin, _MaglevHashTwin,

@@ -1,8 +1,8 @@
 # The balancer interface every selection algorithm implements (see algorithm.pxi).
 from libc.stdint cimport int64_t, uint64_t, uint8_t
 
-# cpdef: exported to Python as l4lb._native.ALGO_*, the one source the reference twins
-# and the control plane read these bounds from.
+# cpdef: exported to Python as l4lb._native.ALGO_*, so that the reference twins (and any
+# Python check of the same bound) read them from here instead of keeping a copy.
 cpdef enum:
     ALGO_MAX_AVOID = 32     # retries are capped at this by the config, so avoid fits a C array
     # Largest weight an algorithm accepts (2^24). Not the operator's bound: config and

@@ -15,8 +15,9 @@
 # Eligible = present, up, weight > 0, below its max_connections, and not in `avoid`.
 #
 # Weights are integers in 0..ALGO_WEIGHT_MAX (2^24, algorithm.pxd). The control plane
-# multiplies the operator's weights (0..10000) by 100 to express slow start, and every algorithm is invariant to scaling all
-# weights by one constant factor (each states how), so that scaling changes nothing.
+# multiplies the operator's weights (0..10000) by 100 to express slow start, and every
+# algorithm is invariant to scaling all weights by one constant factor (each states how),
+# so that scaling changes nothing.
 from cpython.mem cimport PyMem_Realloc, PyMem_Free
 from libc.string cimport memset
 
