@@ -100,7 +100,7 @@ class Pool:
         self.on_state_change = on_state_change
         self.algo = create_algorithm(cfg.algorithm)
         self.runtime = _native.PoolRuntime(cfg.name, self.algo, HASH_KEY_CODES[cfg.hash_key],
-                                           cfg.algorithm == "hash")
+                                           self.algo.needs_key)
         self.backends: dict[str, Backend] = {}
         for b in cfg.backends:
             self.add_backend(b)

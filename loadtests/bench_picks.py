@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from l4lb import _native  # noqa: E402
-from l4lb.algorithms import ALGORITHMS  # noqa: E402
+from l4lb.algorithms import ALGORITHMS, REFERENCES  # noqa: E402
 
 MIN_CPU_SECONDS = 0.2
 
@@ -77,7 +77,8 @@ def main():
     print(head)
     print("|" + "---|" * 8)
     for n in (int(x) for x in args.backends.split(",")):
-        for word, (compiled_cls, twin_cls) in ALGORITHMS.items():
+        for word, compiled_cls in ALGORITHMS.items():
+            twin_cls = REFERENCES[word]
             compiled, twin = build(compiled_cls, n), build(twin_cls, n)
             c_loop = median_rate(lambda k: compiled.bench_pick(k, 0), args.repeat)
             churn = median_rate(lambda k: compiled.bench_pick(k, 0, True), args.repeat)

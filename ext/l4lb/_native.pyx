@@ -16,7 +16,7 @@ DEBUG_BUILD = L4LB_DEBUG
 
 include "hashing.pxi"
 include "algorithm.pxi"
-include "roundrobin.pxi"
+include "rr.pxi"
 include "wrr.pxi"
 include "leastconn.pxi"
 include "lrt.pxi"

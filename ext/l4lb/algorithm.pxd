@@ -1,11 +1,15 @@
 # The balancer interface every selection algorithm implements (see algorithm.pxi).
 from libc.stdint cimport int64_t, uint64_t, uint8_t
 
-cdef enum:
+# cpdef: exported to Python as l4lb._native.ALGO_*, so that the reference twins (and any
+# Python check of the same bound) read them from here instead of keeping a copy.
+cpdef enum:
     ALGO_MAX_AVOID = 32     # retries are capped at this by the config, so avoid fits a C array
-    # Largest weight: 10000 (config cap) x 100 (slow-start scale) with 16x headroom; bounded
-    # so that the load comparisons (active x weight; lrt's triple products in 128 bits)
-    # cannot overflow.
+    # Largest weight an algorithm accepts (2^24). Not the operator's bound: config and
+    # control weights are 0..10000 and the control plane scales them by model.WEIGHT_SCALE
+    # (100) to express slow start; 2^24 leaves 16x headroom over 10000 x 100, and bounds
+    # the load comparisons (active x weight; lrt's triple products in 128 bits) so that
+    # they cannot overflow.
     ALGO_WEIGHT_MAX = 16777216
 
 

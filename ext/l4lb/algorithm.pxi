@@ -14,9 +14,10 @@
 #
 # Eligible = present, up, weight > 0, below its max_connections, and not in `avoid`.
 #
-# Weights are integers in 0..WEIGHT_MAX. The control plane multiplies config weights
-# (0..10000) by 100 to express slow start, and every algorithm is invariant to scaling all
-# weights by one constant factor (each states how), so that scaling changes nothing.
+# Weights are integers in 0..ALGO_WEIGHT_MAX (2^24, algorithm.pxd). The control plane
+# multiplies the operator's weights (0..10000) by 100 to express slow start, and every
+# algorithm is invariant to scaling all weights by one constant factor (each states how),
+# so that scaling changes nothing.
 from cpython.mem cimport PyMem_Realloc, PyMem_Free
 from libc.string cimport memset
 
@@ -44,11 +45,16 @@ cdef extern from *:
 # Smoothing factor of the response-time EWMA: each sample moves the average by 1/5.
 cdef double EWMA_ALPHA = 0.2
 
-WEIGHT_MAX = ALGO_WEIGHT_MAX
-
 
 cdef class Algorithm:
-    """Base class: bookkeeping shared by every algorithm; picks nothing itself."""
+    """Base class: bookkeeping shared by every algorithm; picks nothing itself.
+
+    Each subclass states its config word (`name`, also the name of its .pxi and of its
+    twin's module) and whether its picks read the client's routing key (`needs_key`):
+    the relay computes the key only for a pool whose algorithm says so.
+    """
+    name = ""
+    needs_key = False
 
     def __cinit__(self, uint64_t seed=0, *args, **kwargs):
         # *args/**kwargs: subclasses take more constructor arguments (Maglev's table size),

@@ -32,7 +32,8 @@
 # M x (backends) turn checks: the rounds where only heavy backends take a turn.
 #
 # Keys: the balancer routes on hash64 of the client's source address (hash_key = "src_ip")
-# or address and port ("src_ip_port"): l4lb.algorithms.routing_key.
+# or address and port ("src_ip_port"): l4lb.algorithms.routing_key, whose twin is
+# l4lb/reference/routing.py.
 
 # The paper's default table size: prime, and >= 100 x 655 backends.
 MAGLEV_TABLE_SIZE = 65537
@@ -65,6 +66,7 @@ def maglev_table_size(int64_t current, int64_t present):
 
 cdef class MaglevHash(Algorithm):
     name = "hash"
+    needs_key = True
 
     def __cinit__(self, uint64_t seed=0, int64_t min_table_size=MAGLEV_TABLE_SIZE):
         if min_table_size < 3:

@@ -21,6 +21,7 @@
 
 cdef class LeastConn(Algorithm):
     name = "leastconn"
+    needs_key = False
 
     def __cinit__(self, *args, **kwargs):
         self.clock = 0

@@ -26,6 +26,7 @@ cdef inline int64_t ewma_ns(double seconds) noexcept:
 
 cdef class LeastResponseTime(LeastConn):
     name = "lrt"
+    needs_key = False
 
     cdef bint before(self, int i, int j) noexcept:
         cdef bint fresh_i = self.ewma[i] < 0

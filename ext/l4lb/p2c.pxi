@@ -17,6 +17,7 @@
 
 cdef class PowerOfTwo(Algorithm):
     name = "p2c"
+    needs_key = False
 
     def __cinit__(self, *args, **kwargs):
         self.nlive = 0

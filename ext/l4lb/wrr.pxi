@@ -26,6 +26,7 @@
 
 cdef class WeightedRoundRobin(Algorithm):
     name = "wrr"
+    needs_key = False
 
     def __dealloc__(self):
         PyMem_Free(self.current)

@@ -1,19 +1,20 @@
 """Reference twin of ext/l4lb/algorithm.pxi: the per-backend bookkeeping every algorithm shares."""
+# The bounds are the compiled module's own (algorithm.pxd): one source, so the twin
+# cannot accept a weight the class refuses.
+from .._native import ALGO_MAX_AVOID, ALGO_WEIGHT_MAX
 from .hashing import MASK64, SPLITMIX64_GAMMA, hash64, mix64
 
 EWMA_ALPHA = 0.2
-MAX_AVOID = 32
-# 10000 (config cap) x 100 (slow-start scale) with 16x headroom; see algorithm.pxd.
-WEIGHT_MAX = 1 << 24
 
 
 def check_weight(weight: int) -> None:
-    if not 0 <= weight <= WEIGHT_MAX:
-        raise ValueError(f"weight must be in 0..{WEIGHT_MAX}")
+    if not 0 <= weight <= ALGO_WEIGHT_MAX:
+        raise ValueError(f"weight must be in 0..{ALGO_WEIGHT_MAX}")
 
 
 class Algorithm:
-    name = ""
+    name = ""           # the config word: also this module's and the .pxi's name
+    needs_key = False   # whether pick() reads the routing key (hash only)
 
     def __init__(self, seed: int = 0, **kwargs):
         self.weight: list[int] = []
@@ -126,8 +127,8 @@ class Algorithm:
 
     def pick(self, key: int = 0, avoid=()) -> int:
         avoid = tuple(avoid)
-        if len(avoid) > MAX_AVOID:
-            raise ValueError(f"at most {MAX_AVOID} backends can be avoided")
+        if len(avoid) > ALGO_MAX_AVOID:
+            raise ValueError(f"at most {ALGO_MAX_AVOID} backends can be avoided")
         return self.pick_c(key, avoid)
 
     def pick_c(self, key: int, avoid: tuple) -> int:

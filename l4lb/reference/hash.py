@@ -27,6 +27,7 @@ def maglev_table_size(current: int, present: int) -> int:
 
 class MaglevHash(Algorithm):
     name = "hash"
+    needs_key = True
 
     def __init__(self, seed: int = 0, min_table_size: int = MAGLEV_TABLE_SIZE):
         if min_table_size < 3:

@@ -11,6 +11,7 @@ from .algorithm import Algorithm
 
 class LeastConn(Algorithm):
     name = "leastconn"
+    needs_key = False
 
     def __init__(self, seed: int = 0, **kwargs):
         self.stamp: list[int] = []

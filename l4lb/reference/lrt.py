@@ -17,6 +17,7 @@ def ewma_ns(seconds: float) -> int:
 
 class LeastResponseTime(LeastConn):
     name = "lrt"
+    needs_key = False
 
     def load(self, i):
         if self.ewma[i] < 0:

@@ -11,6 +11,7 @@ from .algorithm import Algorithm
 
 class PowerOfTwo(Algorithm):
     name = "p2c"
+    needs_key = False
 
     def __init__(self, seed: int = 0, **kwargs):
         super().__init__(seed, **kwargs)

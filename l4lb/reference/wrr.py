@@ -9,6 +9,7 @@ from .algorithm import Algorithm
 
 class WeightedRoundRobin(Algorithm):
     name = "wrr"
+    needs_key = False
 
     def __init__(self, seed: int = 0, **kwargs):
         self.current: list[int] = []

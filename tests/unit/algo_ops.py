@@ -1,7 +1,7 @@
 """Shared pieces of the algorithm tests: building instances and replaying operations."""
 from hypothesis import strategies as st
 
-from l4lb.algorithms import ALGORITHMS
+from l4lb.algorithms import ALGORITHMS, REFERENCES
 
 WORDS = sorted(ALGORITHMS)
 # A small Maglev table keeps the twin's rebuilds fast; the rule (prime, >= 100 x
@@ -11,7 +11,7 @@ MASK64 = (1 << 64) - 1
 
 
 def make(word, compiled=True, seed=0, small_table=True):
-    cls = ALGORITHMS[word][0 if compiled else 1]
+    cls = (ALGORITHMS if compiled else REFERENCES)[word]
     if word == "hash" and small_table:
         return cls(seed, min_table_size=SMALL_TABLE)
     return cls(seed)

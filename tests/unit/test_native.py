@@ -3,7 +3,7 @@ import pytest
 
 import l4lb._native
 from .algo_ops import add_up, make
-from l4lb.algorithms import ALGORITHMS, create_algorithm
+from l4lb.algorithms import ALGORITHMS, REFERENCES, create_algorithm
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -15,7 +15,7 @@ def test_the_native_module_is_a_compiled_shared_object():
 
 @pytest.mark.parametrize("word", sorted(ALGORITHMS))
 def test_each_class_is_named_by_its_config_word_and_picks(word):
-    compiled, twin = ALGORITHMS[word]
+    compiled, twin = ALGORITHMS[word], REFERENCES[word]
     assert compiled.name == twin.name == word
     algo = create_algorithm(word, seed=1)
     assert isinstance(algo, compiled)
@@ -109,3 +109,29 @@ def test_the_acceptor_and_poller_construct_and_close():
     finally:
         sock.close()
         loop.close()
+
+
+@pytest.mark.parametrize("word", sorted(ALGORITHMS))
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "twin"])
+def test_class_and_twin_accept_weights_up_to_the_exported_algo_bound_and_no_further(
+        word, compiled):
+    bound = l4lb._native.ALGO_WEIGHT_MAX
+    algo = make(word, compiled)
+    i = algo.add("top", bound)
+    algo.set_weight(i, bound)
+    with pytest.raises(ValueError, match=str(bound)):
+        algo.add("over", bound + 1)
+    with pytest.raises(ValueError, match=str(bound)):
+        algo.set_weight(i, bound + 1)
+    assert len(algo) == 1
+
+
+def test_the_algo_weight_bound_holds_the_largest_operator_weight_at_slow_start_scale():
+    # Two bounds with two meanings: the operator's weight (control/config) and what the
+    # algorithms accept after the control plane scales it for slow start.
+    from l4lb.control.protocol import WEIGHT_MAX as OPERATOR_WEIGHT_MAX
+    from l4lb.model import WEIGHT_SCALE
+    assert l4lb._native.ALGO_WEIGHT_MAX == 1 << 24
+    assert OPERATOR_WEIGHT_MAX * WEIGHT_SCALE <= l4lb._native.ALGO_WEIGHT_MAX
+    assert not hasattr(l4lb._native, "WEIGHT_MAX")
+    assert l4lb._native.ALGO_MAX_AVOID == 32

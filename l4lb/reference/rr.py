@@ -1,9 +1,10 @@
-"""rr reference twin: scan forward from the slot after the last pick (ext/l4lb/roundrobin.pxi)."""
+"""rr reference twin: scan forward from the slot after the last pick (ext/l4lb/rr.pxi)."""
 from .algorithm import Algorithm
 
 
 class RoundRobin(Algorithm):
     name = "rr"
+    needs_key = False
 
     def __init__(self, seed: int = 0):
         super().__init__(seed)

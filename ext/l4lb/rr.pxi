@@ -1,11 +1,12 @@
 # rr: plain round robin. Each pick scans forward from the slot after the last pick and
 # takes the first eligible one, so backends that leave rotation are skipped and the
 # others keep their turn order. Weights are ignored except that 0 means "no new
-# connections". Reference twin: l4lb/reference/roundrobin.py.
+# connections". Reference twin: l4lb/reference/rr.py.
 
 
 cdef class RoundRobin(Algorithm):
     name = "rr"
+    needs_key = False
 
     def __cinit__(self, uint64_t seed=0):
         self.next = 0
