@@ -1,4 +1,6 @@
 """The compiled module is really compiled, and every registered class works from Python."""
+import os
+
 import pytest
 
 import l4lb._native
@@ -72,14 +74,64 @@ def test_the_relay_moves_along_its_transition_table():
     assert walk(["closed"]) == "closed"                 # rejected before admission
 
 
-@pytest.mark.skipif(not l4lb._native.DEBUG_BUILD, reason="release build: the setter is a "
-                    "plain assignment (build with L4LB_DEBUG=1 to check transitions)")
-@pytest.mark.parametrize("path", [["open"], ["queued"], ["connecting", "header"],
-                                  ["connecting", "closed", "connecting"],
-                                  ["connecting", "open", "queued"]])
-def test_a_debug_build_refuses_a_relay_transition_outside_the_table(path):
-    with pytest.raises(AssertionError, match="is not in RELAY_NEXT"):
-        l4lb._native._relay_walk(path)
+BAD_PATHS = [["open"], ["queued"], ["connecting", "header"],
+             ["connecting", "closed", "connecting"], ["connecting", "open", "queued"]]
+
+
+@pytest.fixture(scope="module")
+def debug_build(tmp_path_factory):
+    """A copy of the package with _native built as `L4LB_DEBUG=1 pip install -e .` would
+    build it (its own folder: the C file cythonize writes must not replace the release
+    one). Returns the folder to put on sys.path."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    root = tmp_path_factory.mktemp("debug-build")
+    shutil.copy(repo / "setup.py", root)
+    shutil.copytree(repo / "ext", root / "ext", ignore=shutil.ignore_patterns("*.c", "*.html"))
+    shutil.copytree(repo / "l4lb", root / "l4lb",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    proc = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+                          cwd=root, env={**os.environ, "L4LB_DEBUG": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root
+
+
+@pytest.mark.timeout(600)
+def test_a_debug_build_refuses_a_relay_transition_outside_the_table(debug_build):
+    import json
+    import subprocess
+    import sys
+
+    script = """
+import json, sys
+import l4lb._native as n
+assert n.DEBUG_BUILD and n.__file__.startswith(sys.argv[1]), n.__file__
+out = [n._relay_walk(["header", "connecting", "queued", "connecting", "open", "closed"])]
+for path in json.loads(sys.argv[2]):
+    try:
+        n._relay_walk(path)
+        out.append("allowed")
+    except AssertionError as exc:
+        out.append(str(exc))
+print(json.dumps(out))
+"""
+    proc = subprocess.run([sys.executable, "-c", script, str(debug_build), json.dumps(BAD_PATHS)],
+                          cwd=debug_build, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    good, *bad = json.loads(proc.stdout)
+    assert good == "closed"
+    assert len(bad) == len(BAD_PATHS) and all("is not in RELAY_NEXT" in m for m in bad), bad
+
+
+def test_a_release_build_has_no_transition_checks():
+    # The setter is a plain assignment there (the asserts cost nothing in production).
+    assert not l4lb._native.DEBUG_BUILD
+    assert l4lb._native._relay_walk(["open"]) == "open"
 
 
 def test_one_overload_errno_set_and_one_accept_pause_are_exported():
