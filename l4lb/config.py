@@ -486,9 +486,15 @@ def check_pool(pool: PoolConfig, path: KeyPath, report: Report) -> None:
 
 
 def check_references(config: Config, report: Report) -> None:
-    """Pools named by listeners exist; no address is bound twice (listeners and metrics)."""
+    """At least one listener; pools named by listeners exist; no address is bound twice
+    (listeners and metrics)."""
     listeners = config.listeners if isinstance(config.listeners, dict) else {}
     pools = config.pools if isinstance(config.pools, dict) else {}
+    if config.listeners == {}:
+        # An empty file (a non-atomic writer caught mid-copy when SIGHUP came) would
+        # otherwise reload as "remove every listener" and stop serving.
+        report(("listeners",), "at least one [listeners.NAME] table is required: a config "
+               "without listeners would serve nothing (is the file empty or half written?)")
     for name, listener in listeners.items():
         if not isinstance(listener, ListenerConfig):
             continue
@@ -683,8 +689,8 @@ SCHEMA = Table(Config, {
     "log": Key(LOG, {}, LOG.doc),
     "metrics": Key(METRICS, {}, METRICS.doc),
     "listeners": Key(TableOf(LISTENER, "listeners"), {},
-        "[listeners.NAME] tables. A config without listeners is valid (HAProxy accepts one "
-        "without frontends) but serves nothing."),
+        "[listeners.NAME] tables; at least one is required, so an empty or half-written "
+        "file is refused (by `l4lb check` and by a reload) instead of removing every listener."),
     "pools": Key(TableOf(POOL, "pools"), {},
         "[pools.NAME] tables; a pool no listener names is kept ready (blue-green standby)."),
 }, doc="An l4lb config file.")

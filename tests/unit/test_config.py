@@ -8,6 +8,8 @@ import dataclasses
 import json
 import re
 import socket
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -284,23 +286,48 @@ def test_integers_are_accepted_where_numbers_are_expected():
     assert isinstance(config.listeners["web"].connect_timeout, float)
 
 
-def test_empty_file_is_a_valid_config_of_defaults_without_listeners(tmp_path):
-    config = parse_config("", tmp_path / "empty.toml")
-    assert config.listeners == {} and config.pools == {}
+MINIMAL = '[listeners.web]\nbind = ["127.0.0.1:0"]\npool = "p"\n[pools.p]\n'
+
+
+def test_a_minimal_config_takes_the_defaults_of_every_other_key(tmp_path):
+    config = parse_config(MINIMAL, tmp_path / "minimal.toml")
+    assert list(config.listeners) == ["web"] and config.pools["p"].backends == []
     assert config.global_.max_connections == 20000
     assert config.log.level == "info" and config.metrics.listen is None
     assert config.control.socket == tmp_path / "l4lb.sock"
     assert config.control.mode == 0o600
-    assert config.path == tmp_path / "empty.toml"
+    assert config.path == tmp_path / "minimal.toml"
+
+
+@pytest.mark.parametrize("text", ["", "\n", "# half written\n", "[global]\n",
+                                  MINIMAL.split("[listeners.web]")[0] + "[pools.p]\n"],
+                         ids=["empty", "newline", "comment", "global only", "pools only"])
+def test_a_config_without_listeners_is_refused(tmp_path, text):
+    path = tmp_path / "lb.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    [issue] = info.value.issues
+    assert issue.key == "listeners" and "at least one [listeners.NAME]" in issue.message
+
+
+def test_check_refuses_an_empty_config_file(tmp_path):
+    path = tmp_path / "lb.toml"
+    path.write_bytes(b"")
+    result = subprocess.run([sys.executable, "-m", "l4lb", "check", "-c", str(path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "listeners: at least one [listeners.NAME] table is required" in result.stderr + result.stdout
 
 
 def test_relative_socket_is_taken_from_the_config_folder_not_the_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "etc").mkdir()
     path = tmp_path / "etc" / "lb.toml"
-    path.write_text('[control]\nsocket = "run/ctl.sock"\n')
+    path.write_text('[control]\nsocket = "run/ctl.sock"\n' + MINIMAL)
     assert load_config("etc/lb.toml").control.socket == tmp_path / "etc" / "run" / "ctl.sock"
-    assert parse_config('[control]\nsocket = "/run/x.sock"\n', path).control.socket == Path("/run/x.sock")
+    absolute = parse_config('[control]\nsocket = "/run/x.sock"\n' + MINIMAL, path)
+    assert absolute.control.socket == Path("/run/x.sock")
 
 
 def test_cidrs_are_normalized_and_accept_bare_addresses():
@@ -317,7 +344,7 @@ def test_port_zero_binds_may_repeat():
 
 def test_backends_may_be_written_as_an_array_of_tables():
     text = (
-        '[pools.p]\n'
+        '[listeners.web]\nbind = ["127.0.0.1:0"]\npool = "p"\n[pools.p]\n'
         '[[pools.p.backends]]\nname = "a"\naddress = "127.0.0.1:1"\n'
         '[[pools.p.backends]]\nname = "b"\naddress = "127.0.0.1:2"\nweight = 20000\n'
     )
