@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from l4lb.config import (
-    SCHEMA, Address, Config, ConfigError, ConfigIssue, Table, TableOf, default_config_path,
+    REQUIRED, SCHEMA, Address, Config, ConfigError, ConfigIssue, Table, TableOf, default_config_path,
     format_path, load_config, parse_address, parse_config,
 )
 from l4lb.tomlpos import TomlLocator
@@ -376,17 +376,6 @@ def test_schema_defaults_match_the_dataclass_defaults():
                 assert key.rule.convert(key.default, (), None) == f.default_factory()
 
 
-def test_default_config_mentions_every_key():
-    text = (ROOT / "conf" / "l4lb.toml").read_text()
-    for table in _schema_tables(SCHEMA):
-        for name in table.keys:
-            if table is SCHEMA:
-                continue
-            # as `key = ...`, a commented `# key ...` line, or a table header `[....key]`
-            assert re.search(rf"^#?\s*{name}\b|^\[.*\.{name}\]", text, re.M), \
-                f"conf/l4lb.toml lacks {name}"
-
-
 # -- shipped configs ---------------------------------------------------------------------
 
 def test_default_config_validates_and_fronts_the_demo_backends():
@@ -658,3 +647,128 @@ def test_locator_agrees_with_the_writer_on_every_path(data):
 def test_format_path_quotes_keys_that_are_not_bare():
     assert format_path(("pools", "blue", "backends", 1, "weight")) == "pools.blue.backends[1].weight"
     assert format_path(("pools", "a b", "x.y")) == 'pools."a b"."x.y"'
+
+
+# -- conf/l4lb.toml against the schema ---------------------------------------------------
+# The annotated default shows every key of the schema with its default value (commented
+# out where the default is "absent"), so deleting a line changes nothing; the exceptions
+# are the keys without a default and the few the file sets on purpose, listed here.
+
+DEFAULT_CONFIG = ROOT / "conf" / "l4lb.toml"
+# (table, key) -> why the file's value differs from the schema default
+ON_PURPOSE = {
+    ("pools.NAME", "algorithm"): "the demo's backends are visited in turn: rr",
+}
+_COMMENTED_KEY = re.compile(r"^#\s*([a-z_]+)\s*=\s*(.+)$")
+_HEADER = re.compile(r"^\[([A-Za-z0-9_.]+)\]\s*$")
+
+
+def _table_at(parts: list[str]) -> str:
+    """The generic name ('pools.NAME.health') of the schema table a [header] opens."""
+    table = SCHEMA
+    while parts:
+        rule = table.keys[parts.pop(0)].rule
+        if isinstance(rule, TableOf):
+            parts.pop(0)
+            rule = rule.table
+        table = rule
+    return _table_name(table)
+
+
+def _table_name(table: Table) -> str:
+    for name, candidate in _named_tables():
+        if candidate is table:
+            return name
+    raise AssertionError(table)
+
+
+def _named_tables():
+    yield "", SCHEMA
+    for key, spec in SCHEMA.keys.items():
+        rule = spec.rule
+        if isinstance(rule, TableOf):
+            yield f"{key}.NAME", rule.table
+            for sub, subspec in rule.table.keys.items():
+                inner = getattr(subspec.rule, "item", subspec.rule)
+                if isinstance(inner, Table):
+                    yield f"{key}.NAME.{sub}", inner
+        else:
+            yield key, rule
+
+
+def shown_keys() -> list[tuple[str, str, object]]:
+    """(table name, key, TOML value) of every key conf/l4lb.toml shows, set or commented."""
+    text = DEFAULT_CONFIG.read_text(encoding="utf-8")
+    data = tomllib.loads(text)
+    shown = []
+    for key, value in data.items():
+        rule = SCHEMA.keys[key].rule if key in SCHEMA.keys else None
+        if isinstance(rule, TableOf):
+            for body in value.values():
+                for sub, subvalue in body.items():
+                    inner = rule.table.keys.get(sub)
+                    inner = inner and inner.rule
+                    if isinstance(getattr(inner, "item", None), Table):      # backends
+                        shown.append((f"{key}.NAME", sub, subvalue))
+                        for item in subvalue:
+                            shown += [(f"{key}.NAME.{sub}", k, v) for k, v in item.items()]
+                    elif isinstance(inner, Table):                           # health
+                        shown += [(f"{key}.NAME.{sub}", k, v) for k, v in subvalue.items()]
+                    else:
+                        shown.append((f"{key}.NAME", sub, subvalue))
+        elif isinstance(value, dict):
+            shown += [(key, k, v) for k, v in value.items()]
+        else:
+            shown.append(("", key, value))
+    table = ""
+    for line in text.splitlines():
+        if header := _HEADER.match(line):
+            table = _table_at(header.group(1).split("."))
+        elif commented := _COMMENTED_KEY.match(line):
+            try:
+                value = tomllib.loads(f"v = {commented.group(2)}")["v"]
+            except tomllib.TOMLDecodeError:
+                continue                       # prose that happens to hold an '='
+            shown.append((table, commented.group(1), value))
+    return shown
+
+
+def test_the_default_config_shows_only_keys_the_schema_has():
+    tables = dict(_named_tables())
+    for table, key, _ in shown_keys():
+        assert key in tables[table].keys, f"conf/l4lb.toml shows {table}.{key}: not in SCHEMA"
+
+
+def test_the_default_config_shows_every_key_of_the_schema():
+    shown = {(table, key) for table, key, _ in shown_keys()}
+    for name, table in _named_tables():
+        for key, spec in table.keys.items():
+            if isinstance(spec.rule, (Table, TableOf)) or isinstance(getattr(spec.rule, "item", None), Table):
+                continue                       # a section: shown by its [header] or array
+            assert (name, key) in shown, f"conf/l4lb.toml lacks {name}.{key}"
+
+
+def test_the_default_config_shows_every_key_with_its_default():
+    def fail(path, message):
+        raise AssertionError(message)
+
+    tables = dict(_named_tables())
+    for table, key, value in shown_keys():
+        spec = tables[table].keys[key]
+        if spec.default in (None, REQUIRED) or (table, key) in ON_PURPOSE:
+            continue                           # an example value, or no default to show
+        if isinstance(getattr(spec.rule, "item", None), Table):
+            continue                           # the backends array: its items are checked
+        assert spec.rule.convert(value, (), fail) == spec.rule.convert(spec.default, (), fail), (
+            f"conf/l4lb.toml: {table}.{key} = {value!r}, but the default is {spec.default!r}")
+
+
+def test_the_keys_set_on_purpose_are_still_set_otherwise():
+    shown = {(table, key): value for table, key, value in shown_keys()}
+    tables = dict(_named_tables())
+    for (table, key) in ON_PURPOSE:
+        assert shown[(table, key)] != tables[table].keys[key].default
+
+
+def test_the_packaged_default_is_the_annotated_config():
+    assert default_config_path().read_bytes() == DEFAULT_CONFIG.read_bytes()
