@@ -28,8 +28,9 @@ __all__ = ["untrusted_reason"]
 
 def untrusted_reason(path) -> str | None:
     """Why `path` (a file or folder) and the folders above it are not to be trusted, or
-    None when they are. A path that does not exist is judged by its folders alone (a file
-    not there yet cannot have been planted). An unreadable status is a reason."""
+    None when they are. Parts of the path that do not exist are skipped (nothing there
+    can have been planted; creating them later fails or succeeds on its own), the folders
+    that do exist are judged. An unreadable status is a reason."""
     path = Path(os.path.abspath(path))
     trusted = {0, os.geteuid()}
     try:
@@ -46,9 +47,7 @@ def untrusted_reason(path) -> str | None:
         try:
             st = os.stat(node)
         except FileNotFoundError:
-            if node == path:
-                continue
-            return f"cannot check {node}: it does not exist"
+            continue                   # not there: nothing planted; its folders are judged
         except OSError as exc:
             return f"cannot check {node}: {exc.strerror}"
         reason = _node_reason(node, st, trusted)

@@ -238,3 +238,12 @@ def test_the_control_socket_opens_in_a_folder_of_our_own(tmp_path):
         assert sock.family == socket.AF_UNIX
     finally:
         sock.close()
+
+
+def test_a_path_not_there_yet_is_judged_by_the_folders_that_exist(tmp_path):
+    assert untrusted_reason(tmp_path / "missing" / "l4lb.sock") is None
+    os.chmod(tmp_path, 0o777)
+    try:
+        assert "writable by group and others" in untrusted_reason(tmp_path / "missing" / "x")
+    finally:
+        os.chmod(tmp_path, 0o700)
