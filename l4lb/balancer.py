@@ -367,6 +367,8 @@ class Balancer:
             self.log.error("state_file_ignored", path=str(self.state_path), error=str(exc))
             self.runtime_state = RuntimeState()
             return
+        for issue in state.issues:
+            self._drop_state_entry(issue.section, issue.key, issue.message)
         self.runtime_state = state
         self.apply_runtime_state()
 

@@ -20,12 +20,13 @@ import ipaddress
 import json
 import math
 import re
-import socket
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
+from . import vocab
+from .address import EXAMPLE_ADDRESSES, Address, parse_address
 from .tomlpos import KeyPath, TomlLocator
 
 __all__ = [
@@ -68,86 +69,9 @@ class ConfigError(Exception):
 
 
 # -- addresses -------------------------------------------------------------------------
+# One parser for every entry point (l4lb.address); re-exported here for the config's callers.
 
-# A hostname label; '_' is not RFC 1123 but container and service names use it.
-_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
-_EXAMPLE_ADDRESSES = "'127.0.0.1:8000' or '[::1]:8000'"
-
-
-@dataclass(frozen=True)
-class Address:
-    """A TCP endpoint. `host` is an IP literal (IPv6 without brackets) or a hostname."""
-    host: str
-    port: int
-
-    @property
-    def family(self) -> socket.AddressFamily:
-        """AF_INET6 for an IPv6 literal, AF_INET for an IPv4 literal, AF_UNSPEC for a
-        hostname (it may resolve to either; let getaddrinfo decide)."""
-        if ":" in self.host:
-            return socket.AF_INET6
-        try:
-            ipaddress.IPv4Address(self.host)
-        except ValueError:
-            return socket.AF_UNSPEC
-        return socket.AF_INET
-
-    def __str__(self) -> str:
-        if ":" in self.host:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
-
-
-def parse_address(text: str) -> Address:
-    """Parse "host:port" ("[v6]:port" for IPv6) into an Address.
-
-    IP literals are normalized (`[0::1]` -> `::1`), hostnames lower-cased, so equal
-    endpoints compare equal and `parse_address(str(a)) == a`. Raises ValueError whose
-    message quotes the text and says what is wrong with it.
-    """
-    if not isinstance(text, str):
-        raise ValueError(f"bad address {text!r}: expected a string such as {_EXAMPLE_ADDRESSES}")
-
-    def bad(reason: str) -> ValueError:
-        return ValueError(f"bad address {text!r}: {reason}")
-
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            raise bad("no ']' closes the IPv6 address")
-        host, rest = text[1:end], text[end + 1:]
-        if not rest.startswith(":"):
-            raise bad("expected ':port' after ']'")
-        port_text = rest[1:]
-        try:
-            host = str(ipaddress.IPv6Address(host))
-        except ValueError:
-            raise bad(f"{host!r} is not an IPv6 address") from None
-    else:
-        host, colon, port_text = text.rpartition(":")
-        if not colon:
-            raise bad(f"expected host:port, such as {_EXAMPLE_ADDRESSES}")
-        if ":" in host:
-            raise bad("an IPv6 address needs brackets, as in '[::1]:8000'")
-        if not host:
-            raise bad("the host is empty (use '0.0.0.0' or '[::]' for every address)")
-        host = _normalize_host(host, bad)
-    if not (port_text.isascii() and port_text.isdigit() and len(port_text) <= 5
-            and int(port_text) <= 65535):
-        raise bad(f"the port must be a number from 0 to 65535, got {port_text!r}")
-    return Address(host, int(port_text))
-
-
-def _normalize_host(host: str, bad: Callable[[str], ValueError]) -> str:
-    """An IPv4 literal in canonical form, or a valid hostname lower-cased."""
-    if all(c.isdigit() or c == "." for c in host):
-        try:
-            return str(ipaddress.IPv4Address(host))
-        except ValueError:
-            raise bad(f"{host!r} is not an IPv4 address") from None
-    if len(host) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in host.split(".")):
-        raise bad(f"{host!r} is neither an IP address nor a hostname")
-    return host.lower()
+_EXAMPLE_ADDRESSES = EXAMPLE_ADDRESSES
 
 
 # -- the parsed config -----------------------------------------------------------------
@@ -266,7 +190,7 @@ REQUIRED: Any = _Marker("REQUIRED")
 C_INT_MAX = 2**31 - 1
 # sun_path holds 108 bytes including the terminating NUL.
 UNIX_PATH_MAX = 107
-NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+NAME_PATTERN = vocab.NAME_RE
 
 Report = Callable[[KeyPath, str], None]
 
@@ -410,7 +334,7 @@ class Choice(Rule):
 class Name(Rule):
     """A listener, pool or backend name: it appears in control commands (`POOL/BACKEND`,
     `POOL=PCT`), so '/', '=', spaces and the like are kept out."""
-    expects = "a name of 1 to 64 letters, digits, '_', '-' or '.', not starting with '-' or '.'"
+    expects = f"a name of {vocab.NAME_DOC}"
 
     def check(self, raw):
         if not isinstance(raw, str) or not NAME_PATTERN.fullmatch(raw):
@@ -419,12 +343,18 @@ class Name(Rule):
 
 
 class AddressRule(Rule):
-    expects = f"a 'host:port' string such as {_EXAMPLE_ADDRESSES}"
+    """A 'host:port' string (l4lb.address's rule); `port_zero` for an address to listen
+    on, where port 0 means any free port."""
+
+    def __init__(self, *, port_zero: bool = False):
+        self.port_zero = port_zero
+        low = 0 if port_zero else 1
+        self.expects = f"a 'host:port' string such as {_EXAMPLE_ADDRESSES}, port {low} to 65535"
 
     def check(self, raw):
         if not isinstance(raw, str):
             raise self.reject(raw)
-        return parse_address(raw)
+        return parse_address(raw, port_zero=self.port_zero)
 
 
 class Cidr(Rule):
@@ -556,8 +486,9 @@ def check_listener(listener: ListenerConfig, path: KeyPath, report: Report) -> N
         report(path + ("split",), "set either 'pool' or 'split', not both")
     if isinstance(listener.split, dict):
         percents = list(listener.split.values())
-        if all(isinstance(p, int) for p in percents) and sum(percents) != 100:
-            report(path + ("split",), f"percentages must sum to 100, got {sum(percents)}")
+        if all(isinstance(p, int) for p in percents) and sum(percents) != vocab.SPLIT_TOTAL:
+            report(path + ("split",),
+                   f"percentages must sum to {vocab.SPLIT_TOTAL}, got {sum(percents)}")
 
 
 def check_pool(pool: PoolConfig, path: KeyPath, report: Report) -> None:
@@ -576,9 +507,15 @@ def check_pool(pool: PoolConfig, path: KeyPath, report: Report) -> None:
 
 
 def check_references(config: Config, report: Report) -> None:
-    """Pools named by listeners exist; no address is bound twice (listeners and metrics)."""
+    """At least one listener; pools named by listeners exist; no address is bound twice
+    (listeners and metrics)."""
     listeners = config.listeners if isinstance(config.listeners, dict) else {}
     pools = config.pools if isinstance(config.pools, dict) else {}
+    if config.listeners == {}:
+        # An empty file (a non-atomic writer caught mid-copy when SIGHUP came) would
+        # otherwise reload as "remove every listener" and stop serving.
+        report(("listeners",), "at least one [listeners.NAME] table is required: a config "
+               "without listeners would serve nothing (is the file empty or half written?)")
     for name, listener in listeners.items():
         if not isinstance(listener, ListenerConfig):
             continue
@@ -633,7 +570,7 @@ def _resolve_paths(config: Config, folder: Path, report: Report) -> None:
 
 # -- the schema ------------------------------------------------------------------------
 
-SEND_PROXY = Choice("off", "v1", "v2")
+SEND_PROXY = Choice(*vocab.SEND_PROXY_WORDS)
 
 GLOBAL = Table(GlobalConfig, {
     "max_connections": Key(Integer(), 20000,
@@ -654,16 +591,16 @@ CONTROL = Table(ControlConfig, {
 }, doc="The control socket.")
 
 LOG = Table(LogConfig, {
-    "level": Key(Choice("debug", "info", "warning", "error"), "info",
-        "Least severe event written: debug | info | warning | error."),
-    "format": Key(Choice("json", "console"), "json",
+    "level": Key(Choice(*vocab.LOG_LEVELS), "info",
+        "Least severe event written: " + " | ".join(vocab.LOG_LEVELS) + "."),
+    "format": Key(Choice(*vocab.LOG_FORMATS), "json",
         "json: one JSON object per line on stderr, for machines; console: aligned text for people."),
     "access": Key(Boolean(), True,
         "Write one `connection_closed` line per closed connection (the access log)."),
 }, doc="Logging (structlog, to stderr).")
 
 METRICS = Table(MetricsConfig, {
-    "listen": Key(AddressRule(), None,
+    "listen": Key(AddressRule(port_zero=True), None,
         "host:port of the Prometheus endpoint (GET /metrics); leave the key out to turn "
         "metrics off."),
 }, doc="The Prometheus endpoint.")
@@ -673,7 +610,7 @@ BACKEND = Table(BackendConfig, {
         "The backend's name, unique in its pool; control commands call it POOL/NAME."),
     "address": Key(AddressRule(), REQUIRED,
         "host:port the balancer connects to (IPv6 as \"[::1]:9001\")."),
-    "weight": Key(Integer(0, 10000), 1,
+    "weight": Key(Integer(vocab.WEIGHT_MIN, vocab.WEIGHT_MAX), vocab.WEIGHT_DEFAULT,
         "Share of new connections relative to the pool's other backends; 0 = none."),
     "max_connections": Key(Integer(), 0,
         "Connections open to this backend at once; a full backend is skipped, and when "
@@ -695,15 +632,15 @@ HEALTH = Table(HealthConfig, {
 }, doc="Active health checks of a pool's backends; without this table backends stay up.")
 
 POOL = Table(PoolConfig, {
-    "algorithm": Key(Choice("rr", "wrr", "leastconn", "hash", "lrt", "p2c"), "wrr",
+    "algorithm": Key(Choice(*vocab.ALGORITHM_WORDS), "wrr",
         "How a backend is picked: rr round robin, wrr smooth weighted round robin, "
         "leastconn fewest active connections (per weight), hash consistent hashing "
         "(Maglev) of hash_key, lrt lowest response time, p2c power of two random choices."),
-    "hash_key": Key(Choice("src_ip", "src_ip_port"), "src_ip",
+    "hash_key": Key(Choice(*vocab.HASH_KEYS), "src_ip",
         "What `hash` hashes: the client IP (a client keeps its backend) or IP and port."),
     "slow_start": Key(Number(), 0.0,
         "Seconds over which a backend that comes back up ramps from little to its full weight; 0 = at once."),
-    "on_down": Key(Choice("keep", "close"), "keep",
+    "on_down": Key(Choice(*vocab.ON_DOWN_WORDS), "keep",
         "keep | close: what happens to a backend's open connections when it is marked down."),
     "backends": Key(ListOf(BACKEND, expects="an array of backend tables"), [],
         "The servers of this pool, as an array of inline tables "
@@ -712,7 +649,7 @@ POOL = Table(PoolConfig, {
 }, doc="A named set of backends and how to pick among them.", check=check_pool)
 
 LISTENER = Table(ListenerConfig, {
-    "bind": Key(ListOf(AddressRule(), min_items=1,
+    "bind": Key(ListOf(AddressRule(port_zero=True), min_items=1,
                        expects="an array of 'host:port' strings such as [\"127.0.0.1:8000\"]"),
                 REQUIRED,
         "Addresses to accept on, as host:port strings; IPv6 as \"[::1]:8000\"."),
@@ -772,8 +709,8 @@ SCHEMA = Table(Config, {
     "log": Key(LOG, {}, LOG.doc),
     "metrics": Key(METRICS, {}, METRICS.doc),
     "listeners": Key(TableOf(LISTENER, "listeners"), {},
-        "[listeners.NAME] tables. A config without listeners is valid (HAProxy accepts one "
-        "without frontends) but serves nothing."),
+        "[listeners.NAME] tables; at least one is required, so an empty or half-written "
+        "file is refused (by `l4lb check` and by a reload) instead of removing every listener."),
     "pools": Key(TableOf(POOL, "pools"), {},
         "[pools.NAME] tables; a pool no listener names is kept ready (blue-green standby)."),
 }, doc="An l4lb config file.")

@@ -40,6 +40,7 @@ import threading
 import time
 from typing import Callable
 
+from .address import parse_address
 from .control.client import ControlClient, ControlClientError
 
 # Seconds between two looks at the balancer while waiting (drain, readiness, canary
@@ -95,9 +96,10 @@ class Control:
 # --- small pure helpers ---------------------------------------------------------------
 
 def split_host_port(address: str) -> tuple[str, int]:
-    """"127.0.0.1:9001" / "[::1]:9001" / "app.local:9001" -> (host, port)."""
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
+    """"127.0.0.1:9001" / "[::1]:9001" / "app.local:9001" -> (host, port), by the one
+    address rule the balancer applies to backends (l4lb.address); ValueError if malformed."""
+    parsed = parse_address(address)
+    return parsed.host, parsed.port
 
 
 def accepts_connections(address: str, timeout: float = CONNECT_PROBE_TIMEOUT) -> bool:

@@ -17,8 +17,13 @@ File format (written by the `toml` package, checked by reading it back with toml
     [listeners.web]                # `switch` or `split`
     pool = "green"                 # or: split = { blue = 80, green = 20 }
 
-Writes are atomic (temp file + rename), so a crash leaves the old file or the new one.
-A corrupt or unreadable file is reported by the caller and ignored, never fatal.
+Every entry read back is checked by the rules the config and the control commands use
+(names, weight bounds and state words from l4lb.vocab, addresses from l4lb.address, split
+percentages summing to 100): a bad entry is skipped and listed in `RuntimeState.issues`
+for the caller to log, the rest applies. A file another user could have written is
+refused whole (l4lb.trust). Writes are atomic (temp file + rename), so a crash leaves the
+old file or the new one. A corrupt, unreadable or refused file is reported by the caller
+and ignored, never fatal.
 """
 from __future__ import annotations
 
@@ -27,8 +32,13 @@ import tempfile
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import toml
+
+from . import vocab
+from .address import parse_address
+from .trust import untrusted_reason
 
 STATE_VERSION = 1
 
@@ -43,12 +53,14 @@ class RuntimeState:
     added: dict[str, dict] = field(default_factory=dict)      # "pool/name" -> {address, weight}
     removed: list[str] = field(default_factory=list)          # "pool/name"
     listeners: dict[str, dict] = field(default_factory=dict)  # name -> {pool} | {split}
+    # Entries skipped when read from the file (StateIssue); never written back.
+    issues: list = field(default_factory=list, compare=False, repr=False)
 
     # --- recording operator changes -----------------------------------------------------
 
     def record_state(self, ref: str, state: str) -> None:
         entry = self.backends.setdefault(ref, {})
-        if state in ("maint", "draining"):
+        if state in vocab.ADMIN_STATES:
             entry["state"] = state
         else:
             entry.pop("state", None)
@@ -93,41 +105,141 @@ class RuntimeState:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict) -> "RuntimeState":
+    def from_dict(cls, data) -> "RuntimeState":
+        """The state `data` (the file's TOML tables) describes, every entry validated by
+        the rules the config and the control commands use (l4lb.vocab, l4lb.address).
+
+        A bad entry is skipped and described in `issues` (section, key, message), the
+        rest applies; StateFileError only when the whole file is unusable (not a table, an
+        unknown version). Never raises anything else, whatever `data` holds."""
+        if not isinstance(data, dict):
+            raise StateFileError("the state file is not a TOML table")
         if data.get("version") != STATE_VERSION:
-            raise StateFileError(f"unsupported state file version {data.get('version')!r}")
+            raise StateFileError(
+                f"unsupported state file version {vocab.show_briefly(data.get('version'))}")
         state = cls()
-        try:
-            for ref, entry in dict(data.get("backends", {})).items():
-                state.backends[str(ref)] = _checked_backend_entry(entry)
-            for ref, entry in dict(data.get("added", {})).items():
-                if not isinstance(entry.get("address"), str):
-                    raise StateFileError(f"added.{ref}: address must be a string")
-                state.added[str(ref)] = {"address": entry["address"],
-                                         "weight": int(entry.get("weight", 1))}
-            state.removed = [str(r) for r in data.get("removed", [])]
-            for name, route in dict(data.get("listeners", {})).items():
-                if "split" in route:
-                    state.listeners[str(name)] = {
-                        "split": {str(k): int(v) for k, v in dict(route["split"]).items()}}
-                elif isinstance(route.get("pool"), str):
-                    state.listeners[str(name)] = {"pool": route["pool"]}
-                else:
-                    raise StateFileError(f"listeners.{name}: needs pool or split")
-        except (TypeError, ValueError, AttributeError) as exc:
-            raise StateFileError(f"malformed entry: {exc}") from None
+        for section, value in data.items():
+            if section == "version":
+                continue
+            reader = _SECTION_READERS.get(section)
+            if reader is None:
+                state.issues.append(StateIssue(section, "", "unknown section"))
+                continue
+            reader(state, value)
         return state
 
+    def _read_backends(self, section) -> None:
+        self.backends.update(_read_tables(self, "backends", section, _checked_ref,
+                                          _checked_override))
 
-def _checked_backend_entry(entry) -> dict:
+    def _read_added(self, section) -> None:
+        self.added.update(_read_tables(self, "added", section, _checked_ref, _checked_added))
+
+    def _read_removed(self, section) -> None:
+        if not isinstance(section, list):
+            self.issues.append(StateIssue("removed", "", "must be an array of POOL/BACKEND"))
+            return
+        for ref in section:
+            try:
+                ref = _checked_ref(ref)
+            except ValueError as exc:
+                self.issues.append(StateIssue("removed", _key_text(ref), str(exc)))
+                continue
+            if ref not in self.removed:
+                self.removed.append(ref)
+
+    def _read_listeners(self, section) -> None:
+        self.listeners.update(_read_tables(self, "listeners", section, vocab.check_name,
+                                           _checked_route))
+
+
+class StateIssue(NamedTuple):
+    """A state file entry skipped because it breaks a rule: `section` ("added"), `key`
+    ("blue/app4"; empty for the section as a whole) and what is wrong with it."""
+    section: str
+    key: str
+    message: str
+
+
+_SECTION_READERS = {
+    "backends": RuntimeState._read_backends,
+    "added": RuntimeState._read_added,
+    "removed": RuntimeState._read_removed,
+    "listeners": RuntimeState._read_listeners,
+}
+
+
+def _read_tables(state: RuntimeState, section: str, value, check_key, check_entry) -> dict:
+    """{key: checked entry} of a section of tables; each bad one goes to state.issues."""
+    if not isinstance(value, dict):
+        state.issues.append(StateIssue(section, "", "must be a table"))
+        return {}
+    out = {}
+    for key, entry in value.items():
+        try:
+            key = check_key(key)
+            if not isinstance(entry, dict):
+                raise ValueError("must be a table")
+            out[key] = check_entry(entry)
+        except ValueError as exc:
+            state.issues.append(StateIssue(section, _key_text(key), str(exc)))
+    return out
+
+
+def _key_text(key) -> str:
+    return key if isinstance(key, str) and len(key) <= 80 else vocab.show_briefly(key)
+
+
+def _checked_ref(ref) -> str:
+    """A "POOL/BACKEND" reference with both names valid."""
+    if not isinstance(ref, str) or ref.count("/") != 1:
+        raise ValueError(f"want POOL/BACKEND, got {vocab.show_briefly(ref)}")
+    pool, _, backend = ref.partition("/")
+    vocab.check_name(pool)
+    vocab.check_name(backend)
+    return ref
+
+
+def _only_keys(entry: dict, allowed: tuple[str, ...]) -> None:
+    unknown = [k for k in entry if k not in allowed]
+    if unknown:
+        raise ValueError(f"unknown key {vocab.show_briefly(unknown[0])}; "
+                         f"known: {', '.join(allowed)}")
+
+
+def _checked_override(entry: dict) -> dict:
+    """A config backend's overrides: an admin state and/or a weight."""
+    _only_keys(entry, ("state", "weight"))
     out = {}
     if "state" in entry:
-        if entry["state"] not in ("maint", "draining"):
-            raise StateFileError(f"bad backend state {entry['state']!r}")
+        if entry["state"] not in vocab.ADMIN_STATES:
+            raise ValueError(f"state must be one of {', '.join(vocab.ADMIN_STATES)}, "
+                             f"got {vocab.show_briefly(entry['state'])}")
         out["state"] = entry["state"]
     if "weight" in entry:
-        out["weight"] = int(entry["weight"])
+        out["weight"] = vocab.check_weight(entry["weight"])
     return out
+
+
+def _checked_added(entry: dict) -> dict:
+    """A backend added with `add`: its address (the backend rule of l4lb.address, kept
+    in canonical form) and weight."""
+    _only_keys(entry, ("address", "weight"))
+    if "address" not in entry:
+        raise ValueError("needs an address")
+    address = parse_address(entry["address"])
+    weight = vocab.check_weight(entry.get("weight", vocab.WEIGHT_DEFAULT))
+    return {"address": str(address), "weight": weight}
+
+
+def _checked_route(route: dict) -> dict:
+    """A listener's route set by `switch` ({pool}) or `split` ({split})."""
+    _only_keys(route, ("pool", "split"))
+    if ("pool" in route) == ("split" in route):
+        raise ValueError("needs pool or split (one of them)")
+    if "pool" in route:
+        return {"pool": vocab.check_name(route["pool"])}
+    return {"split": vocab.check_split(route["split"])}
 
 
 def state_path_for(socket_path: Path) -> Path:
@@ -136,14 +248,21 @@ def state_path_for(socket_path: Path) -> Path:
 
 
 def load_state(path: Path) -> RuntimeState:
-    """The state in `path`; an empty state when there is no file. StateFileError when the
-    file exists but is unreadable, not TOML, or malformed."""
+    """The state in `path`; an empty state when there is no file.
+
+    StateFileError when the file exists but is unreadable, not TOML, of another version,
+    or untrusted: owned or writable by another user, or in a folder others can write
+    (l4lb.trust, sshd's StrictModes), since whoever writes it steers the balancer. Entries
+    that break a rule are skipped and listed in the result's `issues`."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
         return RuntimeState()
     except OSError as exc:
         raise StateFileError(f"cannot read {path}: {exc.strerror}") from None
+    reason = untrusted_reason(path)
+    if reason:
+        raise StateFileError(f"refused {path}, as sshd's StrictModes would: {reason}")
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:

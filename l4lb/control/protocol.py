@@ -30,13 +30,15 @@ from __future__ import annotations
 
 import difflib
 import enum
-import ipaddress
 import json
 import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from .. import vocab
+from ..address import parse_address
 
 __all__ = [
     "COMMANDS",
@@ -61,21 +63,18 @@ __all__ = [
 # trailing \r included, so the reader can decide before the newline arrives.
 MAX_LINE = 64 * 1024
 
-# Names of pools, backends and listeners as the control protocol accepts them: no space
-# (token separator), "/" (POOL/BACKEND) or "=" (POOL=PCT); the config loader should accept
-# no other names, or some objects could not be addressed from here.
-NAME_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}"
-_NAME_RE = re.compile(NAME_PATTERN)
+# Names, weight bounds and the address rule are shared with the config and the state
+# file: they live in l4lb.vocab and l4lb.address, and are only used here.
+NAME_PATTERN = vocab.NAME_PATTERN
+_NAME_RE = vocab.NAME_RE
 _DIGITS_RE = re.compile(r"[0-9]+")  # not int() alone: it also takes "+5", "1_000" and "٥"
 # Digits beyond this make any number out of every range here; int() of a string over 4300
 # digits raises ValueError (CVE-2020-10735 limit), so longer ones are never converted.
 _MAX_DIGITS = 18
 _DECIMAL_RE = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")  # not float(): "inf", "nan", "1e9"
-_HOSTNAME_LABEL_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
-_MAX_HOSTNAME = 253  # RFC 1035 §2.3.4, without the trailing dot
 
-WEIGHT_MAX = 10_000  # DESIGN.md §4: backend weight 0..10000
-WEIGHT_DEFAULT = 1  # DESIGN.md §4: a backend's weight when none is given
+WEIGHT_MAX = vocab.WEIGHT_MAX
+WEIGHT_DEFAULT = vocab.WEIGHT_DEFAULT
 
 
 class ControlError(Exception):
@@ -283,10 +282,7 @@ def _parse_name(spec: ArgSpec, text: str) -> dict[str, Any]:
 
 def _check_name(text: str, what: str) -> str:
     if not _NAME_RE.fullmatch(text):
-        raise ControlError(
-            f"bad {what} {_quote(text)}: names are 1-64 letters, digits, '_', '.' or '-', "
-            "not starting with '.' or '-'"
-        )
+        raise ControlError(f"bad {what} {_quote(text)}: names are {vocab.NAME_DOC}")
     return text
 
 
@@ -356,10 +352,10 @@ def _parse_split(spec: ArgSpec, tokens: list[str]) -> dict[str, Any]:
         if pool in shares:
             raise ControlError(f"pool {pool!r} appears twice in the split")
         shares[pool] = pct
-    total = sum(shares.values())
-    if total != 100:
-        raise ControlError(f"split percentages sum to {total}, not 100")
-    return {spec.key: shares}
+    try:
+        return {spec.key: vocab.check_split(shares)}
+    except ValueError as exc:
+        raise ControlError(str(exc)) from None
 
 
 # ArgKind -> parser of one token. SPLIT is variadic and handled apart (_parse_split).
@@ -374,44 +370,13 @@ _ARG_PARSERS: dict[ArgKind, Callable[[ArgSpec, str], dict[str, Any]]] = {
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
-    """Parse ``HOST:PORT`` into ``(host, port)``; raise ControlError if malformed.
-
-    HOST is an IPv4 address, a bracketed IPv6 address (``[::1]:9001``; returned without
-    brackets, in canonical form) or an RFC 1123 hostname (returned lowercased). PORT is
-    1..65535. A bare IPv6 address, a zone id, or a dotted-decimal host that is not a valid
-    IPv4 address (``1.2.3.256``) is refused.
-    """
-    host, colon, port_text = text.rpartition(":")
-    if not colon or not host:
-        raise ControlError(
-            f"bad HOST:PORT {_quote(text)}: want e.g. 127.0.0.1:9001 or [::1]:9001"
-        )
-    port = _parse_natural(port_text)
-    if port is None or not 1 <= port <= 65535:
-        raise ControlError(f"bad port in {_quote(text)}: want 1..65535")
-    if host.startswith("[") and host.endswith("]"):
-        inner = host[1:-1]
-        try:
-            address = ipaddress.IPv6Address(inner)
-        except ValueError:
-            raise ControlError(f"bad IPv6 address {_quote(inner)} in {_quote(text)}") from None
-        if address.scope_id is not None:
-            raise ControlError(f"IPv6 zone ids are not supported: {_quote(text)}")
-        return address.compressed, port
-    if ":" in host:
-        example = f"[{host}]:{port}" if len(host) <= _QUOTE_MAX else "[::1]:9001"
-        raise ControlError(
-            f"bad HOST:PORT {_quote(text)}: IPv6 addresses need brackets, e.g. {example}"
-        )
-    if all(label.isdigit() for label in host.split(".")):  # looks numeric: must be IPv4
-        try:
-            return str(ipaddress.IPv4Address(host)), port
-        except ValueError:
-            raise ControlError(f"bad IPv4 address {_quote(host)} in {_quote(text)}") from None
-    labels = host.removesuffix(".").split(".")
-    if len(host) > _MAX_HOSTNAME or not all(_HOSTNAME_LABEL_RE.fullmatch(x) for x in labels):
-        raise ControlError(f"bad host name {_quote(host)} in {_quote(text)}")
-    return host.lower(), port
+    """Parse a backend's ``HOST:PORT`` into ``(host, port)`` by the one address rule
+    (l4lb.address.parse_address: port 1..65535); raise ControlError if malformed."""
+    try:
+        address = parse_address(text)
+    except ValueError as exc:
+        raise ControlError(str(exc)) from None
+    return address.host, address.port
 
 
 # ---------------------------------------------------------------------------------------

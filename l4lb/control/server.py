@@ -15,6 +15,7 @@ import stat
 from pathlib import Path
 
 from ..log import get_logger
+from ..trust import untrusted_reason
 from . import protocol
 from .commands import CommandHandlers
 
@@ -28,7 +29,10 @@ def open_control_socket(path: Path, mode: int) -> socket.socket:
     (umask set around bind, so there is no moment where it is more open than `mode`).
 
     A stale socket file (nothing answers on it) is replaced. ControlSocketError when
-    another process answers on it, or the path is something other than a socket."""
+    another process answers on it, the path is something other than a socket, or its
+    folder could be changed by another user (l4lb.trust)."""
+    if reason := untrusted_reason(path.parent):
+        raise ControlSocketError(f"refusing the control socket's folder: {reason}")
     try:
         st = os.lstat(path)
     except FileNotFoundError:

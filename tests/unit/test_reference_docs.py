@@ -9,6 +9,7 @@ from l4lb.config import SCHEMA
 from l4lb.control.protocol import COMMANDS
 from l4lb.log import LOG_EVENTS, LOG_EVENTS_BY_NAME
 from l4lb.metrics import METRICS
+from l4lb.reasons import REASONS
 
 from ..support import REPO
 
@@ -49,6 +50,8 @@ def test_reference_names_every_key_command_event_and_metric():
         assert f"`{ev.name}`" in text
     for spec in METRICS:
         assert f"`{spec.name}`" in text
+    for reason in REASONS:
+        assert f"| `{reason.word}` |" in text
 
 
 def logging_calls():

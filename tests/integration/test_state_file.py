@@ -1,0 +1,55 @@
+"""A state file with bad entries, or planted by another user, never stops l4lb: the bad
+entries are logged and skipped, the rest applies; a planted file is logged and ignored."""
+import os
+
+from ..support import L4LB, ask, backends_toml, name_handler
+
+
+def config(backends):
+    return f"""
+[global]
+shutdown_timeout = 2.0
+[listeners.web]
+bind = ["127.0.0.1:0"]
+pool = "main"
+[pools.main]
+algorithm = "rr"
+backends = [
+{backends_toml(backends)}
+]
+"""
+
+
+def test_out_of_range_state_entries_are_logged_and_skipped_the_rest_applies(backends, tmp_path):
+    a = backends(name_handler, name="a")
+    b = backends(name_handler, name="b")
+    (tmp_path / "l4lb.state.toml").write_text(
+        'version = 1\n'
+        '[backends."main/a"]\nweight = inf\n'
+        '[backends."main/b"]\nstate = "maint"\n'
+        '[added."main/x y"]\naddress = "127.0.0.1:9"\n'
+        '[added."main/c"]\naddress = "127.0.0.1:9"\nweight = 99999\n')
+    lb = L4LB(tmp_path, config([("a", a.address), ("b", b.address)])).wait_ready()
+    try:
+        rows = {r["name"]: r for r in ask(lb, "show backends")["backends"]}
+        assert set(rows) == {"a", "b"}
+        assert rows["a"]["weight"] == 1 and rows["b"]["state"] == "maint"
+        ignored = {(ev["section"], ev["key"]) for ev in lb.events_named("state_entry_ignored")}
+        assert ignored == {("backends", "main/a"), ("added", "main/x y"), ("added", "main/c")}
+    finally:
+        assert lb.stop() == 0
+
+
+def test_a_state_file_another_user_wrote_is_logged_and_ignored(backends, tmp_path):
+    a = backends(name_handler, name="a")
+    planted = tmp_path / "l4lb.state.toml"
+    planted.write_text('version = 1\n[backends."main/a"]\nstate = "maint"\n')
+    os.chown(planted, 65534, -1)
+    lb = L4LB(tmp_path, config([("a", a.address)])).wait_ready()
+    try:
+        ev = lb.wait_event("state_file_ignored")
+        assert "owned by uid 65534" in ev["error"]
+        [row] = ask(lb, "show backends")["backends"]
+        assert row["state"] == "up"
+    finally:
+        assert lb.stop() == 0
