@@ -40,7 +40,7 @@ from prometheus_client.registry import CollectorRegistry
 from . import __version__
 from ._native import max_pipes  # the relay's pipe cap, also counted in fds_needed
 from .config import Address
-from .log import get_logger
+from .log import dropped_lines, get_logger
 from .model import BackendState
 
 if TYPE_CHECKING:
@@ -81,6 +81,8 @@ METRICS: tuple[MetricSpec, ...] = (
                "connection holds two."),
     MetricSpec("l4lb_connections_active", "gauge", (), "Client connections open now, all listeners."),
     MetricSpec("l4lb_connections_total", "counter", (), "Client connections admitted since start, all listeners."),
+    MetricSpec("l4lb_log_lines_dropped_total", "counter", (),
+               "Log lines dropped because stderr did not take them (its reader stalled)."),
     MetricSpec("l4lb_metrics_scrape_duration_seconds", "gauge", (),
                "How long the previous scrape took to collect and render, in seconds."),
     # listeners
@@ -252,6 +254,7 @@ class BalancerCollector:
         put("l4lb_process_max_fds", [], proc.fd_soft)
         put("l4lb_connections_active", [], b.hub.active)
         put("l4lb_connections_total", [], b.hub.total)
+        put("l4lb_log_lines_dropped_total", [], dropped_lines())
         put("l4lb_metrics_scrape_duration_seconds", [], self.last_duration)
 
         for listener in b.listeners.values():
