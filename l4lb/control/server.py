@@ -1,6 +1,10 @@
 """The control socket: a Unix stream socket speaking one command per line, one JSON reply
 line per command (DESIGN.md §6).
 
+It is accepted through l4lb.process.ReservedServer, which draws on a reserve of
+descriptors, so that an operator still gets answers when the process has run out of them
+(issue 20 item 11).
+
 Commands of one connection are carried out in order (a `wait` delays the replies behind
 it, never another connection's). Bad input of any kind gets an error reply; nothing a
 client sends can raise out of here.
@@ -16,6 +20,7 @@ import stat
 from pathlib import Path
 
 from ..log import get_logger
+from ..process import ReservedServer, fd_reserve
 from . import protocol
 from .commands import CommandHandlers
 
@@ -158,6 +163,7 @@ class ControlConnection(asyncio.Protocol):
             self.hangup_timer = None
         if self.worker is not None:
             self.worker.cancel()
+        fd_reserve().refill()              # its descriptors are free again: keep them
 
     def _set_reading(self, on: bool) -> None:
         if on == self.reading or self.eof or self.transport.is_closing():
@@ -234,8 +240,8 @@ class ControlServer:
 
     async def start(self) -> None:
         sock = open_control_socket(self.path, self.mode)
-        self.server = await asyncio.get_running_loop().create_unix_server(
-            lambda: ControlConnection(self), sock=sock)
+        self.server = ReservedServer(asyncio.get_running_loop(), sock,
+                                     lambda: ControlConnection(self))
         self.log.info("control_started", socket=str(self.path), mode=oct(self.mode))
 
     def close(self) -> None:
