@@ -114,9 +114,8 @@ def count_open_fds(process: psutil.Process | None = None) -> int:
 # Errors that mean "no descriptor left" (per process, system-wide): the ones a reserved
 # descriptor can cure. Not the relay's overload set: ENOBUFS/ENOMEM are not cured by it.
 NO_DESCRIPTOR_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE})
-# Descriptors held in reserve: an operator's control connection takes two (uvloop keeps
-# a duplicate of the accepted socket), a reading one at a time, and the same again for a
-# scrape arriving meanwhile.
+# Descriptors held in reserve: an operator's connection takes one, a reading one at a
+# time; 8 leaves room for a few operators and a scrape arriving in the same moment.
 RESERVE_SIZE = 8
 # Seconds a ReservedServer stops watching its socket when even the reserve is spent, so
 # that a connection it cannot accept does not spin the loop.
@@ -182,6 +181,24 @@ def fd_reserve() -> FdReserve:
     if _reserve is None:
         _reserve = FdReserve()
     return _reserve
+
+
+async def open_loop_spare(loop: asyncio.AbstractEventLoop) -> None:
+    """Make libuv open its own spare descriptor now rather than at the first operator
+    connection. libuv opens one (on /dev/null, its "emfile" reserve) when the loop's
+    first stream handle is made; with no libuv server for the control socket that would
+    be the first control connection, and the process's descriptor count would grow by
+    one after start. One throwaway socket pair, once per loop."""
+    if getattr(loop, "_l4lb_spare_opened", False):
+        return
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        ours.setblocking(False)
+        transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, ours)
+        transport.abort()
+    finally:
+        theirs.close()
+    loop._l4lb_spare_opened = True
 
 
 class ReservedServer:

@@ -20,7 +20,7 @@ import stat
 from pathlib import Path
 
 from ..log import get_logger
-from ..process import ReservedServer, fd_reserve
+from ..process import ReservedServer, fd_reserve, open_loop_spare
 from . import protocol
 from .commands import CommandHandlers
 
@@ -240,8 +240,13 @@ class ControlServer:
 
     async def start(self) -> None:
         sock = open_control_socket(self.path, self.mode)
-        self.server = ReservedServer(asyncio.get_running_loop(), sock,
-                                     lambda: ControlConnection(self))
+        loop = asyncio.get_running_loop()
+        try:
+            await open_loop_spare(loop)
+        except BaseException:
+            sock.close()
+            raise
+        self.server = ReservedServer(loop, sock, lambda: ControlConnection(self))
         self.log.info("control_started", socket=str(self.path), mode=oct(self.mode))
 
     def close(self) -> None:
