@@ -57,7 +57,7 @@ def test_connections_and_control_go_on_while_nobody_reads_the_log(tmp_path, back
         [report] = [e for e in events if e["event"] == "log_lines_dropped"]
         closed = [e for e in events if e["event"] == "connection_closed"]
         assert report["count"] > 0 and report["count"] == report["total"]
-        assert len(closed) + report["count"] >= 2000 - 5   # the last lines may still come
+        assert len(closed) + report["count"] >= 2000 - 50   # the last few may come later
     finally:
         proc.terminate()
         try:
