@@ -21,7 +21,10 @@ again one `log_lines_dropped` line says how many were lost since the last report
 
 Why this and not a writer thread: the common case (the reader keeps up) stays one write(2)
 per line on the loop thread, as before, while a thread hand-off costs a lock, a wake-up and
-a GIL switch per line. Why only pipes and sockets: O_NONBLOCK is a property of the open
+a GIL switch per line. Measured here (2026-12-02, 200,000 access-sized lines into a pipe
+read by `cat`): 2.5 µs of CPU per line for this writer, 3.5 for the print() it replaces,
+4.8 for a writer thread behind a 1,000-line queue, which also dropped 5% of the lines
+while the reader kept up (the thread did not get the GIL often enough). Why only pipes and sockets: O_NONBLOCK is a property of the open
 file description, shared with whoever else holds it; a terminal is often shared with the
 user's shell (which would then see EAGAIN), and a regular file never blocks for long,
 while a pipe or socket on stderr belongs to the log reader the service was started with.
