@@ -1,7 +1,6 @@
 """Out of file descriptors, the control socket and the metrics endpoint still answer with
 figures (issue 20 item 11): they are what an operator needs most at that moment."""
 import socket
-import time
 import urllib.request
 
 import psutil
