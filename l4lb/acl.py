@@ -24,8 +24,11 @@ with their verdict, tried from the longest length down: the cost per connection 
 ``inet_pton`` plus at most one dict probe per distinct prefix length in the lists, however
 many CIDRs they hold.
 
-Per-source limits (keyed by the client IP text, canonical from the kernel or the PROXY
-parser):
+Per-source limits are keyed by the address, not by its spelling (``source_key``): the
+kernel writes a client as ``10.0.0.1`` while a PROXY header may say ``::ffff:10.0.0.1``,
+``::FFFF:a00:1`` or a scoped ``fe80::1%eth0``; each is one number (an IPv4-mapped IPv6
+address is its IPv4 address, a zone is ignored as in the access lists), so a client
+cannot multiply its limits by rewriting its address (issue 20 item 7):
 
 * ``per_source_max_connections``: connections open at once from one address; beyond it the
   new one is refused (``per_source_max_connections``).
@@ -47,6 +50,9 @@ one bucket-refill time (about one second), or that many addresses holding connec
 
 Failure: nothing here raises for any address text; an address that does not parse matches
 no CIDR and is counted under its literal text.
+
+Cost: the gate parses the address once per connection (one ``inet_pton``) for both the
+access lists and the per-source key.
 """
 from __future__ import annotations
 
@@ -65,6 +71,7 @@ __all__ = [
     "Gate",
     "SourceLimits",
     "configure_gate",
+    "source_key",
 ]
 
 # Reasons, as counted in ListenerRuntime.rejected (`show listeners`).
@@ -98,6 +105,26 @@ def _parse_address(host) -> tuple[int, int] | None:
         return 32, int.from_bytes(socket.inet_pton(socket.AF_INET, host), "big")
     except (OSError, ValueError, TypeError):
         return None
+
+
+# Added to an IPv6 address's number in its per-source key, so that no IPv6 key equals an
+# IPv4 one (::1 and 0.0.0.1 are different sources).
+_V6_KEY = 1 << 128
+
+
+def _key_of(parsed: tuple[int, int] | None, host):
+    """The per-source key of a parsed address (see source_key)."""
+    if parsed is None:
+        return host
+    bits, address = parsed
+    return address if bits == 32 else address | _V6_KEY
+
+
+def source_key(host):
+    """The per-source table key of an IP text: one int per address whatever its spelling
+    (IPv4, IPv4-mapped IPv6, any IPv6 text form, with or without a zone); the text itself
+    when it is not an IP address."""
+    return _key_of(_parse_address(host), host)
 
 
 def _parse_network(cidr: str) -> tuple[int, int, int]:
@@ -164,7 +191,10 @@ class AccessList:
         self.unmatched = None if not self.allow else NOT_ALLOWED
 
     def check(self, host) -> str | None:
-        parsed = _parse_address(host)
+        return self.check_parsed(_parse_address(host))
+
+    def check_parsed(self, parsed: tuple[int, int] | None) -> str | None:
+        """check() for an address already parsed by _parse_address."""
         if parsed is None:
             return self.unmatched
         verdict = self.tables[parsed[0]].lookup(parsed[1])
@@ -190,13 +220,15 @@ class _Source:
 class SourceLimits:
     """Per-source concurrent connections and connection rate (see the module doc).
 
-    ``admit(host, now)`` -> None or a reason; every admitted host must be given back with
-    ``release(host)`` exactly once. ``now`` is any monotonic clock in seconds.
+    ``admit(key, now)`` -> None or a reason; every admitted key must be given back with
+    ``release(key)`` exactly once. ``now`` is any monotonic clock in seconds. A key is
+    any hashable; the Gate passes ``source_key(host)`` so that spellings of one address
+    share one entry.
     """
 
     def __init__(self, max_connections: int = 0, rate: float = 0.0,
                  cap: int = SOURCE_TABLE_CAP):
-        self.table: OrderedDict[str, _Source] = OrderedDict()   # least recently tried first
+        self.table: OrderedDict[object, _Source] = OrderedDict()   # least recently tried first
         self.cap = cap
         self.next_prune = 0.0
         self.configure(max_connections, rate)
@@ -212,19 +244,19 @@ class SourceLimits:
             for source in self.table.values():
                 source.tokens = self.burst
 
-    def admit(self, host: str, now: float) -> str | None:
+    def admit(self, key, now: float) -> str | None:
         table = self.table
         if now >= self.next_prune:
             self.prune(now)
-        source = table.get(host)
+        source = table.get(key)
         if source is None:
             if len(table) >= self.cap:
                 return PER_SOURCE_TABLE_FULL
-            source = table[host] = _Source(self.burst, now)
+            source = table[key] = _Source(self.burst, now)
         else:
             if 0 < self.max_connections <= source.active:
                 return PER_SOURCE_MAX_CONNECTIONS
-            table.move_to_end(host)
+            table.move_to_end(key)
         rate = self.rate
         if rate > 0:
             tokens = source.tokens + (now - source.stamp) * rate
@@ -238,14 +270,14 @@ class SourceLimits:
         source.active += 1
         return None
 
-    def release(self, host: str) -> None:
-        source = self.table.get(host)
+    def release(self, key) -> None:
+        source = self.table.get(key)
         if source is None:
             return
         if source.active > 0:                # never below 0, even across a reload
             source.active -= 1
         if source.active == 0 and self.rate <= 0:
-            del self.table[host]
+            del self.table[key]
 
     def prune(self, now: float) -> int:
         """Forget sources with no open connection and a full bucket; returns how many.
@@ -253,13 +285,13 @@ class SourceLimits:
         self.next_prune = now + PRUNE_INTERVAL
         horizon = now - self.refill_time
         dead = []
-        for host, source in self.table.items():
+        for key, source in self.table.items():
             if source.stamp > horizon:
                 break
             if source.active <= 0:
-                dead.append(host)
-        for host in dead:
-            del self.table[host]
+                dead.append(key)
+        for key in dead:
+            del self.table[key]
         return len(dead)
 
     def __len__(self) -> int:
@@ -278,18 +310,19 @@ class Gate:
     def admit(self, relay) -> str | None:
         """None to admit `relay`, else the reason it is refused (called by the relay)."""
         host = relay.client_host
+        parsed = _parse_address(host)
         if self.access is not None:
-            reason = self.access.check(host)
+            reason = self.access.check_parsed(parsed)
             if reason is not None:
                 return reason
         if self.limits is not None:
-            return self.limits.admit(host, self.clock())
+            return self.limits.admit(_key_of(parsed, host), self.clock())
         return None
 
     def release(self, relay) -> None:
         """`relay`, admitted by this gate, has closed (called by the relay)."""
         if self.limits is not None:
-            self.limits.release(relay.client_host)
+            self.limits.release(source_key(relay.client_host))
 
 
 def configure_gate(previous: Gate | None, cfg, clock: Callable[[], float]) -> Gate | None:

@@ -12,9 +12,9 @@ import time
 
 from . import _native
 from .config import Address, BackendConfig, Config, ConfigError, load_config, parse_address
+from .endpoint import MetricsEndpoint
 from .health import HealthMonitor
 from .log import configure_logging, get_logger
-from .metrics import MetricsEndpoint
 from .model import Backend, BackendState, Listener, Pool
 from .state import RuntimeState, StateFileError, load_state, save_state, state_path_for
 

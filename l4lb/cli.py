@@ -51,7 +51,7 @@ async def serve(config, ready=None) -> None:
     log = get_logger()
     soft, hard = raise_fd_limit()
     log.info("fd_limit", soft=soft, hard=hard)
-    from .metrics import fd_limit_warnings, uses_pipes
+    from .process import fd_limit_warnings, uses_pipes
 
     for warning in fd_limit_warnings(config.global_.max_connections, soft,
                                      uses_pipes(config)):

@@ -6,15 +6,12 @@ command table in protocol.py is the single source of the grammar and of `help`.
 """
 from __future__ import annotations
 
-import os
 import time
 
-import psutil
-
-from .. import __version__, _native
+from .. import _native
 from ..balancer import Balancer, OperationError
 from ..config import Address
-from ..metrics import count_open_fds, fd_limit_report, uses_pipes
+from ..process import show_info_fields
 from . import protocol
 
 
@@ -23,8 +20,6 @@ class CommandHandlers:
 
     def __init__(self, balancer: Balancer):
         self.balancer = balancer
-        self.process = psutil.Process(os.getpid())
-        self.process.cpu_percent(None)          # prime: the next call measures since now
         self.table = {
             "help": self.help,
             "show info": self.show_info,
@@ -62,25 +57,7 @@ class CommandHandlers:
         return {"commands": protocol.help_text()}
 
     async def show_info(self):
-        b = self.balancer
-        p = self.process
-        with p.oneshot():
-            info = {
-                "version": __version__,
-                "pid": p.pid,
-                "uptime_s": round(time.time() - b.started_at, 3),
-                "cpu_percent": p.cpu_percent(None),
-                "cpu_seconds": round(sum(p.cpu_times()[:2]), 3),
-                "rss_bytes": p.memory_info().rss,
-                "open_fds": count_open_fds(p),
-                "conns_active": b.hub.active,
-                "conns_total": b.hub.total,
-                "pipes": (b.hub.splice_poller.pipe_stats if b.hub.splice_poller is not None
-                          else {"used": 0, "free": 0, "max": 0, "created": 0}),
-            }
-        info.update(fd_limit_report(b.config.global_.max_connections,
-                                    uses_pipes(b.config)))
-        return info
+        return show_info_fields(self.balancer)
 
     async def show_listeners(self):
         rows = []

@@ -167,7 +167,8 @@ COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec(
         ("show", "info"), (), "the process: version, uptime, resources, connection counts",
         reply=("version", "pid", "uptime_s", "cpu_percent", "cpu_seconds", "rss_bytes", "open_fds",
-               "conns_active", "conns_total", "pipes", "fd_limit", "fds_needed", "warnings"),
+               "conns_active", "conns_total", "pipes", "log_lines_dropped", "fd_limit",
+               "fds_needed", "warnings"),
     ),
     CommandSpec(
         ("show", "listeners"), (), "every listener with its pool or split and counters",

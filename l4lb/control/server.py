@@ -1,6 +1,10 @@
 """The control socket: a Unix stream socket speaking one command per line, one JSON reply
 line per command (DESIGN.md §6).
 
+It is accepted through l4lb.process.ReservedServer, which draws on a reserve of
+descriptors, so that an operator still gets answers when the process has run out of them
+(issue 20 item 11).
+
 Commands of one connection are carried out in order (a `wait` delays the replies behind
 it, never another connection's). Bad input of any kind gets an error reply; nothing a
 client sends can raise out of here.
@@ -10,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import select
 import socket
 import stat
 from pathlib import Path
 
 from ..log import get_logger
+from ..process import ReservedServer, fd_reserve, open_loop_spare
 from ..trust import untrusted_reason
 from . import protocol
 from .commands import CommandHandlers
@@ -68,42 +74,138 @@ def open_control_socket(path: Path, mode: int) -> socket.socket:
     return sock
 
 
+# Reply bytes buffered for one client above which l4lb stops reading its commands, and
+# below which it reads again: a client that pipelines `show backends` and never reads
+# would otherwise grow l4lb's memory by every reply (issue 20 item 9). 256 KiB holds any
+# single reply of a large deployment; 64 KiB lets the kernel's own buffer refill it.
+WRITE_HIGH = 256 * 1024
+WRITE_LOW = 64 * 1024
+# Commands read and not yet answered above which reading pauses too: one 64 KiB read of
+# "help\n" is 13,000 commands, whose replies would pass WRITE_HIGH long before the last.
+QUEUE_MAX = 256
+# Seconds between two checks whether a client that closed its sending side is gone
+# altogether, while a command of its (a `wait`) is still being carried out.
+HANGUP_POLL = 0.5
+
+
+def peer_hung_up(transport) -> bool:
+    """Whether the other end of a Unix stream socket has closed entirely (POLLHUP), not
+    just its sending side (shutdown(SHUT_WR), as `socat` does before reading replies)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return True
+    try:
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        return any(revents & (select.POLLHUP | select.POLLERR)
+                   for _, revents in poller.poll(0))
+    except (OSError, ValueError):
+        return True
+
+
 class ControlConnection(asyncio.Protocol):
-    """One control client: lines in, replies out, in order."""
+    """One control client: lines in, replies out, in order.
+
+    Flow control: reading stops while the client's replies are not being read (the
+    transport's write buffer is past WRITE_HIGH, signalled by pause_writing) or while
+    QUEUE_MAX commands wait, and resumes when both have drained; so a client that never
+    reads costs at most about WRITE_HIGH plus the kernel's socket buffers.
+
+    End of input: a last command without its newline is answered (as HAProxy's CLI does).
+    After its EOF a client may still be reading (half-close), so its replies are still
+    written; but a client gone altogether (POLLHUP) is dropped at once, ending a `wait`
+    it left behind instead of holding its descriptor until the wait times out."""
 
     def __init__(self, server: "ControlServer"):
         self.server = server
         self.reader = protocol.LineReader()
         self.queue: collections.deque = collections.deque()
         self.wakeup = asyncio.Event()
+        self.writable = asyncio.Event()            # clear while pause_writing holds
+        self.writable.set()
         self.transport = None
         self.worker = None
         self.eof = False
+        self.unterminated = False                  # the last bytes read did not end a line
+        self.reading = True
+        self.hangup_timer = None
 
     def connection_made(self, transport):
         self.transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
         self.worker = asyncio.get_running_loop().create_task(self.serve())
         self.server.connections.add(self)
 
     def data_received(self, data):
+        self.unterminated = not data.endswith(b"\n")
         self.queue.extend(self.reader.feed(data))
+        if len(self.queue) >= QUEUE_MAX:
+            self._set_reading(False)
         self.wakeup.set()
 
     def eof_received(self):
         self.eof = True
+        if self.unterminated:                      # `printf 'show info' | socat ...`
+            self.queue.extend(self.reader.feed(b"\n"))
         self.wakeup.set()
+        self._check_hangup()
         return True                               # keep writing the replies still due
+
+    def pause_writing(self):
+        self.writable.clear()
+        self._set_reading(False)
+
+    def resume_writing(self):
+        self.writable.set()
+        self._update_reading()
 
     def connection_lost(self, exc):
         self.server.connections.discard(self)
+        self.writable.set()
+        if self.hangup_timer is not None:
+            self.hangup_timer.cancel()
+            self.hangup_timer = None
         if self.worker is not None:
             self.worker.cancel()
+        fd_reserve().refill()              # its descriptors are free again: keep them
+
+    def _set_reading(self, on: bool) -> None:
+        if on == self.reading or self.eof or self.transport.is_closing():
+            return
+        self.reading = on
+        if on:
+            self.transport.resume_reading()
+        else:
+            self.transport.pause_reading()
+
+    def _update_reading(self) -> None:
+        """Read again once replies drain and the queue is short (hysteresis: half)."""
+        if self.writable.is_set() and len(self.queue) <= QUEUE_MAX // 2:
+            self._set_reading(True)
+
+    def _check_hangup(self) -> None:
+        """After EOF: drop a client gone altogether, else look again in HANGUP_POLL s."""
+        self.hangup_timer = None
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if peer_hung_up(transport):
+            transport.abort()                     # connection_lost cancels the worker
+            return
+        self.hangup_timer = asyncio.get_running_loop().call_later(
+            HANGUP_POLL, self._check_hangup)
 
     async def serve(self):
         try:
             while True:
                 while self.queue:
+                    if not self.writable.is_set():
+                        await self.writable.wait()
+                        if self.transport.is_closing():
+                            return
                     item = self.queue.popleft()
+                    if not self.reading:
+                        self._update_reading()
                     reply = await self.answer(item)
                     if self.transport.is_closing():
                         return
@@ -142,8 +244,13 @@ class ControlServer:
 
     async def start(self) -> None:
         sock = open_control_socket(self.path, self.mode)
-        self.server = await asyncio.get_running_loop().create_unix_server(
-            lambda: ControlConnection(self), sock=sock)
+        loop = asyncio.get_running_loop()
+        try:
+            await open_loop_spare(loop)
+        except BaseException:
+            sock.close()
+            raise
+        self.server = ReservedServer(loop, sock, lambda: ControlConnection(self))
         self.log.info("control_started", socket=str(self.path), mode=oct(self.mode))
 
     def close(self) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import resource
 
 from l4lb.control.client import call
-from l4lb.metrics import FD_HEADROOM
+from l4lb.process import FD_HEADROOM
 
 from ..support import echo_handler, simple_config
 

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from l4lb.config import parse_config
-from l4lb.metrics import max_pipes
+from l4lb._native import max_pipes
 
 from ..support import (ask, connect, echo_handler, name_handler, recv_all,
                        recv_exactly, simple_config)

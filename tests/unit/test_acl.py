@@ -288,3 +288,48 @@ def test_reasons_are_the_documented_words():
     assert (acl.DENIED, acl.NOT_ALLOWED, acl.PER_SOURCE_MAX_CONNECTIONS, acl.PER_SOURCE_RATE,
             acl.PER_SOURCE_TABLE_FULL) == ("denied", "not_allowed", "per_source_max_connections",
                                            "per_source_rate", "per_source_table_full")
+
+
+# --- one address, one key (issue 20 item 7) ---------------------------------------------------
+
+
+@pytest.mark.parametrize("spellings", [
+    ("10.0.0.1", "::ffff:10.0.0.1", "::FFFF:10.0.0.1", "::ffff:a00:1",
+     "0:0:0:0:0:ffff:a00:1", "::ffff:10.0.0.1%eth0"),
+    ("2001:db8::1", "2001:DB8::1", "2001:0db8:0000::0001", "2001:db8::1%3"),
+    ("fe80::1", "fe80::1%eth0", "fe80:0::1%lo"),
+])
+def test_every_spelling_of_one_address_has_one_source_key(spellings):
+    assert len({acl.source_key(s) for s in spellings}) == 1
+
+
+def test_different_addresses_have_different_keys_across_families():
+    keys = [acl.source_key(h) for h in ("0.0.0.1", "::1", "::ffff:0.0.0.1", "not an ip")]
+    assert keys[0] == keys[2] and len({keys[0], keys[1], keys[3]}) == 3
+    assert acl.source_key("not an ip") == "not an ip"      # counted under its text
+
+
+def test_per_source_limit_counts_an_address_once_whatever_its_spelling():
+    gate = configure_gate(None, _cfg(per_source_max_connections=2), lambda: 0.0)
+    first, second = _relay("10.0.0.1"), _relay("::ffff:10.0.0.1")
+    assert gate.admit(first) is None and gate.admit(second) is None
+    for spelling in ("10.0.0.1", "::ffff:10.0.0.1", "::ffff:a00:1", "::ffff:10.0.0.1%1"):
+        assert gate.admit(_relay(spelling)) == PER_SOURCE_MAX_CONNECTIONS
+    gate.release(second)                                   # released under its own spelling
+    assert gate.admit(_relay("10.0.0.1")) is None
+    assert len(gate.limits) == 1
+
+
+def test_per_source_rate_counts_an_address_once_whatever_its_spelling():
+    gate = configure_gate(None, _cfg(per_source_rate=2.0), lambda: 0.0)
+    assert gate.admit(_relay("2001:db8::7")) is None
+    assert gate.admit(_relay("2001:DB8:0::7")) is None
+    assert gate.admit(_relay("2001:db8::7%eth0")) == PER_SOURCE_RATE
+
+
+def test_access_lists_judge_every_spelling_alike():
+    access = AccessList(allow=["10.0.0.0/8", "2001:db8::/32"], deny=["10.6.0.0/16"])
+    for host in ("10.6.0.1", "::ffff:10.6.0.1", "::FFFF:a06:1", "::ffff:10.6.0.1%eth0"):
+        assert access.check(host) == DENIED
+    for host in ("2001:db8::1", "2001:DB8:0:0::1", "2001:db8::1%2"):
+        assert access.check(host) is None

@@ -1,7 +1,7 @@
 """The descriptor arithmetic behind `show info`'s warnings and the `fd_limit_low` log line."""
 import resource
 
-from l4lb.metrics import (FD_HEADROOM, fd_limit_report, fd_limit_warnings, fds_needed,
+from l4lb.process import (FD_HEADROOM, fd_limit_report, fd_limit_warnings, fds_needed,
                           max_pipes, uses_pipes)
 
 

@@ -109,3 +109,37 @@ def test_every_metric_spec_is_well_formed():
         assert spec.name.startswith("l4lb_") and spec.kind in ("counter", "gauge")
         assert spec.name.endswith("_total") == (spec.kind == "counter"), spec.name
         assert spec.doc.endswith("."), spec.name
+
+
+def test_backend_and_listener_figures_are_the_show_rows(balancer):
+    from l4lb.rows import backend_row, listener_row
+
+    t = balancer.find_backend("blue", "b1").target
+    t.total, t.failed, t.bytes_in, t.bytes_out, t.active = 3, 1, 10, 20, 2
+    balancer.listeners["admin"].runtime.count_rejected("denied")
+    parsed = scrape(balancer)
+    for pool in balancer.pools.values():
+        for backend in pool.backends.values():
+            row = backend_row(backend)
+            labels = {"pool": row["pool"], "backend": row["name"]}
+            assert get(parsed, "l4lb_backend_active_connections", **labels) == row["active"]
+            assert get(parsed, "l4lb_backend_connections_total", **labels) == row["total"]
+            assert get(parsed, "l4lb_backend_connect_failures_total", **labels) == row["failed"]
+            assert get(parsed, "l4lb_backend_weight", **labels) == row["weight"]
+            assert get(parsed, "l4lb_backend_state", state=row["state"], **labels) == 1
+    for listener in balancer.listeners.values():
+        row = listener_row(listener)
+        assert get(parsed, "l4lb_listener_accepted_total", listener=row["name"]) == row["accepted"]
+        for reason, count in row["rejected"].items():
+            assert get(parsed, "l4lb_listener_rejected_total", listener=row["name"],
+                       reason=reason) == count
+
+
+def test_the_process_figures_and_dropped_log_lines_are_exported(balancer, monkeypatch):
+    from l4lb import log
+
+    monkeypatch.setattr(log, "dropped_lines", lambda: 0)
+    parsed = scrape(balancer)
+    assert get(parsed, "l4lb_log_lines_dropped_total") == 0
+    assert get(parsed, "l4lb_process_open_fds") > 0
+    assert get(parsed, "l4lb_process_resident_memory_bytes") > 0

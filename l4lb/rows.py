@@ -1,0 +1,47 @@
+"""One row per model object, built in one place: the `show backends` and `show listeners`
+rows, which the metrics collector reads too, so an operator's table and a scrape can never
+disagree on a figure (issue 14 item 5).
+
+A row is a plain dict of JSON values, read from the model and the relay's C counters at
+the moment it is built; building one costs a few attribute reads, never a walk of the
+connections.
+"""
+from __future__ import annotations
+
+
+def backend_row(b) -> dict:
+    """One `show backends` row of backend `b` (an l4lb.model.Backend)."""
+    t = b.target
+    rt = b.pool.algo.rt_ewma(b.slot)
+    return {
+        "pool": b.pool.name,
+        "name": b.name,
+        "address": str(b.address),
+        "state": str(b.state),
+        "health": b.health,
+        "checked": b.pool.config.health is not None,
+        "weight": b.weight,
+        "active": t.active,
+        "total": t.total,
+        "failed": t.failed,
+        "bytes_in": t.bytes_in,
+        "bytes_out": t.bytes_out,
+        "rt_ms": None if rt is None else round(rt * 1000.0, 3),
+        "last_check": b.last_check,
+        "last_error": b.last_error,
+    }
+
+
+def listener_row(listener) -> dict:
+    """One `show listeners` row of `listener` (a running listener of the Balancer)."""
+    rt = listener.runtime
+    return {
+        "name": listener.name,
+        "bind": [str(a) for a in listener.config.bind],
+        "pool": listener.pool_name,
+        "split": listener.split,
+        "splice": listener.config.splice,
+        "active": rt.active,
+        "accepted": rt.accepted,
+        "rejected": dict(rt.rejected),
+    }

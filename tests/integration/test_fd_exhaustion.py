@@ -1,0 +1,56 @@
+"""Out of file descriptors, the control socket and the metrics endpoint still answer with
+figures (issue 20 item 11): they are what an operator needs most at that moment."""
+import socket
+import urllib.request
+
+import psutil
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from ..support import ask, name_handler, simple_config
+
+
+def scrape(port: int) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        assert resp.status == 200
+        text = resp.read().decode()
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
+            if not s.labels}
+
+
+@pytest.mark.timeout(90)
+def test_show_info_and_a_scrape_answer_with_figures_when_descriptors_run_out(backends, l4lb):
+    b1 = backends(name_handler, name="b1", backlog=512)
+    lb = l4lb(simple_config([("b1", b1.address)], access=False)
+              + '\n[metrics]\nlisten = "127.0.0.1:0"\n')
+    metrics_port = lb.wait_event("metrics_started")["port"]
+    assert ask(lb, "show info")["ok"] and scrape(metrics_port)["l4lb_process_open_fds"] > 0
+    _, hard = lb.ps.rlimit(psutil.RLIMIT_NOFILE)
+    limit = lb.ps.num_fds() + 40
+    lb.ps.rlimit(psutil.RLIMIT_NOFILE, (limit, hard))
+    clients = []
+    try:
+        # Idle clients until the balancer has no descriptor left (each relayed one takes
+        # two); the kernel keeps queueing the rest in the listen backlog.
+        for _ in range(60):
+            s = socket.create_connection(("127.0.0.1", lb.port()), timeout=10)
+            s.sendall(b"hi\n")
+            clients.append(s)
+        lb.wait_event("fd_exhausted", timeout=20)
+        assert lb.ps.num_fds() >= limit - 2
+        for _ in range(3):                               # again and again, not just once
+            info = ask(lb, "show info")
+            assert info["ok"], info
+            assert info["open_fds"] >= limit - 8 and info["rss_bytes"] > 0
+            assert info["fd_limit"]["soft"] == limit
+            figures = scrape(metrics_port)
+            assert figures["l4lb_process_open_fds"] >= limit - 8
+            assert figures["l4lb_process_max_fds"] == limit
+            assert figures["l4lb_process_resident_memory_bytes"] > 0
+        assert not lb.events_named("metrics_scrape_failed")
+        assert not lb.events_named("control_command_failed")
+    finally:
+        lb.ps.rlimit(psutil.RLIMIT_NOFILE, (hard, hard))
+        for s in clients:
+            s.close()
+    assert ask(lb, "show info")["ok"]                    # and it recovers
