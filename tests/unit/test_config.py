@@ -739,12 +739,22 @@ def test_the_default_config_shows_only_keys_the_schema_has():
         assert key in tables[table].keys, f"conf/l4lb.toml shows {table}.{key}: not in SCHEMA"
 
 
+# Keys kept in the schema only to refuse or warn about them: the default config names them in
+# a comment ("# KEY: deprecated ...") instead of showing a value.
+DEPRECATED = {("listeners.NAME", "splice")}
+
+
 def test_the_default_config_shows_every_key_of_the_schema():
     shown = {(table, key) for table, key, _ in shown_keys()}
+    text = DEFAULT_CONFIG.read_text(encoding="utf-8")
     for name, table in _named_tables():
         for key, spec in table.keys.items():
             if isinstance(spec.rule, (Table, TableOf)) or isinstance(getattr(spec.rule, "item", None), Table):
                 continue                       # a section: shown by its [header] or array
+            if (name, key) in DEPRECATED:
+                assert f"# {key}: deprecated" in text, f"conf/l4lb.toml does not say {key} is deprecated"
+                assert (name, key) not in shown, f"conf/l4lb.toml still sets deprecated {key}"
+                continue
             assert (name, key) in shown, f"conf/l4lb.toml lacks {name}.{key}"
 
 
