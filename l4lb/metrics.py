@@ -414,7 +414,7 @@ class MetricsEndpoint:
         return self.server.sockets[0].getsockname()[1]
 
     async def _open(self, address: Address) -> asyncio.AbstractServer:
-        from .balancer import open_listening_socket   # balancer imports this module
+        from .listen import open_listening_socket   # balancer imports this module
 
         sock = open_listening_socket(address)
         return await self.loop.create_server(lambda: MetricsConnection(self), sock=sock)

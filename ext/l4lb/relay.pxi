@@ -86,14 +86,13 @@ cdef class PoolRuntime:
     """A pool on the data path: its algorithm and its targets by slot."""
 
     def __init__(self, str name, Algorithm algo, int hash_key=HASH_KEY_SRC_IP,
-                 bint needs_key=False, double queue_timeout=5.0):
+                 bint needs_key=False):
         self.name = name
         self.algo = algo
         self.targets = []
         self.hash_key = hash_key
         self.needs_key = needs_key
         self.queue = collections.deque()
-        self.queue_timeout = queue_timeout
 
     def add_target(self, Target target):
         """Append a target whose slot was just created in self.algo."""
@@ -136,6 +135,7 @@ cdef class ListenerRuntime:
         self.sticky_split = True
         self.connect_timeout = 2.0
         self.idle_timeout = 600.0
+        self.queue_timeout = 5.0
         self.retries = 2
         self.max_connections = 10000
         self.rejected = {}
@@ -493,7 +493,7 @@ cdef class Relay:
         if slot < 0:
             if _any_full(algo, self):
                 self.state = RELAY_QUEUED
-                self.deadline = _now() + pool.queue_timeout
+                self.deadline = _now() + self.listener.queue_timeout
                 pool.queue.append(self)
                 return
             self.close_both("no_backend", True)

@@ -7,7 +7,7 @@ import time
 
 import uvloop
 
-from l4lb.balancer import PausableServer, open_listening_socket
+from l4lb.listen import PausableServer, open_listening_socket
 from l4lb.config import Address
 
 # Every test here runs against both relays (splice = true and false).
