@@ -19,7 +19,7 @@ import copy
 from pathlib import Path
 from typing import Callable
 
-from .state import RuntimeState, StateFileError, save_state
+from .state import RuntimeState, save_state
 
 
 class StateWriter:
