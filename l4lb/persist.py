@@ -35,7 +35,7 @@ class StateWriter:
         self.writes = 0                     # writes started (tests count coalescing)
         self._next: asyncio.Future | None = None   # waiters of the write not yet started
         self._scheduled = False             # a start of the next write is on the loop
-        self._running = False
+        self._running: asyncio.Future | None = None   # waiters of the write in flight
 
     def save(self) -> asyncio.Future:
         """Ask for the current state to be written. The future resolves with None once a
@@ -43,33 +43,29 @@ class StateWriter:
         if self._next is None:
             self._next = self.loop.create_future()
         fut = self._next
-        if not self._running and not self._scheduled:
+        if self._running is None and not self._scheduled:
             self._scheduled = True
             self.loop.call_soon(self._start)
         return fut
 
     async def flush(self) -> None:
         """Wait for the writes asked for so far (shutdown)."""
-        while self._running or self._next is not None:
-            fut = self._next
-            if fut is None:
-                await asyncio.sleep(0.01)        # the last write finishing; rare
-                continue
-            await fut
+        while self._running is not None or self._next is not None:
+            await (self._next or self._running)
 
     def _start(self) -> None:
         self._scheduled = False
         fut, self._next = self._next, None
         if fut is None:
             return
-        self._running = True
+        self._running = fut
         self.writes += 1
         snapshot = copy.deepcopy(self.state())       # on the loop: consistent
         job = self.loop.run_in_executor(None, self.write, self.path, snapshot)
         job.add_done_callback(lambda job: self._finished(job, fut))
 
     def _finished(self, job: asyncio.Future, fut: asyncio.Future) -> None:
-        self._running = False
+        self._running = None
         exc = job.exception()
         error = None
         if exc is not None:

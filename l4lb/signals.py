@@ -9,8 +9,8 @@ runs before any code of `l4lb run`, so l4lb/__init__.py calls `catch_for_run(sys
 first, which installs them only when the command line is `l4lb run` (`python -m l4lb
 run` or the `l4lb` script); `cmd_run` calls `catch_early` again, which returns the same
 catcher.
-Once the loop runs, serve.py takes the signals over and replays what was noted: a SIGHUP
-becomes a reload once the balancer is ready, a SIGTERM/SIGINT a graceful shutdown.
+Once the loop runs, serve.py takes the signals over (SIGTERM and SIGINT too) and replays
+what was noted: a SIGHUP becomes a reload once the balancer is ready.
 
 Deliberately tiny (imports nothing of l4lb): it runs before the rest is imported.
 """
@@ -20,16 +20,20 @@ import signal
 
 # The signals `l4lb run` acts on: SIGHUP reloads; SIGTERM and SIGINT shut down gracefully.
 HANDLED = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
+# The ones caught before the loop runs. SIGTERM and SIGINT keep their defaults until then
+# (a start stuck before the loop, reading a config on a hung mount say, can still be
+# stopped); SIGHUP's default would kill a process that was only asked to reload.
+EARLY = (signal.SIGHUP,)
 
 
 class EarlySignals:
-    """Notes the HANDLED signals that arrive before the event loop takes them over."""
+    """Notes the EARLY signals that arrive before the event loop takes them over."""
 
     def __init__(self):
         self.received: list[int] = []
 
     def install(self) -> "EarlySignals":
-        for sig in HANDLED:
+        for sig in EARLY:
             signal.signal(sig, self._note)
         return self
 
