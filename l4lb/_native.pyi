@@ -128,9 +128,8 @@ class PoolRuntime:
     hash_key: int
     needs_key: bool
     queue: deque[Relay]
-    queue_timeout: float
-    def __init__(self, name: str, algo: Algorithm, hash_key: int = ..., needs_key: bool = False,
-                 queue_timeout: float = 5.0) -> None: ...
+    def __init__(self, name: str, algo: Algorithm, hash_key: int = ...,
+                 needs_key: bool = False) -> None: ...
     def add_target(self, target: Target) -> None: ...
     def serve_queue(self) -> None: ...
 
@@ -144,6 +143,7 @@ class ListenerRuntime:
     sticky_split: bool
     connect_timeout: float
     idle_timeout: float
+    queue_timeout: float             # seconds a client of this listener may wait queued
     retries: int
     max_connections: int
     active: int

@@ -1,29 +1,23 @@
-"""The `l4lb` command line (DESIGN.md §3)."""
+"""The `l4lb` command line (DESIGN.md §3): parses arguments and calls the command.
+
+`run` and `demo` need the event loop and the balancer (serve.py, the composition root,
+with the control server, metrics and psutil); `ctl`, `check` and `deploy` need none of
+it. So `run` and `demo` import those inside the function, which keeps `l4lb ctl` and
+`l4lb check` quick to start; everything else is imported here.
+"""
 from __future__ import annotations
 
 import argparse
-import asyncio
-import os
-import resource
-import signal
+import json
 import sys
 from pathlib import Path
 
 from . import __version__
 from .config import Config, ConfigError, default_config_path, load_config
+from .control.client import ControlClientError, call, format_reply
+from .deploy import fraction, parse_steps, run_deploy, seconds
 from .log import configure_logging, get_logger
-
-
-def raise_fd_limit() -> tuple[int, int]:
-    """Raise the soft RLIMIT_NOFILE to the hard limit; returns (soft, hard) afterwards."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):
-            pass
-    return soft, hard
+from .signals import catch_early
 
 
 def load_or_exit(path=None) -> Config:
@@ -43,63 +37,17 @@ def load_or_exit(path=None) -> Config:
     return config
 
 
-async def serve(config, ready=None) -> None:
-    """Run a balancer for `config` until SIGTERM/SIGINT (graceful) — the body of `run`."""
-    from .balancer import Balancer
-
-    loop = asyncio.get_running_loop()
-    log = get_logger()
-    soft, hard = raise_fd_limit()
-    log.info("fd_limit", soft=soft, hard=hard)
-    from .process import fd_limit_warnings, uses_pipes
-
-    for warning in fd_limit_warnings(config.global_.max_connections, soft,
-                                     uses_pipes(config)):
-        log.warning("fd_limit_low", soft=soft, hard=hard, warning=warning)
-    from .control.server import ControlServer
-
-    balancer = Balancer(config, loop)
-    control = ControlServer(balancer, config.control.socket, config.control.mode)
-    await control.start()
-    try:
-        await balancer.start()
-    except BaseException:
-        control.close()
-        raise
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda s=sig: loop.create_task(
-            balancer.shutdown()))
-    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(
-        reload_quietly(balancer)))
-    log.info("started", pid=os.getpid(), version=__version__, config=str(config.path),
-             control=str(config.control.socket))
-    if ready is not None:
-        ready(balancer)
-    try:
-        await balancer.wait_stopped()
-    finally:
-        control.close()
-
-
-async def reload_quietly(balancer) -> None:
-    """SIGHUP: reload; a rejected config is already logged (config_rejected)."""
-    from .balancer import OperationError
-
-    try:
-        await balancer.reload_from_file("sighup")
-    except OperationError:
-        pass
-
-
 def cmd_run(args) -> int:
-    import uvloop
-
+    early = catch_early()               # first: a SIGHUP from now on is kept, not fatal
     config = load_or_exit(Path(args.config) if args.config else None)
     configure_logging(config.log.level, config.log.format)
+    import uvloop                       # local: see the module doc (start-up of ctl/check)
+
     from .control.server import ControlSocketError
+    from .serve import serve
 
     try:
-        uvloop.run(serve(config))
+        uvloop.run(serve(config, early=early))
     except (OSError, ControlSocketError) as exc:
         get_logger().error("start_failed", error=str(exc))
         return 1
@@ -114,10 +62,6 @@ def control_socket_path(args) -> Path:
 
 
 def cmd_ctl(args) -> int:
-    import json
-
-    from .control.client import ControlClientError, call, format_reply
-
     line = " ".join(args.words)
     try:
         reply = call(control_socket_path(args), line, timeout=args.timeout)
@@ -129,8 +73,6 @@ def cmd_ctl(args) -> int:
 
 
 def cmd_deploy(args) -> int:
-    from .deploy import run_deploy
-
     return run_deploy(args, control_socket_path(args))
 
 
@@ -142,7 +84,7 @@ def cmd_check(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .demo import run_demo          # local: the demo runs the balancer (serve.py)
 
     return run_demo(args.port, args.backend_port)
 
@@ -173,8 +115,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend-port", type=int, default=9001,
                    help="first demo backend port (default 9001, then +1, +2)")
     p.set_defaults(func=cmd_demo)
-
-    from .deploy import fraction, parse_steps, seconds
 
     p = sub.add_parser("deploy", help="roll out a new version: rolling, blue-green or canary")
     p.set_defaults(func=cmd_deploy)

@@ -6,6 +6,12 @@ import asyncio
 import tempfile
 from pathlib import Path
 
+import uvloop
+
+from .config import parse_config
+from .log import configure_logging
+from .serve import serve
+
 DEMO_CONFIG = """\
 [global]
 max_connections = 1000     # a demo: fits the usual open-file limit, so no fd warning
@@ -65,12 +71,6 @@ def demo_config_text(port: int, backend_port: int) -> str:
 
 
 def run_demo(port: int = 8000, backend_port: int = 9001) -> int:
-    import uvloop
-
-    from .cli import serve
-    from .config import parse_config
-    from .log import configure_logging
-
     workdir = Path(tempfile.mkdtemp(prefix="l4lb-demo-"))
     path = workdir / "demo.toml"
     path.write_text(demo_config_text(port, backend_port))

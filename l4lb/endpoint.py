@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from .config import Address
 from .log import get_logger
+from .listen import open_listening_socket
 from .metrics import BalancerCollector
 from .process import ReservedServer, fd_reserve
 
@@ -147,7 +148,6 @@ class MetricsEndpoint:
         return self.server.sockets[0].getsockname()[1]
 
     async def _open(self, address: Address) -> ReservedServer:
-        from .balancer import open_listening_socket   # balancer imports this module
 
         sock = open_listening_socket(address)
         return ReservedServer(self.loop, sock, lambda: MetricsConnection(self))

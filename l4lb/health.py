@@ -1,4 +1,4 @@
-"""Health checks: active probes, passive failure detection, readiness for deploys.
+"""Health checks: active probes and passive failure detection.
 
 Theory of operation
 -------------------
@@ -59,9 +59,6 @@ ERROR_QUOTE_BYTES = 48
 # backend is broken" (as OVERLOAD_ERRNOS in relay.pxi): such a probe counts for nothing.
 PROBE_INCONCLUSIVE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
                                        errno.ENOMEM})
-# Plain TCP connect polls of `wait_healthy` for a backend that has no running check.
-READY_POLL_INTERVAL = 0.2
-READY_POLL_TIMEOUT = 1.0
 
 # Causes of backend_state_changed.
 CAUSE_ACTIVE = "health_check"
@@ -237,10 +234,6 @@ class BackendCheck:
         self.cfg = cfg
         self.state = HealthState(cfg.rise, cfg.fall)
         self.task: asyncio.Task | None = None
-        self.last_started = float("-inf")   # monitor clock at the start of the last probe
-        self.last_duration: float | None = None
-        self.probes = 0                      # probes completed (conclusive or not)
-        self._progress = asyncio.Event()     # set and replaced after every result
 
     async def run(self) -> None:
         """Probe forever, every `interval` start to start. Cancel to stop."""
@@ -263,12 +256,8 @@ class BackendCheck:
         if b.state is BackendState.MAINT:
             self.pause()
             return
-        self.last_started = self.monitor.clock()
         res = await self.monitor.probe(b.address.host, b.address.port, self.cfg)
-        self.probes += 1
-        self.last_duration = res.duration
         if res.passed is None:
-            self.notify()
             return
         b.last_check = self.monitor.wallclock()
         self.record(res.passed, res.error, CAUSE_ACTIVE)
@@ -289,30 +278,17 @@ class BackendCheck:
             b.pool.set_state(b, new, cause)
             if new is BackendState.DOWN and b.pool.on_down == "close":
                 self.monitor.close_connections(b)
-        self.notify()
         return new
-
-    def notify(self) -> None:
-        ev, self._progress = self._progress, asyncio.Event()
-        ev.set()
-
-    async def wait_progress(self, timeout: float) -> bool:
-        """Wait for the next result; False after `timeout` seconds."""
-        try:
-            await asyncio.wait_for(self._progress.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
-
 
 # --- all of a balancer's checks -------------------------------------------------------------
 
 class HealthMonitor:
-    """Every backend's health: active checkers, passive detection, readiness.
+    """Every backend's health: active checkers and passive detection.
 
     The balancer calls `watch` for every backend it wires (construction, `add`, reload),
     `unwatch` when one is removed, `start` once listening and `stop` on shutdown. The
-    control plane reads `snapshot(backend)`; deploy awaits `wait_healthy(backend, timeout)`.
+    control plane reads the backend's own fields (health, last_check, last_error);
+    `l4lb deploy` judges readiness from `show backends`, not from here.
     """
 
     def __init__(self, hub=None, log=None, *, clock: Callable[[], float] = time.monotonic,
@@ -320,7 +296,7 @@ class HealthMonitor:
                  prober: Prober = probe):
         self.hub = hub                    # for on_down = "close"
         self.log = log or get_logger()
-        self.clock = clock                # monotonic: probe cadence, readiness freshness
+        self.clock = clock                # monotonic: probe cadence
         self.wallclock = wallclock        # last_check stamps shown to people
         self.sleep = sleep
         self.probe = prober
@@ -425,63 +401,3 @@ class HealthMonitor:
         self.log.info("backend_connections_closed", pool=backend.pool.name,
                       backend=backend.name, closed=n, reason=CLOSE_REASON_DOWN)
         return n
-
-    # --- what the control plane and deploy ask ---------------------------------------------
-
-    def snapshot(self, backend: Backend) -> dict:
-        """Health columns of `show backends`: health, last_check (Unix time or None),
-        last_error, rt_ms (the algorithm's response-time EWMA of relay connects, None
-        before a sample), check_ms (duration of the last probe, None before one)."""
-        rt = backend.pool.algo.rt_ewma(backend.slot)
-        check = self.checks.get(backend)
-        dur = check.last_duration if check is not None else None
-        return {
-            "health": backend.health,
-            "last_check": round(backend.last_check, 3) if backend.last_check else None,
-            "last_error": backend.last_error,
-            "rt_ms": None if rt is None else round(rt * 1000.0, 3),
-            "check_ms": None if dur is None else round(dur * 1000.0, 3),
-        }
-
-    def is_checked(self, backend: Backend) -> bool:
-        return backend in self.checks
-
-    async def wait_healthy(self, backend: Backend, timeout: float) -> bool:
-        """Wait until `backend` is ready for traffic; False after `timeout` seconds.
-
-        Ready means: a probe that started after this call passed, and the last `rise`
-        probes all passed (what brings a down backend up). For a backend with no running
-        checker (its pool has no health section, the monitor is stopped, or it is in
-        maint) this probes it itself every READY_POLL_INTERVAL s: with the pool's health
-        settings when it has some, else a plain TCP connect, until `rise` (or 1)
-        consecutive passes. Never changes the backend's state.
-        """
-        check = self.checks.get(backend)
-        if check is None or check.task is None or backend.state is BackendState.MAINT:
-            return await self._poll_ready(backend, timeout)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        since = self.clock()
-        while not (check.last_started >= since and check.state.healthy):
-            left = deadline - loop.time()
-            if left <= 0 or not await check.wait_progress(left):
-                return False
-        return True
-
-    async def _poll_ready(self, backend: Backend, timeout: float) -> bool:
-        cfg = backend.pool.config.health
-        if cfg is None:
-            cfg = HealthConfig(timeout=READY_POLL_TIMEOUT, rise=1)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        passes = 0
-        while True:
-            started = loop.time()
-            res = await self.probe(backend.address.host, backend.address.port, cfg)
-            passes = passes + 1 if res.passed else 0
-            if passes >= cfg.rise:
-                return True
-            wait = min(READY_POLL_INTERVAL, cfg.interval) - (loop.time() - started)
-            if loop.time() + max(0.0, wait) >= deadline:
-                return False
-            await asyncio.sleep(max(0.0, wait))

@@ -328,6 +328,9 @@ LOG_EVENTS: tuple[LogEvent, ...] = (
     LogEvent("config_reloaded", "info", ("path", "cause", "changes"),
              "A reload (`cause` command or sighup) applied the config file; `changes` "
              "lists what changed."),
+    LogEvent("config_deprecated", "warning", ("warning",),
+             "The config sets a key that is kept only for old files (`FILE:LINE key: "
+             "message`, e.g. `splice = true`): it changes nothing; delete it."),
     LogEvent("config_rejected", "error", ("path", "cause", "errors"),
              "A reload found the config file unusable (or a new bind failed); nothing "
              "changed and `errors` says why."),

@@ -31,7 +31,6 @@ from .config import BackendConfig, ListenerConfig, PoolConfig
 WEIGHT_SCALE = 100
 
 
-
 class BackendState(str, enum.Enum):
     UP = "up"
     DOWN = "down"
@@ -105,9 +104,52 @@ class Pool:
         for b in cfg.backends:
             self.add_backend(b)
 
-    @property
-    def algorithm(self) -> str:
-        return self.config.algorithm
+    def reconfigure(self, cfg: PoolConfig) -> bool:
+        """Take a reloaded pool config in place: its settings, and a new algorithm when
+        `algorithm` or `hash_key` changed (returns True then). The backends stay what
+        they are (their Targets, connections, counters, states and health); backends the
+        config adds, drops or changes are the caller's (add_backend, remove_backend,
+        update_backend)."""
+        rebuild = (cfg.algorithm, cfg.hash_key) != (self.config.algorithm,
+                                                    self.config.hash_key)
+        self.config = cfg
+        self.slow_start = cfg.slow_start
+        self.on_down = cfg.on_down
+        if rebuild:
+            self._rebuild_algorithm(cfg)
+        return rebuild
+
+    def _rebuild_algorithm(self, cfg: PoolConfig) -> None:
+        """A new algorithm with the same slots (relays in flight hold their slot and give
+        it back to whichever algorithm the pool has when they close), re-seeded with
+        every backend's weight, state, max_connections and current active count. Slots
+        of removed backends are created and removed again, so slot numbers line up."""
+        algo = create_algorithm(cfg.algorithm)
+        for slot, target in enumerate(self.runtime.targets):
+            added = algo.add(target.name if target is not None else f"\0removed{slot}", 0)
+            assert added == slot, (added, slot)
+            if target is None:
+                algo.remove(slot)
+        self.algo = algo
+        rt = self.runtime
+        rt.algo = algo
+        rt.hash_key = HASH_KEY_CODES[cfg.hash_key]
+        rt.needs_key = cfg.algorithm == "hash"
+        for backend in self.backends.values():
+            for _ in range(backend.target.active):
+                algo.conn_opened(backend.slot)
+            self.push(backend)
+
+    def update_backend(self, cfg: BackendConfig) -> None:
+        """A reloaded config's address, weight and max_connections for an existing
+        backend (new connections use them; open ones keep their backend socket)."""
+        backend = self.backends[cfg.name]
+        backend.address = cfg.address
+        backend.target.host = cfg.address.host
+        backend.target.port = cfg.address.port
+        backend.weight = cfg.weight
+        backend.max_connections = cfg.max_connections
+        self.push(backend)
 
     def add_backend(self, cfg: BackendConfig, state: BackendState = BackendState.UP) -> Backend:
         """Add a backend in `state` (up by default). ValueError if the name is taken."""
@@ -196,6 +238,8 @@ class Listener:
         rt.proxy_timeout = cfg.proxy_timeout
         rt.rcvbuf = cfg.rcvbuf
         rt.sndbuf = cfg.sndbuf
+        # The listener's own: a switch or split to another pool keeps it.
+        rt.queue_timeout = cfg.queue_timeout
         rt.send_proxy = {"off": 0, "v1": 1, "v2": 2}[cfg.send_proxy]
         # Always set (the relay calls them only with accept_proxy / send_proxy on), so a
         # reload that turns accept_proxy off cannot strand a client mid-header.

@@ -46,33 +46,24 @@ from ._native import max_pipes  # the relay's pipe cap, also counted in fds_need
 FD_HEADROOM = 100
 
 
-def uses_pipes(config) -> bool:
-    """Whether any listener relays with the raw-socket relay (`splice = true`), whose
-    bulk transfers borrow pipes."""
-    return any(getattr(l, "splice", False) for l in config.listeners.values())
-
-
-def fds_needed(max_connections: int, pipes: bool = False) -> int:
+def fds_needed(max_connections: int) -> int:
     """Descriptors `max_connections` relayed connections need: two each (client and
-    backend), two per pipe when a listener splices, plus FD_HEADROOM. 0 (unlimited)
-    needs no particular figure."""
+    backend), two per pipe the relay may hold for bulk transfers (max_pipes), plus
+    FD_HEADROOM. 0 (unlimited) needs no particular figure."""
     if max_connections <= 0:
         return 0
-    return 2 * max_connections + (2 * max_pipes(max_connections) if pipes else 0) + FD_HEADROOM
+    return 2 * max_connections + 2 * max_pipes(max_connections) + FD_HEADROOM
 
 
-def fd_limit_warnings(max_connections: int, soft: int | None = None,
-                      pipes: bool = False) -> list[str]:
+def fd_limit_warnings(max_connections: int, soft: int | None = None) -> list[str]:
     """Sentences for an operator when the soft RLIMIT_NOFILE (the current one unless
     given) is below what `global.max_connections` needs; [] when it is enough."""
     if soft is None:
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    need = fds_needed(max_connections, pipes)
+    need = fds_needed(max_connections)
     if soft == resource.RLIM_INFINITY or soft >= need:
         return []
-    per = "2 per connection"
-    if pipes:
-        per += f", 2 per pipe for up to {max_pipes(max_connections)} pipes"
+    per = f"2 per connection, 2 per pipe for up to {max_pipes(max_connections)} pipes"
     room = max(0, (soft - FD_HEADROOM) * max_connections // (need - FD_HEADROOM))
     return [f"the open file limit is {soft} but global.max_connections = {max_connections} "
             f"needs {need} ({per}, + {FD_HEADROOM}): raise "
@@ -80,7 +71,7 @@ def fd_limit_warnings(max_connections: int, soft: int | None = None,
             "connections new clients will be refused"]
 
 
-def fd_limit_report(max_connections: int, pipes: bool = False) -> dict:
+def fd_limit_report(max_connections: int) -> dict:
     """The `show info` fields on descriptors: fd_limit {soft, hard} (None = unlimited),
     fds_needed by global.max_connections, and warnings (sentences; [] when all is well)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -88,8 +79,8 @@ def fd_limit_report(max_connections: int, pipes: bool = False) -> dict:
     return {
         "fd_limit": {"soft": None if soft == unlimited else soft,
                      "hard": None if hard == unlimited else hard},
-        "fds_needed": fds_needed(max_connections, pipes),
-        "warnings": fd_limit_warnings(max_connections, soft, pipes),
+        "fds_needed": fds_needed(max_connections),
+        "warnings": fd_limit_warnings(max_connections, soft),
     }
 
 
@@ -359,5 +350,5 @@ def show_info_fields(balancer) -> dict:
                   else {"used": 0, "free": 0, "max": 0, "created": 0}),
         "log_lines_dropped": dropped_lines(),
     }
-    info.update(fd_limit_report(b.config.global_.max_connections, uses_pipes(b.config)))
+    info.update(fd_limit_report(b.config.global_.max_connections))
     return info

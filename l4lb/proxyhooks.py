@@ -1,6 +1,6 @@
 """PROXY protocol glue between the sans-IO codec (l4lb/proxyproto.py) and its users: the
-relay's ``accept_proxy`` header hook and ``send_proxy`` encoder, and the header a health
-probe sends.
+relay's ``accept_proxy`` header hook and ``send_proxy`` encoder. (The header a health
+probe sends is the health checker's own: l4lb.health.proxy_header.)
 
 Contracts (ext/l4lb/relay.pxi):
 
@@ -24,11 +24,10 @@ import ipaddress
 
 from .proxyproto import ProxyHeaderError, encode_v1, encode_v2, parse_proxy_header
 
-__all__ = ["encode_backend_header", "probe_proxy_header", "read_client_header"]
+__all__ = ["encode_backend_header", "read_client_header"]
 
 _V1_UNKNOWN = b"PROXY UNKNOWN\r\n"
 _V2_LOCAL = encode_v2(None, None, "LOCAL")
-_VERSIONS = {1: 1, 2: 2, "v1": 1, "v2": 2}
 
 
 def read_client_header(relay, data: bytes):
@@ -69,15 +68,3 @@ def _as_ipv6(endpoint) -> tuple[str, int]:
     if address.version == 4:
         address = ipaddress.IPv6Address(b"\x00" * 10 + b"\xff\xff" + address.packed)
     return str(address), port
-
-
-def probe_proxy_header(version, sock) -> bytes:
-    """The PROXY header a health probe writes first on a connected socket (``version``:
-    1, 2, "v1" or "v2"): the probe connection's own addresses, local -> peer, with the
-    PROXY command, which every receiver must accept. `sock` needs only getsockname() and
-    getpeername() (a socket, or asyncio's ``transport.get_extra_info("socket")``).
-    ValueError for an unknown version."""
-    v = _VERSIONS.get(version)
-    if v is None:
-        raise ValueError(f"PROXY protocol version must be 1 or 2, got {version!r}")
-    return encode_backend_header(v, sock.getsockname(), sock.getpeername())

@@ -13,7 +13,7 @@
 # - Backend choice: the pool's algorithm picks a slot never in `avoid`, the slots that
 #   already failed this client; a failed connect avoids that backend, reports it to
 #   passive health and tries another while `retries` last. When every backend is full
-#   (max_connections), the client waits in the pool's queue (queue_timeout). When no
+#   (max_connections), the client waits in the pool's queue (its listener's queue_timeout). When no
 #   backend is left, the close names why: the last connect failure's reason if backends
 #   were tried and failed, else `no_backend`.
 # - Connect: an IP literal is connected to at once; a hostname is resolved off the loop
@@ -362,7 +362,7 @@ cdef class Relay:
         if slot < 0:
             if any_full(algo, self):
                 relay_set_state(self, RELAY_QUEUED)
-                self.deadline = _now() + pool.queue_timeout
+                self.deadline = _now() + self.listener.queue_timeout
                 pool.queue.append(self)
                 return
             self.close_both(self.last_failure or "no_backend", True)

@@ -34,7 +34,6 @@ cdef class PoolRuntime:
     cdef public int hash_key          # HASH_KEY_*: what the routing key hashes
     cdef public bint needs_key        # the algorithm reads the routing key (hash)
     cdef public object queue          # collections.deque of Relays waiting for a slot
-    cdef public double queue_timeout  # seconds a queued client may wait
 
 
 cdef class ListenerRuntime:
@@ -46,6 +45,7 @@ cdef class ListenerRuntime:
     cdef public bint sticky_split     # a client IP always lands on the same side
     cdef public double connect_timeout  # seconds for one backend connect (all its addresses)
     cdef public double idle_timeout   # seconds without a byte either way before a close
+    cdef public double queue_timeout  # seconds a client of this listener may wait queued
     cdef public int retries           # other backends tried after a failed connect
     cdef public int64_t max_connections  # relays of this listener open at once; 0 = unlimited
     cdef public int64_t active        # relays of this listener not yet closed

@@ -79,14 +79,13 @@ cdef class PoolRuntime:
     """A pool on the data path: its algorithm and its targets by slot."""
 
     def __init__(self, str name, Algorithm algo, int hash_key=HASH_KEY_SRC_IP,
-                 bint needs_key=False, double queue_timeout=5.0):
+                 bint needs_key=False):
         self.name = name
         self.algo = algo
         self.targets = []
         self.hash_key = hash_key
         self.needs_key = needs_key
         self.queue = collections.deque()
-        self.queue_timeout = queue_timeout
 
     def add_target(self, Target target):
         """Append a target whose slot was just created in self.algo."""
@@ -111,6 +110,7 @@ cdef class ListenerRuntime:
         self.sticky_split = True
         self.connect_timeout = 2.0
         self.idle_timeout = 600.0
+        self.queue_timeout = 5.0
         self.retries = 2
         self.max_connections = 10000
         self.rejected = {}

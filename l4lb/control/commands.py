@@ -2,45 +2,45 @@
 
 Each handler takes the parsed arguments (l4lb.control.protocol.Command.args) and returns
 the fields of the ok reply; an OperationError becomes {"ok": false, "error": ...}. The
-command table in protocol.py is the single source of the grammar and of `help`.
+command table in protocol.py is the single source of the grammar and of `help`; each
+handler is registered next to its code with `@handles(NAME)`, checked against that table
+when this module is imported. The operator's actions are one-liners into actions.py,
+which finds, acts, records and persists.
 """
 from __future__ import annotations
 
-import time
 
 from .. import _native
-from ..balancer import Balancer, OperationError
+from ..actions import OperationError
 from ..config import Address
 from ..process import show_info_fields
+from ..rows import backend_row, listener_row
 from . import protocol
+
+# command name ("show backends") -> the CommandHandlers method that carries it out
+HANDLERS: dict[str, str] = {}
+
+
+def handles(name: str):
+    """Register the decorated CommandHandlers method as the handler of command `name`."""
+    if name not in protocol.COMMANDS_BY_NAME:
+        raise AssertionError(f"@handles({name!r}): no such command in protocol.COMMANDS")
+
+    def register(method):
+        if name in HANDLERS:
+            raise AssertionError(f"command {name!r} has two handlers")
+        HANDLERS[name] = method.__name__
+        return method
+    return register
 
 
 class CommandHandlers:
-    """Maps a command name ("show backends") to the method that carries it out."""
+    """Carries out parsed control commands on one balancer."""
 
-    def __init__(self, balancer: Balancer):
+    def __init__(self, balancer):
         self.balancer = balancer
-        self.table = {
-            "help": self.help,
-            "show info": self.show_info,
-            "show listeners": self.show_listeners,
-            "show backends": self.show_backends,
-            "show conns": self.show_conns,
-            "enable": self.enable,
-            "disable": self.disable,
-            "drain": self.drain,
-            "wait": self.wait,
-            "kill": self.kill,
-            "weight": self.weight,
-            "add": self.add,
-            "remove": self.remove,
-            "switch": self.switch,
-            "split": self.split,
-            "reload": self.reload,
-            "shutdown": self.shutdown,
-        }
-        missing = {spec.name for spec in protocol.COMMANDS} - set(self.table)
-        assert not missing, f"commands without a handler: {missing}"
+        self.operator = balancer.operator
+        self.table = {name: getattr(self, method) for name, method in HANDLERS.items()}
 
     async def run(self, command: protocol.Command) -> dict:
         """Carry out `command`; returns the reply object (ok or error), never raises
@@ -53,38 +53,30 @@ class CommandHandlers:
 
     # --- show ---------------------------------------------------------------------------
 
+    @handles("help")
     async def help(self):
         return {"commands": protocol.help_text()}
 
+    @handles("show info")
     async def show_info(self):
         return show_info_fields(self.balancer)
 
+    @handles("show listeners")
     async def show_listeners(self):
-        rows = []
-        for listener in self.balancer.listeners.values():
-            rt = listener.runtime
-            rows.append({
-                "name": listener.name,
-                "bind": [str(a) for a in listener.config.bind],
-                "pool": listener.pool_name,
-                "split": listener.split,
-                "splice": listener.config.splice,
-                "active": rt.active,
-                "accepted": rt.accepted,
-                "rejected": dict(rt.rejected),
-            })
-        return {"listeners": rows}
+        return {"listeners": [listener_row(lst) for lst in self.balancer.listeners.values()]}
 
+    @handles("show backends")
     async def show_backends(self, pool=None):
-        pools = ([self.balancer.find_pool(pool)] if pool is not None
+        pools = ([self.operator.find_pool(pool)] if pool is not None
                  else list(self.balancer.pools.values()))
         return {"backends": [backend_row(b) for p in pools for b in p]}
 
+    @handles("show conns")
     async def show_conns(self, pool=None, backend=None):
         if pool is not None:
-            self.balancer.find_pool(pool)
+            self.operator.find_pool(pool)
         if backend is not None:
-            self.balancer.find_backend(pool, backend)
+            self.operator.find_backend(pool, backend)
         now = _native.monotonic()
         rows = []
         for r in self.balancer.hub.relays():
@@ -107,66 +99,53 @@ class CommandHandlers:
 
     # --- backends -----------------------------------------------------------------------
 
-    def _state_reply(self, backend, previous):
-        return {"pool": backend.pool.name, "backend": backend.name,
-                "state": str(backend.state), "previous": str(previous)}
-
+    @handles("enable")
     async def enable(self, pool, backend):
-        b = self.balancer.find_backend(pool, backend)
-        return self._state_reply(b, self.balancer.enable_backend(b))
+        return await self.operator.enable(pool, backend)
 
+    @handles("disable")
     async def disable(self, pool, backend):
-        b = self.balancer.find_backend(pool, backend)
-        return self._state_reply(b, self.balancer.disable_backend(b))
+        return await self.operator.disable(pool, backend)
 
+    @handles("drain")
     async def drain(self, pool, backend):
-        b = self.balancer.find_backend(pool, backend)
-        return self._state_reply(b, self.balancer.drain_backend(b))
+        return await self.operator.drain(pool, backend)
 
+    @handles("wait")
     async def wait(self, pool, backend, timeout=None):
-        b = self.balancer.find_backend(pool, backend)
-        t0 = time.monotonic()
-        if not await self.balancer.wait_backend_idle(b, timeout):
-            raise OperationError(f"backend '{b.ref}' still has {b.active} active "
-                                 f"connections after {timeout} s")
-        return {"pool": pool, "backend": backend,
-                "waited_s": round(time.monotonic() - t0, 3)}
+        return await self.operator.wait(pool, backend, timeout)
 
+    @handles("kill")
     async def kill(self, pool, backend):
-        b = self.balancer.find_backend(pool, backend)
-        return {"pool": pool, "backend": backend, "closed": self.balancer.kill_backend(b)}
+        return await self.operator.kill(pool, backend)
 
+    @handles("weight")
     async def weight(self, pool, backend, weight):
-        b = self.balancer.find_backend(pool, backend)
-        previous = self.balancer.set_backend_weight(b, weight)
-        return {"pool": pool, "backend": backend, "weight": weight, "previous": previous}
+        return await self.operator.weight(pool, backend, weight)
 
+    @handles("add")
     async def add(self, pool, backend, address, weight=1):
-        host, port = address
-        b = self.balancer.add_backend(pool, backend, Address(host, port), weight)
-        return {"pool": pool, "backend": backend, "address": str(b.address),
-                "weight": b.weight, "state": str(b.state)}
+        return await self.operator.add(pool, backend, Address(*address), weight)
 
+    @handles("remove")
     async def remove(self, pool, backend):
-        b = self.balancer.find_backend(pool, backend)
-        self.balancer.remove_backend(b)
-        return {"pool": pool, "backend": backend}
+        return await self.operator.remove(pool, backend)
 
     # --- listeners and process -------------------------------------------------------------
 
+    @handles("switch")
     async def switch(self, listener, pool):
-        lst = self.balancer.find_listener(listener)
-        previous = self.balancer.switch_listener(lst, pool)
-        return {"listener": listener, "pool": pool, "previous": previous}
+        return await self.operator.switch(listener, pool)
 
+    @handles("split")
     async def split(self, listener, split):
-        lst = self.balancer.find_listener(listener)
-        previous = self.balancer.split_listener(lst, dict(split))
-        return {"listener": listener, "split": dict(split), "previous": previous}
+        return await self.operator.split(listener, split)
 
+    @handles("reload")
     async def reload(self):
-        return {"changes": await self.balancer.reload_from_file("command")}
+        return {"changes": await self.balancer.reload("command")}
 
+    @handles("shutdown")
     async def shutdown(self, timeout=None):
         b = self.balancer
         t = b.config.global_.shutdown_timeout if timeout is None else timeout
@@ -174,24 +153,6 @@ class CommandHandlers:
         return {"timeout_s": t}
 
 
-def backend_row(b) -> dict:
-    """One `show backends` row."""
-    t = b.target
-    rt = b.pool.algo.rt_ewma(b.slot)
-    return {
-        "pool": b.pool.name,
-        "name": b.name,
-        "address": str(b.address),
-        "state": str(b.state),
-        "health": b.health,
-        "checked": b.pool.config.health is not None,
-        "weight": b.weight,
-        "active": t.active,
-        "total": t.total,
-        "failed": t.failed,
-        "bytes_in": t.bytes_in,
-        "bytes_out": t.bytes_out,
-        "rt_ms": None if rt is None else round(rt * 1000.0, 3),
-        "last_check": b.last_check,
-        "last_error": b.last_error,
-    }
+_missing = set(protocol.COMMANDS_BY_NAME) - set(HANDLERS)
+if _missing:
+    raise AssertionError(f"commands without a handler: {sorted(_missing)}")

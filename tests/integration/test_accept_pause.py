@@ -7,7 +7,7 @@ import time
 import uvloop
 
 from l4lb import _native
-from l4lb.balancer import open_listening_socket
+from l4lb.listen import open_listening_socket
 from l4lb.config import Address
 
 

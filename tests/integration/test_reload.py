@@ -3,8 +3,10 @@ import signal
 import threading
 import time
 
+import pytest
 
-from ..support import L4LB, backends_toml, connect, echo_handler, name_handler, hello, ask
+from ..support import (L4LB, ask, backends_toml, connect, echo_handler, free_port_refused,
+                       hello, name_handler)
 
 
 def config(backends, listener_extra=""):
@@ -145,3 +147,134 @@ def test_corrupt_state_file_is_reported_and_ignored(backends, tmp_path):
         assert hello(lb.port()) == "a"
     finally:
         lb.stop()
+
+
+REBUILD_CONFIG = """
+[global]
+shutdown_timeout = 2.0
+[listeners.web]
+bind = ["127.0.0.1:0"]
+pool = "app"
+[pools.app]
+algorithm = "rr"
+backends = [
+{backends}
+]
+[pools.app.health]
+interval = 0.2
+timeout = 1.0
+rise = 1
+fall = 1
+"""
+
+
+@pytest.mark.timeout(60)
+def test_rebuilt_pool_keeps_its_connections_counters_and_down_backends(backends, l4lb):
+    """Issue 20 item 1: an algorithm change rebuilds the pool's algorithm only."""
+    a = backends(echo_handler, name="a")
+    dead = free_port_refused()
+    lb = l4lb(REBUILD_CONFIG.format(backends=backends_toml(
+        [("a", a.address), ("gone", f"127.0.0.1:{dead}")])))
+    deadline = time.monotonic() + 20
+    while backend_rows(lb)["gone"]["state"] != "down":       # its check fails: down
+        assert time.monotonic() < deadline, backend_rows(lb)
+        time.sleep(0.05)
+    clients = [connect(lb.port()) for _ in range(5)]
+    for s in clients:
+        s.sendall(b"ping\n")
+        assert s.recv(100) == b"ping\n"
+    assert backend_rows(lb)["a"]["active"] == 5
+    lb.path.write_text(lb.path.read_text().replace('algorithm = "rr"',
+                                                   'algorithm = "leastconn"'))
+    reply = ask(lb, "reload")
+    assert reply["ok"] and "pool app rebuilt" in reply["changes"]
+    rows = backend_rows(lb)
+    assert rows["a"]["active"] == 5 and rows["a"]["total"] == 5
+    assert rows["gone"]["state"] == "down" and rows["gone"]["health"] == "failing"
+    assert len(ask(lb, "show conns app/a")["conns"]) == 5
+    assert ask(lb, "drain app/a")["ok"]
+    waited = ask(lb, "wait app/a 0.5")                        # 5 still open: times out
+    assert waited["ok"] is False and "5 active" in waited["error"]
+    assert ask(lb, "kill app/a")["closed"] == 5
+    for s in clients:
+        s.settimeout(5)
+        try:
+            assert s.recv(100) == b""
+        except ConnectionResetError:
+            pass
+        s.close()
+    assert ask(lb, "wait app/a 10")["ok"]
+    assert backend_rows(lb)["a"]["active"] == 0
+
+
+def backend_rows(lb) -> dict:
+    return {r["name"]: r for r in ask(lb, "show backends")["backends"]}
+
+
+SIGHUP_CONFIG = """
+[global]
+shutdown_timeout = 10.0
+[listeners.web]
+bind = ["127.0.0.1:0"]
+pool = "main"
+[pools.main]
+algorithm = "rr"
+backends = [
+{backends}
+]
+"""
+
+
+def ignore_sighup():
+    """preexec_fn: the child starts with SIGHUP ignored. Before Python runs the first
+    line of l4lb nothing can catch a signal, so the default (die) would stand for that
+    instant; ignoring it there lets the test send SIGHUP from the moment the pid exists
+    and still see what l4lb does with the ones it can catch."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+@pytest.mark.timeout(60)
+def test_sighup_while_starting_neither_kills_nor_is_lost(backends, tmp_path):
+    """Issue 20 item 5: SIGHUPs from the first moment until l4lb starts serving (the
+    first event serve() logs) keep it alive, and one reload runs once it is ready."""
+    a = backends(name_handler, name="a")
+    lb = L4LB(tmp_path, SIGHUP_CONFIG.format(backends=backends_toml([("a", a.address)])),
+              preexec_fn=ignore_sighup)
+    try:
+        sent = 0
+        deadline = time.monotonic() + 30
+        while not lb.events_named("fd_limit"):
+            assert lb.proc.poll() is None, "".join(lb.raw)
+            assert time.monotonic() < deadline
+            lb.proc.send_signal(signal.SIGHUP)
+            sent += 1
+            time.sleep(0.005)
+        lb.wait_ready()
+        ev = lb.wait_event("config_reloaded", cause="sighup")
+        assert ev["changes"] == []
+        assert lb.proc.poll() is None and sent > 0
+        assert hello(lb.port()) == "a"
+    finally:
+        lb.stop()
+
+
+@pytest.mark.timeout(60)
+def test_sighup_during_shutdown_is_refused_and_reopens_no_listener(backends, l4lb):
+    a = backends(echo_handler, name="a")
+    lb = l4lb(SIGHUP_CONFIG.format(backends=backends_toml([("a", a.address)])))
+    port = lb.port()
+    held = connect(port)                                  # keeps the shutdown draining
+    held.sendall(b"x")
+    assert held.recv(10) == b"x"
+    lb.proc.send_signal(signal.SIGTERM)
+    lb.wait_event("shutdown_started")
+    lb.proc.send_signal(signal.SIGHUP)
+    ev = lb.wait_event("config_rejected", cause="sighup")
+    assert ev["errors"] == ["shutting down"]
+    refused = ask(lb, "reload")
+    assert refused["ok"] is False and "shutting down" in refused["error"]
+    with pytest.raises(ConnectionRefusedError):
+        connect(port).close()
+    assert not lb.events_named("config_reloaded")
+    held.close()
+    assert lb.proc.wait(15) == 0

@@ -295,7 +295,7 @@ def test_a_pool_without_health_is_never_moved_by_passive_failures():
         b0.target.on_connect_failed(b0.target, "connect_refused")
     assert changes == [] and b0.state is UP
     assert b0.health == "unchecked" and b0.last_error == "connect_refused"
-    assert not mon.is_checked(b0)
+    assert b0 not in mon.checks
 
 
 def test_passive_failures_of_a_maint_backend_are_ignored():
@@ -324,61 +324,6 @@ def test_on_down_close_aborts_open_connections_but_leaves_connecting_ones(on_dow
     assert b0.state is DOWN
     assert [r.closed for r in hub.live] == [
         "backend_down" if closed else None, None, None]
-
-
-def test_snapshot_has_the_columns_of_show_backends():
-    clock = FakeClock()
-    pool, _ = make_pool(clock, HealthConfig(interval=1.0), n=1)
-    b0 = pool.backends["b0"]
-    mon = HealthMonitor(None, clock=clock)
-    mon.watch(b0)
-    assert mon.snapshot(b0) == {"health": "unchecked", "last_check": None,
-                                "last_error": None, "rt_ms": None, "check_ms": None}
-    pool.algo.observe_rt(b0.slot, 0.004)
-    assert mon.snapshot(b0)["rt_ms"] == pytest.approx(4.0)
-
-
-# --- readiness for deploy ---------------------------------------------------------------------
-
-def test_wait_healthy_needs_a_fresh_pass_and_a_full_rise_streak():
-    clock = FakeClock()
-    pool, _ = make_pool(clock, HealthConfig(interval=1.0, rise=2, fall=2), n=1)
-    b0 = pool.backends["b0"]
-    results = {}
-
-    async def main():
-        prober = ScriptedProber(clock, {1000: [True, True, True, False, True, True]})
-        mon = HealthMonitor(None, clock=clock, sleep=clock.sleep, prober=prober)
-        mon.watch(b0)
-        mon.start()
-        # Let the first three probes pass (streak 3), then ask: a fresh probe is needed,
-        # and it fails; the two after it make a full streak again.
-        while len(prober.calls) < 3:
-            await asyncio.sleep(0)
-        results["ready"] = await mon.wait_healthy(b0, timeout=5)
-        results["probes_seen"] = len(prober.calls)
-        await mon.stop()
-
-    asyncio.run(main())
-    assert results == {"ready": True, "probes_seen": 6}
-
-
-def test_wait_healthy_gives_up_after_its_timeout():
-    clock = FakeClock()
-    pool, _ = make_pool(clock, HealthConfig(interval=1.0, rise=2, fall=2), n=1)
-    b0 = pool.backends["b0"]
-
-    async def main():
-        async def never(host, port, cfg):
-            await asyncio.Event().wait()
-        mon = HealthMonitor(None, clock=clock, sleep=clock.sleep, prober=never)
-        mon.watch(b0)
-        mon.start()
-        ready = await mon.wait_healthy(b0, timeout=0.05)
-        await mon.stop()
-        return ready
-
-    assert asyncio.run(main()) is False
 
 
 # --- reload and removal ---------------------------------------------------------------------
@@ -418,7 +363,7 @@ def test_a_reload_dropping_the_health_section_brings_a_down_backend_back_up():
     assert b0.state is DOWN
     pool.config = PoolConfig(name="p", health=None)
     mon.rewatch_pool(pool)
-    assert b0.state is UP and b0.health == "unchecked" and not mon.is_checked(b0)
+    assert b0.state is UP and b0.health == "unchecked" and b0 not in mon.checks
     assert changes[-1][1:4] == ("down", "up", "health_check_removed")
 
 

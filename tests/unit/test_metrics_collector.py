@@ -39,6 +39,11 @@ def balancer(tmp_path):
         loop.close()
 
 
+def act(balancer, action, *args):
+    """Run one operator action (actions.Operator) to completion on the balancer's loop."""
+    return balancer.loop.run_until_complete(getattr(balancer.operator, action)(*args))
+
+
 def scrape(balancer) -> dict:
     text = BalancerCollector(balancer).render().decode()
     out = {}
@@ -53,8 +58,7 @@ def get(parsed, name, **labels):
 
 
 def test_state_gauge_has_one_current_state_and_up_follows_it(balancer):
-    b2 = balancer.find_backend("blue", "b2")
-    balancer.drain_backend(b2)
+    act(balancer, "drain", "blue", "b2")
     parsed = scrape(balancer)
     states = {s: get(parsed, "l4lb_backend_state", pool="blue", backend="b2", state=s)
               for s in ("up", "down", "draining", "maint")}
@@ -69,7 +73,7 @@ def test_split_ratio_per_pool_and_one_for_a_plain_listener(balancer):
     assert get(parsed, "l4lb_listener_split_ratio", listener="web", pool="blue") == 0.75
     assert get(parsed, "l4lb_listener_split_ratio", listener="web", pool="green") == 0.25
     assert get(parsed, "l4lb_listener_split_ratio", listener="admin", pool="blue") == 1.0
-    balancer.switch_listener(balancer.find_listener("web"), "green")
+    act(balancer, "switch", "web", "green")
     parsed = scrape(balancer)
     ratios = {k: v for k, v in parsed.items() if k[0] == "l4lb_listener_split_ratio"
               and ("listener", "web") in k[1]}
@@ -77,8 +81,8 @@ def test_split_ratio_per_pool_and_one_for_a_plain_listener(balancer):
 
 
 def test_removed_backend_leaves_the_metrics_and_an_added_one_joins(balancer):
-    balancer.remove_backend(balancer.find_backend("blue", "b2"))
-    balancer.add_backend("green", "g2", parse_config(CONFIG, "x").pools["blue"].backends[0].address)
+    act(balancer, "remove", "blue", "b2")
+    act(balancer, "add", "green", "g2", parse_config(CONFIG, "x").pools["blue"].backends[0].address)
     parsed = scrape(balancer)
     backends = {dict(labels)["backend"] for name, labels in parsed
                 if name == "l4lb_backend_up"}
@@ -86,7 +90,7 @@ def test_removed_backend_leaves_the_metrics_and_an_added_one_joins(balancer):
 
 
 def test_counters_come_from_the_native_targets(balancer):
-    t = balancer.find_backend("green", "g1").target
+    t = balancer.operator.find_backend("green", "g1").target
     t.total, t.failed, t.bytes_in, t.bytes_out, t.active = 7, 2, 1234, 5678, 1
     balancer.listeners["web"].runtime.count_rejected("max_connections")
     parsed = scrape(balancer)
@@ -114,7 +118,7 @@ def test_every_metric_spec_is_well_formed():
 def test_backend_and_listener_figures_are_the_show_rows(balancer):
     from l4lb.rows import backend_row, listener_row
 
-    t = balancer.find_backend("blue", "b1").target
+    t = balancer.operator.find_backend("blue", "b1").target
     t.total, t.failed, t.bytes_in, t.bytes_out, t.active = 3, 1, 10, 20, 2
     balancer.listeners["admin"].runtime.count_rejected("denied")
     parsed = scrape(balancer)

@@ -1,12 +1,11 @@
 """PROXY protocol glue (l4lb/proxyhooks.py): the relay's header hook and encoder, probes."""
-import socket
 from types import SimpleNamespace
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from l4lb.proxyhooks import encode_backend_header, probe_proxy_header, read_client_header
+from l4lb.proxyhooks import encode_backend_header, read_client_header
 from l4lb.proxyproto import encode_v1, encode_v2, parse_proxy_header
 
 
@@ -67,24 +66,3 @@ def test_encoder_maps_ipv4_into_ipv6_when_families_differ(version):
     (("a-hostname", 1), ("127.0.0.1", 80))])
 def test_encoder_falls_back_to_a_header_without_addresses(version, expected, src, dst):
     assert encode_backend_header(version, src, dst) == expected
-
-
-@pytest.mark.parametrize("version", [1, 2, "v1", "v2"])
-def test_probe_header_carries_the_probe_connection_own_addresses(version):
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(1)
-    probe = socket.create_connection(server.getsockname(), timeout=5)
-    try:
-        parsed, _ = parse_proxy_header(probe_proxy_header(version, probe))
-        assert parsed.version == {"v1": 1, "v2": 2}.get(version, version)
-        assert parsed.src == probe.getsockname()
-        assert parsed.dst == probe.getpeername()
-    finally:
-        probe.close()
-        server.close()
-
-
-def test_probe_header_refuses_an_unknown_version():
-    with pytest.raises(ValueError):
-        probe_proxy_header(3, None)

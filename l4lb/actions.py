@@ -1,0 +1,245 @@
+"""The operator's actions on a running balancer: one room for what the control commands
+do (DESIGN.md §6).
+
+Every action takes names (pool, backend, listener), finds the objects, acts on the model,
+records the change into RuntimeState and has it persisted, here and nowhere else; it
+returns the fields of the command's ok reply. A change that could not be written to the
+state file still happened, and the reply says so in `warning` (issue 20 item 12): each
+action awaits its (shared, coalesced) write, which runs off the loop (persist.py).
+
+`restore_state` re-applies RuntimeState on top of the config (start and reload), with the
+same primitives and nothing recorded.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+from .config import Address, BackendConfig, parse_address
+from .model import Backend, BackendState, Listener, Pool
+
+if TYPE_CHECKING:                      # the balancer owns the operator
+    from .balancer import Balancer
+
+
+class OperationError(Exception):
+    """An operator request that cannot be carried out; the message says why. Nothing was
+    changed."""
+
+
+class Operator:
+    """Carries out operator actions on one balancer's model."""
+
+    def __init__(self, balancer: "Balancer"):
+        self.balancer = balancer
+        self.log = balancer.log
+        self._idle_waiters: dict[object, list[asyncio.Future]] = {}
+
+    # --- finding ------------------------------------------------------------------------
+
+    def find_pool(self, name: str) -> Pool:
+        try:
+            return self.balancer.pools[name]
+        except KeyError:
+            raise OperationError(f"unknown pool '{name}'") from None
+
+    def find_backend(self, pool: str, name: str) -> Backend:
+        p = self.find_pool(pool)
+        try:
+            return p.backends[name]
+        except KeyError:
+            raise OperationError(f"unknown backend '{pool}/{name}'") from None
+
+    def find_listener(self, name: str) -> Listener:
+        try:
+            return self.balancer.listeners[name]
+        except KeyError:
+            raise OperationError(f"unknown listener '{name}'") from None
+
+    @property
+    def state(self):
+        return self.balancer.runtime_state
+
+    async def _saved(self, reply: dict) -> dict:
+        """Persist the state just recorded; the reply gains `warning` when it failed."""
+        warning = await self.balancer.state_writer.save()
+        if warning is not None:
+            reply["warning"] = warning
+        return reply
+
+    # --- backends -----------------------------------------------------------------------
+
+    async def enable(self, pool: str, backend: str) -> dict:
+        """Back into rotation: `up`, or `down` while its health check is failing."""
+        b = self.find_backend(pool, backend)
+        return await self._set_state(
+            b, BackendState.DOWN if b.health == "failing" else BackendState.UP)
+
+    async def disable(self, pool: str, backend: str) -> dict:
+        """`maint`: no new connections, health checks paused, connections continue."""
+        return await self._set_state(self.find_backend(pool, backend), BackendState.MAINT)
+
+    async def drain(self, pool: str, backend: str) -> dict:
+        """`draining`: no new connections; existing ones run until they end."""
+        return await self._set_state(self.find_backend(pool, backend), BackendState.DRAINING)
+
+    async def _set_state(self, b: Backend, new: BackendState) -> dict:
+        old = b.state
+        b.pool.set_state(b, new, "operator")
+        self.state.record_state(b.ref, str(new))
+        return await self._saved({"pool": b.pool.name, "backend": b.name,
+                                  "state": str(b.state), "previous": str(old)})
+
+    async def kill(self, pool: str, backend: str) -> dict:
+        """Close the backend's connections now."""
+        b = self.find_backend(pool, backend)
+        closed = self.balancer.hub.close_target(b.target, "killed")
+        return {"pool": pool, "backend": backend, "closed": closed}
+
+    async def weight(self, pool: str, backend: str, weight: int) -> dict:
+        b = self.find_backend(pool, backend)
+        old = b.weight
+        b.pool.set_weight(b, weight)
+        self.state.record_weight(b.ref, weight)
+        return await self._saved({"pool": pool, "backend": backend, "weight": weight,
+                                  "previous": old})
+
+    async def add(self, pool: str, backend: str, address: Address, weight: int = 1) -> dict:
+        b = self.add_backend(pool, backend, address, weight)
+        self.state.record_added(b.ref, str(address), weight)
+        return await self._saved({"pool": pool, "backend": backend, "address": str(b.address),
+                                  "weight": b.weight, "state": str(b.state)})
+
+    async def remove(self, pool: str, backend: str) -> dict:
+        """Refused while the backend has active connections."""
+        b = self.find_backend(pool, backend)
+        if b.active:
+            raise OperationError(f"backend '{b.ref}' has {b.active} active "
+                                 "connections; drain it and wait first")
+        self.drop_backend(b)
+        self.state.record_removed(b.ref)
+        return await self._saved({"pool": pool, "backend": backend})
+
+    async def wait(self, pool: str, backend: str, timeout: float | None = None) -> dict:
+        """Replies once the backend has no active connections; an error after `timeout`."""
+        b = self.find_backend(pool, backend)
+        t0 = time.monotonic()
+        if not await self.wait_idle(b, timeout):
+            raise OperationError(f"backend '{b.ref}' still has {b.active} active "
+                                 f"connections after {timeout} s")
+        return {"pool": pool, "backend": backend, "waited_s": round(time.monotonic() - t0, 3)}
+
+    async def wait_idle(self, backend: Backend, timeout: float | None) -> bool:
+        """True once `backend` has no active connections; False after `timeout` s."""
+        if backend.active == 0:
+            return True
+        fut = self.balancer.loop.create_future()
+        self._idle_waiters.setdefault(backend.target, []).append(fut)
+        try:
+            await asyncio.wait_for(fut, timeout)
+            return True
+        except asyncio.TimeoutError:
+            return backend.active == 0
+        finally:
+            waiters = self._idle_waiters.get(backend.target)
+            if waiters and fut in waiters:
+                waiters.remove(fut)
+
+    def target_idle(self, target) -> None:
+        """Target.on_idle: wake the `wait`s of that backend."""
+        for fut in self._idle_waiters.pop(target, ()):
+            if not fut.done():
+                fut.set_result(True)
+
+    # --- listeners ----------------------------------------------------------------------
+
+    async def switch(self, listener: str, pool: str) -> dict:
+        lst = self.find_listener(listener)
+        self.find_pool(pool)
+        old = lst.route()
+        lst.route_pool(pool, self.balancer.pools)
+        self.log.info("listener_switched", listener=listener, pool=pool, previous=old)
+        self.state.record_route(listener, pool=pool)
+        return await self._saved({"listener": listener, "pool": pool, "previous": old})
+
+    async def split(self, listener: str, split: dict[str, int]) -> dict:
+        lst = self.find_listener(listener)
+        split = dict(split)
+        for name in split:
+            self.find_pool(name)
+        if sum(split.values()) != 100:
+            raise OperationError("split percentages must sum to 100")
+        old = lst.route()
+        lst.route_split(split, self.balancer.pools)
+        self.log.info("listener_split", listener=listener, split=split, previous=old)
+        self.state.record_route(listener, split=split)
+        return await self._saved({"listener": listener, "split": split, "previous": old})
+
+    # --- primitives shared with reload and state restore -------------------------------
+
+    def add_backend(self, pool: str, name: str, address: Address, weight: int = 1) -> Backend:
+        """Add and wire a backend (not recorded)."""
+        p = self.find_pool(pool)
+        if name in p.backends:
+            raise OperationError(f"backend '{pool}/{name}' already exists")
+        backend = p.add_backend(BackendConfig(name=name, address=address, weight=weight))
+        self.balancer.wire_backend(backend)
+        self.log.info("backend_added", pool=pool, backend=name, address=str(address),
+                      weight=weight)
+        return backend
+
+    def drop_backend(self, backend: Backend) -> None:
+        """Take a backend out (not recorded); its open connections finish on their own."""
+        backend.pool.remove_backend(backend.name)
+        self.balancer.health.unwatch(backend)
+        self.log.info("backend_removed", pool=backend.pool.name, backend=backend.name,
+                      active=backend.active)
+
+    def restore_state(self) -> None:
+        """Re-apply the operator's changes (RuntimeState) on top of the config. An entry
+        that no longer fits the config (unknown pool, ...) is logged and dropped."""
+        state = self.state
+        pools = self.balancer.pools
+        for ref, entry in list(state.added.items()):
+            pool, _, name = ref.partition("/")
+            try:
+                if name in self.find_pool(pool).backends:
+                    continue                      # the config has it now: the config wins
+                self.add_backend(pool, name, parse_address(entry["address"]),
+                                 entry.get("weight", 1))
+            except (OperationError, ValueError) as exc:
+                self._drop_entry("added", ref, exc)
+                state.added.pop(ref, None)
+        for ref in list(state.removed):
+            pool, _, name = ref.partition("/")
+            p = pools.get(pool)
+            if p is not None and name in p.backends:
+                self.drop_backend(p.backends[name])
+        for ref, entry in list(state.backends.items()):
+            pool, _, name = ref.partition("/")
+            try:
+                backend = self.find_backend(pool, name)
+            except OperationError as exc:
+                self._drop_entry("backends", ref, exc)
+                state.backends.pop(ref, None)
+                continue
+            if "weight" in entry:
+                backend.pool.set_weight(backend, entry["weight"])
+            if "state" in entry:
+                backend.pool.set_state(backend, BackendState(entry["state"]), "state_file")
+        for name, route in list(state.listeners.items()):
+            try:
+                listener = self.find_listener(name)
+                if "split" in route:
+                    for p in route["split"]:
+                        self.find_pool(p)
+                    listener.route_split(route["split"], pools)
+                else:
+                    listener.route_pool(self.find_pool(route["pool"]).name, pools)
+            except (OperationError, ValueError) as exc:
+                self._drop_entry("listeners", name, exc)
+                state.listeners.pop(name, None)
+
+    def _drop_entry(self, section: str, key: str, exc: Exception) -> None:
+        self.log.warning("state_entry_ignored", section=section, key=key, error=str(exc))
