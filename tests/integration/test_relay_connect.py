@@ -13,7 +13,7 @@ import pytest
 import uvloop
 
 from l4lb import _native
-from l4lb.balancer import open_listening_socket
+from l4lb.listen import open_listening_socket
 from l4lb.config import Address
 
 from ..support import free_port_refused

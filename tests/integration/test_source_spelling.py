@@ -4,7 +4,6 @@ import pytest
 
 from ..support import ask, connect, name_handler, simple_config
 
-pytestmark = pytest.mark.each_relay
 
 
 def through_proxy(port, header: bytes):
