@@ -1,6 +1,6 @@
 """l4lb: an L4 (TCP) load balancer whose hot path is compiled with Cython and runs on uvloop."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 import sys as _sys
 

@@ -4,14 +4,12 @@
     python loadtests/bench.py                       # 2 reps x 10 s per workload (about 15 min)
     python loadtests/bench.py --reps 1 --duration 5 # a quick look (about 5 min)
     python loadtests/bench.py --chart-only loadtests/results/bench-*.jsonl   # redraw
-    python loadtests/bench.py --stream              # + l4lb-stream (splice = false)
     python loadtests/bench.py --tuned               # + l4lb-tuned (rcvbuf = sndbuf = 1 MiB)
 
 It runs the shared harness (`../shared/bench/bench.sh`, found relative to the repo root;
 `L4LB_SHARED_BENCH=DIR` overrides) with haproxy, haproxy-tuned, haproxy-splice, nginx and
-`cmd:l4lb 'loadtests/run-l4lb.sh {listen} {backend}'` (the default raw-socket relay; with
---stream also `l4lb-stream`, the same script with L4LB_SPLICE=0: the listener gets
-`splice = false`, the stream relay on uvloop's transports), proxy pinned to CPU 0 and the load
+`cmd:l4lb 'loadtests/run-l4lb.sh {listen} {backend}'` (l4lb's relay; earlier results may
+also hold `l4lb-stream`, the uvloop stream relay retired in 0.2), proxy pinned to CPU 0 and the load
 on CPU 1 (the harness's fair single-core comparison). The harness prints medians and the
 ratio table against HAProxy; this script then checks l4lb against the speed targets of
 issue 6 and draws the ratios per workload into loadtests/results/bench-<time>.png, beside
@@ -80,11 +78,10 @@ def find_shared_bench() -> Path:
 TUNED_BUFFERS = 1024 * 1024
 
 
-def l4lb_command(stream: bool = False) -> str:
+def l4lb_command() -> str:
     """The cmd: template the harness fills in (a shell command line); quoted so paths
-    with spaces survive. `stream`: the listener gets `splice = false`."""
-    return "%s%s {listen} {backend}" % ("L4LB_SPLICE=0 " if stream else "",
-                                         shlex.quote(str(HERE / "run-l4lb.sh")))
+    with spaces survive."""
+    return "%s {listen} {backend}" % shlex.quote(str(HERE / "run-l4lb.sh"))
 
 
 def estimated_seconds(reps: int, duration: int, n_proxies: int, n_workloads: int) -> int:
@@ -100,8 +97,6 @@ def run_harness(bench_dir: Path, args, out: Path, report: Path) -> int:
     proxies = [p for p in REFERENCE_PROXIES if p not in args.skip]
     if "l4lb" not in args.skip:
         proxies += ["cmd:l4lb", l4lb_command()]
-    if args.stream:
-        proxies += ["cmd:l4lb-stream", l4lb_command(stream=True)]
     if args.tuned:
         proxies += ["cmd:l4lb-tuned", "L4LB_BUFFERS=%d %s" % (TUNED_BUFFERS, l4lb_command())]
     cmd = [str(bench_dir / "bench.sh"), "--mode", args.mode, "--reps", str(args.reps),
@@ -410,8 +405,6 @@ def main(argv=None) -> int:
                     help="leave a proxy out (repeatable); haproxy is needed for ratios")
     ap.add_argument("--tuned", action="store_true",
                     help="also run l4lb-tuned: rcvbuf = sndbuf = 1 MiB on its listener")
-    ap.add_argument("--stream", action="store_true",
-                    help="also run l4lb-stream: l4lb with `splice = false` (the stream relay)")
     ap.add_argument("--bench-arg", action="append", default=[],
                     help="extra option passed to bench.sh, e.g. --bench-arg=--max-noise=20")
     ap.add_argument("--timeout", type=int, default=0, help="hard limit for the whole run, s")

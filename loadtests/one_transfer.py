@@ -3,7 +3,7 @@
 with the throughput and l4lb's CPU per GB. Not a benchmark suite (see bench.py), just
 the figure a user asks first: "how fast does one big copy go through it?"
 
-    python loadtests/one_transfer.py [--mib 1024] [--stream]
+    python loadtests/one_transfer.py [--mib 1024]
 
 Starts its own sink backend and `python -m l4lb run` (access log off) on 127.0.0.1 and
 stops both at the end.
@@ -27,8 +27,6 @@ REPO = Path(__file__).resolve().parents[1]
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mib", type=int, default=1024)
-    ap.add_argument("--stream", action="store_true",
-                    help="set splice = false on the listener (the stream relay)")
     args = ap.parse_args()
 
     sink = socket.socket()
@@ -55,7 +53,6 @@ access = false
 [listeners.web]
 bind = ["127.0.0.1:0"]
 pool = "p"
-{"splice = false" if args.stream else ""}
 [pools.p]
 algorithm = "rr"
 backends = [{{ name = "sink", address = "127.0.0.1:{sink.getsockname()[1]}" }}]
@@ -88,7 +85,7 @@ backends = [{{ name = "sink", address = "127.0.0.1:{sink.getsockname()[1]}" }}]
         total = args.mib << 20
         assert received == [total], (received, total)
         gb = total / 1e9
-        print(f"{args.mib} MiB through l4lb{' (stream relay)' if args.stream else ''}: "
+        print(f"{args.mib} MiB through l4lb: "
               f"{elapsed:.2f} s, {total * 8 / elapsed / 1e9:.2f} Gbit/s, "
               f"l4lb CPU {cpu:.2f} s = {cpu / gb:.3f} CPU-s per GB")
     finally:

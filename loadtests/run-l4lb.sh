@@ -7,8 +7,6 @@
 # The script `exec`s the balancer so the bench harness stops it by its own pid/group.
 # It runs this checkout's code (PYTHONPATH = the repo root, build with
 # `python setup.py build_ext --inplace` first); L4LB_PYTHON picks the interpreter.
-# L4LB_SPLICE=0 sets `splice = false` on the listener (the stream relay on uvloop's
-# transports), L4LB_SPLICE=1 `splice = true`; unset, the listener has l4lb's default.
 # L4LB_BUFFERS=N sets the listener's rcvbuf and sndbuf to N bytes (unset: autotuning).
 set -euo pipefail
 if [ $# -ne 2 ]; then
@@ -21,11 +19,6 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 py="${L4LB_PYTHON:-python3}"
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 
-splice_line=""
-case "${L4LB_SPLICE:-}" in
-    0) splice_line="splice = false" ;;
-    1) splice_line="splice = true" ;;
-esac
 buffers_lines=""
 if [ -n "${L4LB_BUFFERS:-}" ]; then
     buffers_lines="rcvbuf = ${L4LB_BUFFERS}
@@ -58,7 +51,6 @@ access = false
 [listeners.bench]
 bind = ["127.0.0.1:$listen"]
 pool = "bench"
-$splice_line
 $buffers_lines
 
 [pools.bench]
