@@ -301,3 +301,24 @@ def parse_client_hello(data, Py_ssize_t max_len=SNI_MAX_CLIENT_HELLO):
             sni_scan_release(&scan)
     finally:
         PyBuffer_Release(&view)
+
+
+def bench_sni_scan(data, Py_ssize_t max_len, Py_ssize_t count):
+    """loadtests/bench_sni_parse.py only: sni_scan_hello + sni_scan_result `count` times
+    over `data` in a C loop, what the relay pays per peek without the Python call."""
+    cdef Py_buffer view
+    cdef sni_scan scan
+    cdef int status = 0
+    cdef Py_ssize_t i
+    if max_len < 1 or max_len > SNI_MAX_CLIENT_HELLO_LIMIT:
+        raise ValueError(f"max_len must be 1..{SNI_MAX_CLIENT_HELLO_LIMIT}, not {max_len}")
+    PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+    try:
+        for i in range(count):
+            status = sni_scan_hello(<const unsigned char*>view.buf, view.len, max_len, &scan)
+            if status >= 0:
+                sni_scan_result(status, &scan)
+            sni_scan_release(&scan)
+    finally:
+        PyBuffer_Release(&view)
+    return status

@@ -438,3 +438,65 @@ def test_mutation_fuzz_of_20000_real_hellos_never_crashes_and_both_parsers_agree
         cap = rnd.choice([16384, 16384, CAP_LIMIT, rnd.randint(1, len(data) + 8)])
         seen.add(agree(data, cap)[0])
     assert seen == {NEED_MORE, FOUND, NOT_TLS, TOO_LARGE, MALFORMED}
+
+
+# ---------------------------------------------------------------- memory safety
+
+GUARD_PAGE_CHECK = r"""
+import ctypes, mmap, random, ssl, sys
+from l4lb import _native
+
+def hello(name, alpn):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(alpn)
+    i, o = ssl.MemoryBIO(), ssl.MemoryBIO()
+    c = ctx.wrap_bio(i, o, server_hostname=name)
+    try:
+        c.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return o.read()
+
+PAGE = mmap.PAGESIZE
+READABLE = 5 * PAGE
+mm = mmap.mmap(-1, READABLE + 2 * PAGE)
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+assert libc.mprotect(base + READABLE, 2 * PAGE, 0) == 0      # PROT_NONE: a read faults
+window = memoryview(mm)
+rnd = random.Random(5)
+seeds = [hello("api.example.com", ["h2", "http/1.1"]), hello("b.test", ["x" * 200] * 30)]
+checked = 0
+for _ in range(3000):
+    data = bytearray(rnd.choice(seeds))
+    for _ in range(rnd.randint(0, 3)):
+        data[rnd.randrange(len(data))] = rnd.randrange(256)
+    data = bytes(data[:rnd.randint(0, len(data))])
+    cap = rnd.choice([rnd.randint(1, len(data) + 2), 16384])
+    shown = min(cap, len(data))
+    start = READABLE - shown
+    window[start:READABLE] = data[:shown]
+    # The view runs into the guard pages past the cap: reading there kills the process.
+    view = window[start:start + min(len(data), shown + 2 * PAGE)]
+    assert _native.parse_client_hello(view, cap) == _native.parse_client_hello(data, cap)
+    checked += 1
+print(checked)
+"""
+
+
+def test_compiled_parser_reads_nothing_past_the_input_or_the_cap_even_next_to_a_guard_page():
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", GUARD_PAGE_CHECK], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["3000"]
+
+
+def test_bench_entry_point_scans_like_the_parser(hellos):
+    records, _ = hellos["api-h2-http11-tls13"]
+    assert _native.bench_sni_scan(records, 16384, 3) == FOUND
+    assert _native.bench_sni_scan(records[:10], 16384, 3) == NEED_MORE
