@@ -3,6 +3,7 @@
 include "algorithm.pxd"
 include "runtime.pxd"
 include "pump.pxd"
+include "sni.pxd"
 include "relay.pxd"
 include "poller.pxd"
 include "acceptor.pxd"

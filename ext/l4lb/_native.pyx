@@ -4,7 +4,8 @@
 This file only includes the parts; each part opens with its theory of operation:
 hashing and the algorithms (backend selection), runtime (what the control plane
 configures: Target, PoolRuntime, ListenerRuntime, Hub), pump (bytes of one direction:
-copy and splice, the pipe pool), relay (one client and its backend: the state machine),
+copy and splice, the pipe pool), sni (the TLS ClientHello parser, sans-IO), relay (one
+client and its backend: the state machine),
 poller (the epoll every relay socket is in) and acceptor (accept4 on a listening socket).
 """
 cimport cython
@@ -24,6 +25,7 @@ include "hash.pxi"
 include "p2c.pxi"
 include "runtime.pxi"
 include "pump.pxi"
+include "sni.pxi"
 include "relay.pxi"
 include "poller.pxi"
 include "acceptor.pxi"
