@@ -181,6 +181,22 @@ class Hub:
 
 def max_pipes(max_connections: int) -> int: ...
 
+# --- sni.pxd / sni.pxi: the TLS ClientHello parser (sans-IO; twin: l4lb/reference/sni.py) --
+
+SNI_NEED_MORE: int
+SNI_FOUND: int
+SNI_NOT_TLS: int
+SNI_TOO_LARGE: int
+SNI_MALFORMED: int
+SNI_MAX_CLIENT_HELLO: int          # default cap of the bytes looked at
+SNI_MAX_CLIENT_HELLO_LIMIT: int    # largest cap allowed (65536)
+
+def parse_client_hello(data: bytes | bytearray | memoryview, max_len: int = ...
+                       ) -> tuple[int, int, str | None, tuple[str, ...] | None]:
+    """(status, needed, server_name, alpn) of the bytes at the start of a TCP stream."""
+def bench_sni_scan(data: bytes | bytearray | memoryview, max_len: int, count: int) -> int:
+    """loadtests/bench_sni_parse.py only: the C scan `count` times."""
+
 # --- relay.pxd / relay.pxi: one client connection and its backend connection --------------
 
 SPLICE_HEADER_PEEK: int
