@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import os
 import resource
 import socket
@@ -163,15 +164,10 @@ class FdReserve:
             os.close(self.fds.pop())
 
 
-_reserve: FdReserve | None = None
-
-
+@functools.cache
 def fd_reserve() -> FdReserve:
     """The process's one reserve, opened on first use (the control socket's start)."""
-    global _reserve
-    if _reserve is None:
-        _reserve = FdReserve()
-    return _reserve
+    return FdReserve()
 
 
 async def open_loop_spare(loop: asyncio.AbstractEventLoop) -> None:
@@ -312,15 +308,10 @@ class ProcessProbe:
         return figures
 
 
-_probe: ProcessProbe | None = None
-
-
+@functools.cache
 def process_probe() -> ProcessProbe:
     """The process's one probe (so that cpu_percent measures between two `show info`)."""
-    global _probe
-    if _probe is None:
-        _probe = ProcessProbe()
-    return _probe
+    return ProcessProbe()
 
 
 def uptime(balancer) -> float:
