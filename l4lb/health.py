@@ -56,9 +56,9 @@ MAX_EXPECT_READ = 64 * 1024
 # Bytes of a wrong reply quoted in last_error.
 ERROR_QUOTE_BYTES = 48
 # connect() errors that mean "this process is out of descriptors or memory", not "the
-# backend is broken" (as OVERLOAD_ERRNOS in relay.pxi): such a probe counts for nothing.
-PROBE_INCONCLUSIVE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
-                                       errno.ENOMEM})
+# backend is broken": the relay's own set (runtime.pxi), so a probe and a client's connect
+# judge an errno alike; such a probe counts for nothing.
+PROBE_INCONCLUSIVE_ERRNOS = _native.OVERLOAD_ERRNOS
 
 # Causes of backend_state_changed.
 CAUSE_ACTIVE = "health_check"
