@@ -37,7 +37,6 @@ back.
 from __future__ import annotations
 
 import asyncio
-import errno
 import functools
 import socket
 import time
