@@ -179,8 +179,10 @@ async def reload_from_file(balancer: "Balancer", cause: str) -> list[str]:
         await apply_reload(balancer, plan)
     except OSError as exc:
         raise rejection([str(exc)], f"reload failed: {exc}") from None
+    for warning in new.warnings:               # deprecated keys, as at start
+        balancer.log.warning("config_deprecated", warning=warning)
     balancer.log.info("config_reloaded", path=str(new.path), cause=cause, changes=plan.changes)
-    return plan.changes
+    return plan.changes + [f"warning: {w}" for w in new.warnings]
 
 
 async def apply_reload(balancer: "Balancer", plan: ReloadPlan) -> None:

@@ -174,6 +174,19 @@ class L4LB:
     def events_named(self, event: str) -> list[dict]:
         return [ev for ev in self.lines if ev.get("event") == event]
 
+    def wait_events(self, event: str, count: int, timeout: float = 10.0) -> list[dict]:
+        """The events named `event` once there are at least `count` of them (a condition,
+        not a pause: the suite runs on a busy machine too)."""
+        deadline = time.monotonic() + timeout
+        while len(found := self.events_named(event)) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(found)} of {count} {event} within {timeout}s; log:\n"
+                                   + "".join(self.raw[-40:]))
+            if self.proc.poll() is not None:
+                raise RuntimeError("l4lb exited with %s" % self.proc.returncode)
+            time.sleep(0.05)
+        return found
+
     def wait_ready(self, timeout: float = 15.0) -> "L4LB":
         self.wait_event("started", timeout)
         for ev in self.events_named("listener_started"):

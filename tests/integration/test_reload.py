@@ -38,9 +38,21 @@ def test_broken_reload_changes_nothing_and_serving_goes_on(backends, l4lb):
     assert lb.wait_event("config_rejected")
     assert hello(lb.port()) == "a"
     lb.proc.send_signal(signal.SIGHUP)                    # the same through SIGHUP
-    time.sleep(0.5)
-    assert len(lb.events_named("config_rejected")) == 2
+    assert len(lb.wait_events("config_rejected", 2)) == 2
     assert lb.proc.poll() is None and hello(lb.port()) == "a"
+
+
+def test_the_deprecated_splice_key_is_logged_at_start_and_named_by_a_reload(backends, l4lb):
+    a = backends(name_handler, name="a")
+    lb = l4lb(config([("a", a.address)], listener_extra="splice = true"))
+    [start] = lb.events_named("config_deprecated")       # logged before `started`
+    assert "listeners.web.splice: deprecated" in start["warning"]
+    reply = ask(lb, "reload")
+    assert reply["ok"] is True, reply
+    assert any(c.startswith("warning: ") and "listeners.web.splice" in c
+               for c in reply["changes"]), reply
+    assert len(lb.wait_events("config_deprecated", 2)) == 2
+    assert hello(lb.port()) == "a"
 
 
 def test_reload_adding_a_backend_puts_it_in_rotation_without_dropping_a_connection(
