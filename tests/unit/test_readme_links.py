@@ -78,6 +78,16 @@ def test_every_relative_link_in_the_doc_leads_to_a_file_and_heading_in_the_repo(
     assert dead_links(doc, doc.read_text(), REPO) == []
 
 
+# The README's budget: past it, facts get repeated instead of linked to docs/REFERENCE.md
+# and an operator stops finding them; trim repetition to make room.
+README_MAX_LINES = 450
+
+
+def test_the_readme_stays_within_its_line_budget():
+    lines = (REPO / "README.md").read_text().count("\n")
+    assert lines <= README_MAX_LINES, f"README.md has {lines} lines, at most {README_MAX_LINES}"
+
+
 def test_the_docs_checked_include_the_readme_and_the_loadtests_readme():
     assert REPO / "README.md" in DOCS
     assert REPO / "loadtests" / "README.md" in DOCS
