@@ -54,8 +54,9 @@ REASONS: tuple[Reason, ...] = (
            "The listener's route names no pool that exists (a split or switch to a pool "
            "since removed)."),
     Reason("no_backend", ("close",),
-           "No backend of the pool could be picked: none up, or all excluded after failed "
-           "connects."),
+           "No backend of the pool was eligible (none up, or every one at weight 0). When "
+           "backends were tried and every one failed, the close names the last failure "
+           "instead (connect_refused, connect_timeout, connect_error, backend_reset)."),
     Reason("connect_refused", ("connect", "close"),
            "The backend refused the connection (ECONNREFUSED)."),
     Reason("connect_timeout", ("connect", "close"),
