@@ -260,12 +260,14 @@ class BackendCheck:
         if res.passed is None:
             return
         b.last_check = self.monitor.wallclock()
+        b.check_duration = res.duration
         self.record(res.passed, res.error, CAUSE_ACTIVE)
 
     def pause(self) -> None:
         """Checking is paused (maint): what we knew is stale from now on."""
         self.state.reset()
         self.backend.health = "unchecked"
+        self.backend.check_failures = 0
 
     def record(self, passed: bool, error: str | None, cause: str) -> BackendState | None:
         """Count one result (active or passive); move the backend when it crosses rise or
@@ -274,6 +276,7 @@ class BackendCheck:
         b.health = "passing" if passed else "failing"
         b.last_error = None if passed else error
         new = self.state.record(passed, b.state)
+        b.check_failures = self.state.fails
         if new is not None:
             b.pool.set_state(b, new, cause)
             if new is BackendState.DOWN and b.pool.on_down == "close":
@@ -326,6 +329,7 @@ class HealthMonitor:
             if check.task is not None:
                 check.task.cancel()
             backend.health = "unchecked"
+            backend.check_failures = 0
 
     def unwatch_pool(self, pool: Pool) -> None:
         """Stop checking every backend of `pool` (removed or rebuilt by a reload)."""
@@ -378,6 +382,7 @@ class HealthMonitor:
         with `reason` (connect_refused | connect_timeout | connect_error). Called
         synchronously by the relay before it retries, so a backend taken down here is not
         picked again."""
+        backend.connect_failures[reason] = backend.connect_failures.get(reason, 0) + 1
         check = self.checks.get(backend)
         if check is None:               # unchecked pool: remember why, never move it
             backend.last_error = reason

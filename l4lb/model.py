@@ -54,6 +54,12 @@ class Backend:
         self.health = "unchecked"        # unchecked | passing | failing
         self.last_check: float | None = None   # wall-clock time of the last probe
         self.last_error: str | None = None
+        # Written by l4lb.health only: the last probe's duration (None before the first),
+        # the failed results in a row (probes and passive failures), and every failed
+        # relay connect by reason (connect_refused, connect_timeout, ...).
+        self.check_duration: float | None = None
+        self.check_failures = 0
+        self.connect_failures: dict[str, int] = {}
         self.up_since = 0.0              # monotonic time it last entered `up` (slow start)
         self.slot = slot
         self.target = _native.Target(pool.name, cfg.name, cfg.address.host,

@@ -29,6 +29,10 @@ def backend_row(b) -> dict:
         "rt_ms": None if rt is None else round(rt * 1000.0, 3),
         "last_check": b.last_check,
         "last_error": b.last_error,
+        "check_duration_ms": (None if b.check_duration is None
+                              else round(b.check_duration * 1000.0, 3)),
+        "check_failures": b.check_failures,
+        "connect_failures": dict(b.connect_failures),
     }
 
 

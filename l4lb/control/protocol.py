@@ -181,7 +181,7 @@ COMMANDS: tuple[CommandSpec, ...] = (
         reply=("backends",),
         rows=("pool", "name", "address", "state", "health", "checked", "weight", "active",
               "total", "failed", "bytes_in", "bytes_out", "rt_ms", "last_check",
-              "last_error"),
+              "last_error", "check_duration_ms", "check_failures", "connect_failures"),
     ),
     CommandSpec(
         ("show", "conns"),
