@@ -283,3 +283,37 @@ def test_reload_to_an_unbindable_metrics_address_changes_nothing(l4lb, backends)
         assert "l4lb_info" in scrape(port)
     finally:
         taken.close()
+
+
+def test_retries_connect_failure_reasons_and_queue_timeouts_are_counted_by_the_relay(
+        l4lb, backends):
+    live = backends(echo_handler, "live")
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))            # bound, never listening: connects are refused
+    dead_address = "127.0.0.1:%d" % dead.getsockname()[1]
+    try:
+        lb = l4lb(metrics_config(
+            [("dead", dead_address), ("live", live.address, {"max_connections": 1})],
+            listener_extra="retries = 1\nqueue_timeout = 0"))
+        port = metrics_port(lb)
+        for _ in range(2):                   # rr: one of the two starts on the dead one
+            s = connect(lb.port())
+            s.sendall(b"x")
+            assert recv_exactly(s, 1) == b"x"
+            s.close()
+            assert wait_for(lambda: value(samples(scrape(port)), "l4lb_connections_active") == 0)
+        held = connect(lb.port())
+        held.sendall(b"x")
+        assert recv_exactly(held, 1) == b"x"
+        # live is at max_connections and dead refuses: the next client queues, times out.
+        extra = connect(lb.port())
+        lb.wait_event("connection_closed", reason="queue_timeout")
+        extra.close()
+        held.close()
+        parsed = samples(scrape(port))
+        assert value(parsed, "l4lb_pool_retries_total", pool="main") >= 1
+        assert value(parsed, "l4lb_backend_connect_failures_by_reason_total", pool="main",
+                     backend="dead", reason="connect_refused") >= 1
+        assert value(parsed, "l4lb_pool_queue_timeouts_total", pool="main") == 1
+    finally:
+        dead.close()
