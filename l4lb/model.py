@@ -54,6 +54,8 @@ class Backend:
         self.health = "unchecked"        # unchecked | passing | failing
         self.last_check: float | None = None   # wall-clock time of the last probe
         self.last_error: str | None = None
+        self.set_by: str | None = None   # who set its admin state (vocab.SET_BY_WORDS);
+                                         # written by l4lb.actions only
         # Written by l4lb.health only: the last probe's duration (None before the first),
         # the failed results in a row (probes and passive failures), and every failed
         # relay connect by reason (connect_refused, connect_timeout, ...).

@@ -33,6 +33,7 @@ def backend_row(b) -> dict:
                               else round(b.check_duration * 1000.0, 3)),
         "check_failures": b.check_failures,
         "connect_failures": dict(b.connect_failures),
+        "set_by": b.set_by,
     }
 
 
