@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from . import _native
+from .address import Address
 from .config import HealthConfig
 from .log import get_logger
 from .model import Backend, BackendState, Pool
@@ -218,6 +219,17 @@ Sleep = Callable[[float], Awaitable[None]]
 Prober = Callable[[str, int, HealthConfig], Awaitable[ProbeResult]]
 
 
+def probe_address(backend: Backend, cfg: HealthConfig) -> Address:
+    """Where `backend`'s probes connect: its health_address, else its address with the
+    pool's health.port when set (checks served apart from the traffic), else its
+    address."""
+    if backend.health_address is not None:
+        return backend.health_address
+    if cfg.port:
+        return Address(backend.address.host, cfg.port)
+    return backend.address
+
+
 def start_offset(backend: Backend, interval: float) -> float:
     """Where in the first interval this backend's first probe fires: deterministic (the
     routing hash of "pool/backend"), so restarts keep a pool's checks spread alike."""
@@ -256,7 +268,8 @@ class BackendCheck:
         if b.state is BackendState.MAINT:
             self.pause()
             return
-        res = await self.monitor.probe(b.address.host, b.address.port, self.cfg)
+        target = probe_address(b, self.cfg)
+        res = await self.monitor.probe(target.host, target.port, self.cfg)
         if res.passed is None:
             return
         b.last_check = self.monitor.wallclock()

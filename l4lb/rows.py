@@ -8,19 +8,24 @@ connections.
 """
 from __future__ import annotations
 
+from .health import probe_address
+
 
 def backend_row(b) -> dict:
     """One `show backends` row of backend `b` (an l4lb.model.Backend)."""
     t = b.target
     rt = b.pool.algo.rt_ewma(b.slot)
+    health = b.pool.config.health
     return {
         "pool": b.pool.name,
         "name": b.name,
         "address": str(b.address),
         "state": str(b.state),
         "health": b.health,
-        "checked": b.pool.config.health is not None,
+        "checked": health is not None,
+        "check_address": None if health is None else str(probe_address(b, health)),
         "weight": b.weight,
+        "backup": b.backup,
         "active": t.active,
         "total": t.total,
         "failed": t.failed,
