@@ -128,6 +128,8 @@ class PoolRuntime:
     hash_key: int
     needs_key: bool
     queue: deque[Relay]
+    retried: int
+    queue_timeouts: int
     def __init__(self, name: str, algo: Algorithm, hash_key: int = ...,
                  needs_key: bool = False) -> None: ...
     def add_target(self, target: Target) -> None: ...

@@ -16,11 +16,17 @@ import asyncio
 import time
 from typing import TYPE_CHECKING
 
+from . import vocab
 from .config import Address, BackendConfig, parse_address
 from .model import Backend, BackendState, Listener, Pool
 
 if TYPE_CHECKING:                      # the balancer owns the operator
     from .balancer import Balancer
+
+
+# Causes of backend_state_changed set here (l4lb.health has the health causes).
+CAUSE_OPERATOR = "operator"
+CAUSE_STATE_FILE = "state_file"
 
 
 class OperationError(Exception):
@@ -76,18 +82,25 @@ class Operator:
         return await self._set_state(
             b, BackendState.DOWN if b.health == "failing" else BackendState.UP)
 
-    async def disable(self, pool: str, backend: str) -> dict:
-        """`maint`: no new connections, health checks paused, connections continue."""
-        return await self._set_state(self.find_backend(pool, backend), BackendState.MAINT)
+    async def disable(self, pool: str, backend: str, by: str | None = None) -> dict:
+        """`maint`: no new connections, health checks paused, connections continue.
+        `by` says who set it (vocab.SET_BY_WORDS; default operator)."""
+        return await self._set_state(self.find_backend(pool, backend), BackendState.MAINT, by)
 
-    async def drain(self, pool: str, backend: str) -> dict:
+    async def drain(self, pool: str, backend: str, by: str | None = None) -> dict:
         """`draining`: no new connections; existing ones run until they end."""
-        return await self._set_state(self.find_backend(pool, backend), BackendState.DRAINING)
+        return await self._set_state(self.find_backend(pool, backend), BackendState.DRAINING,
+                                     by)
 
-    async def _set_state(self, b: Backend, new: BackendState) -> dict:
+    async def _set_state(self, b: Backend, new: BackendState, by: str | None = None) -> dict:
+        by = by or vocab.SET_BY_DEFAULT
+        if by not in vocab.SET_BY_WORDS:
+            raise OperationError(f"by must be one of {', '.join(vocab.SET_BY_WORDS)}, "
+                                 f"got {by!r}")
         old = b.state
-        b.pool.set_state(b, new, "operator")
-        self.state.record_state(b.ref, str(new))
+        b.pool.set_state(b, new, CAUSE_OPERATOR)
+        b.set_by = by if str(new) in vocab.ADMIN_STATES else None
+        self.state.record_state(b.ref, str(new), b.set_by)
         return await self._saved({"pool": b.pool.name, "backend": b.name,
                                   "state": str(b.state), "previous": str(old)})
 
@@ -227,7 +240,8 @@ class Operator:
             if "weight" in entry:
                 backend.pool.set_weight(backend, entry["weight"])
             if "state" in entry:
-                backend.pool.set_state(backend, BackendState(entry["state"]), "state_file")
+                backend.pool.set_state(backend, BackendState(entry["state"]), CAUSE_STATE_FILE)
+                backend.set_by = entry.get("set_by", vocab.SET_BY_DEFAULT)
         for name, route in list(state.listeners.items()):
             try:
                 listener = self.find_listener(name)

@@ -129,9 +129,6 @@ def build_parser() -> argparse.ArgumentParser:
     bg = dsub.add_parser("blue-green", help="switch a listener to POOL, wait for the old to drain")
     bg.add_argument("listener")
     bg.add_argument("--to", required=True, metavar="POOL")
-    for d in (dsub.choices["rolling"], bg):
-        d.add_argument("--drain-timeout", type=seconds, default=30.0, metavar="S",
-                       help="seconds connections get to end; then they are killed (default 30)")
     d = dsub.add_parser("canary", help="shift a listener to POOL step by step, roll back on breach")
     d.add_argument("listener")
     d.add_argument("--to", required=True, metavar="POOL")
@@ -143,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="connect failures / attempts on POOL above which it rolls back "
                         "(default 0.05)")
     for d in dsub.choices.values():
+        d.add_argument("--drain-timeout", type=seconds, default=30.0, metavar="S",
+                       help="seconds connections get to end; then they are killed (default "
+                            "30; canary: after reaching 100)")
         add_socket_options(d)
     return parser
 

@@ -107,6 +107,8 @@ class BackendConfig:
     address: Address
     weight: int = 1
     max_connections: int = 0
+    backup: bool = False
+    health_address: Address | None = None
 
 
 @dataclass
@@ -118,6 +120,7 @@ class HealthConfig:
     send: str = ""
     expect: str = ""
     send_proxy: str = "off"
+    port: int = 0
 
 
 @dataclass
@@ -574,8 +577,9 @@ SEND_PROXY = Choice(*vocab.SEND_PROXY_WORDS)
 
 GLOBAL = Table(GlobalConfig, {
     "max_connections": Key(Integer(), 20000,
-        "Client connections open at once across all listeners; beyond it, accepting "
-        "pauses until some close (the process never crashes for lack of room). 0 = unlimited."),
+        "Client connections open at once across all listeners; a connection beyond it is "
+        "closed at once (not queued), counted as rejected (reason global_max_connections) "
+        "and written to the access log. 0 = unlimited."),
     "shutdown_timeout": Key(Number(), 30.0,
         "Seconds open connections get to finish on SIGTERM/SIGINT before they are closed; "
         "0 closes them at once."),
@@ -615,6 +619,12 @@ BACKEND = Table(BackendConfig, {
     "max_connections": Key(Integer(), 0,
         "Connections open to this backend at once; a full backend is skipped, and when "
         "all are full clients queue (listener queue_timeout). 0 = unlimited."),
+    "backup": Key(Boolean(), False,
+        "A backup server (HAProxy `backup`): it gets connections only while no other "
+        "(non-backup) backend of its pool is up; then every up backup shares them by weight."),
+    "health_address": Key(AddressRule(), None,
+        "host:port this backend's health probes connect to instead of its address (HAProxy "
+        "`addr` and `port`); wins over the pool's health.port. Absent = its address."),
 }, doc="One backend server of a pool.")
 
 HEALTH = Table(HealthConfig, {
@@ -629,6 +639,10 @@ HEALTH = Table(HealthConfig, {
         "Text the reply must contain for the probe to pass; empty = connecting is enough."),
     "send_proxy": Key(SEND_PROXY, "off",
         "off | v1 | v2: send a PROXY protocol header first, for backends that require one."),
+    "port": Key(Integer(0, 65535), 0,
+        "Port the probes connect to on each backend's host, when the check listens apart "
+        "from the traffic (HAProxy `port`); 0 = the backend's own port. A backend's "
+        "health_address wins over it."),
 }, doc="Active health checks of a pool's backends; without this table backends stay up.")
 
 POOL = Table(PoolConfig, {
@@ -644,7 +658,8 @@ POOL = Table(PoolConfig, {
         "keep | close: what happens to a backend's open connections when it is marked down."),
     "backends": Key(ListOf(BACKEND, expects="an array of backend tables"), [],
         "The servers of this pool, as an array of inline tables "
-        "{ name, address, weight, max_connections }; may be empty (add them at run time)."),
+        "{ name, address, weight, max_connections, backup, health_address }; may be empty "
+        "(add them at run time)."),
     "health": Key(HEALTH, None, "The [pools.NAME.health] table; absent = no active checks."),
 }, doc="A named set of backends and how to pick among them.", check=check_pool)
 
@@ -686,7 +701,7 @@ LISTENER = Table(ListenerConfig, {
         "CIDRs whose clients are refused, unless a longer allow prefix holds the client."),
     "max_connections": Key(Integer(), 10000,
         "Client connections open at once on this listener; beyond it a new one is closed "
-        "at once and counted. 0 = unlimited."),
+        "at once (not queued), counted and written to the access log. 0 = unlimited."),
     "per_source_max_connections": Key(Integer(), 0,
         "Connections open at once from one client IP; 0 = unlimited."),
     "per_source_rate": Key(Number(), 0.0,

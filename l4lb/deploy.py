@@ -14,13 +14,17 @@ Each strategy has one safe state it leaves behind when anything fails (a command
 a timeout, the balancer gone) or the operator presses Ctrl-C, and says so:
 
 * rolling: the backend being replaced is left in `maint` (no new connections, health
-  checks paused, its connections untouched); backends already replaced stay in rotation,
-  the rest were never touched. The deploy stops at the first failure.
+  checks paused, its connections untouched), marked as the deploy's (`disable ... by
+  deploy`, kept in the state file), so a rerun replaces it and puts it back while a maint
+  an operator set stays; backends already replaced stay in rotation, the rest were never
+  touched. Stopped while draining (before the command ran), the backend is put back in the
+  state it had. The deploy stops at the first failure.
 * blue-green: before the switch nothing has changed. After it the new route stays (the
   new pool was checked up before switching); on Ctrl-C the old pool's connections are left
   to finish on their own rather than killed.
 * canary: the listener's route is restored exactly as it was when the deploy started
-  (its pool, or its split with the same percentages).
+  (its pool, or its split with the same percentages). A canary that reaches 100 % ends
+  as blue-green does: the old pools are drained (and killed after the drain timeout).
 
 Not guaranteed: a deploy holds no lock, so an operator changing the same pool or listener
 at the same time can confuse it; and a balancer that dies mid-deploy keeps whatever its
@@ -55,6 +59,13 @@ CONNECT_PROBE_TIMEOUT = 1.0
 DEFAULT_DRAIN_TIMEOUT = 30.0
 DEFAULT_READY_TIMEOUT = 30.0
 DEFAULT_MAX_FAILURE_RATE = 0.05
+
+# Appended to the drain and disable a deploy sends, so the balancer (and its state file)
+# knows that admin state is the deploy's (vocab.SET_BY_WORDS).
+BY_DEPLOY = "by deploy"
+# Phases of a rolling deploy before the backend is touched for good: stopped there, it is
+# put back where it was rather than left in maint.
+PHASES_BEFORE_MAINT = ("draining", "killing the connections of")
 
 
 class DeployError(Exception):
@@ -289,6 +300,44 @@ class Deploy:
             raise DeployError(f"refused: not every backend of pool {pool} is up: "
                               f"{', '.join(unready)}; nothing changed")
 
+    def drain_old_pools(self, listener: str, start: dict, to: str,
+                        drain_timeout: float) -> int:
+        """After `listener` was moved from route `start` to pool `to`: wait for the old
+        pools' connections to end, kill what is left after `drain_timeout`; returns how
+        many were killed. Blue-green and a canary that reached 100 % end alike."""
+        old = self.old_pools_to_drain(listener, start, to)
+        left = self.wait_until_idle(
+            ", ".join(old) or "old pool", lambda: self.active_in(old), drain_timeout)
+        return self.kill_remaining(old) if left else 0
+
+    def old_pools_to_drain(self, listener: str, start: dict, to: str) -> list[str]:
+        """The starting route's pools, minus the new one and minus any pool another
+        listener still routes to (its connections are not ours to wait for or kill)."""
+        in_use = {p for name, row in self.listeners().items() if name != listener
+                  for p in route_pools(route_of(row))}
+        old = []
+        for pool in route_pools(start):
+            if pool == to:
+                continue
+            if pool in in_use:
+                self.out(f"  pool {pool} is still routed by another listener: not waiting "
+                         f"for it to drain")
+                continue
+            old.append(pool)
+        return old
+
+    def active_in(self, pools: list[str]) -> int:
+        return sum(row["active"] for pool in pools for row in self.backends(pool).values())
+
+    def kill_remaining(self, pools: list[str]) -> int:
+        killed = 0
+        for pool in pools:
+            for name, row in self.backends(pool).items():
+                if row["active"]:
+                    killed += self.ctl(f"kill {pool}/{name}").get("closed", 0)
+        self.out(f"  killed {connections(killed)} left on {', '.join(pools)}")
+        return killed
+
     def wait_until_idle(self, label: str, count_active: Callable[[], int],
                         timeout: float) -> int:
         """Poll `count_active()` until it is 0 or `timeout` seconds passed, printing a
@@ -326,13 +375,15 @@ class RollingDeploy(Deploy):
          is ever routed to a port that is still closed;
       5. `enable`; when the pool has health checks, wait until a probe made after the
          enable passes (`health` "passing" with a newer `last_check`).
-    Steps 4-5 share one `ready_timeout`. A backend that was in maint before the deploy
-    gets the new version but stays in maint (the operator took it out; we don't put it
-    back).
+    Steps 4-5 share one `ready_timeout`. The drain and the maint are sent `by deploy`.
+    A backend an operator put in maint before the deploy gets the new version but stays
+    in maint (we don't put it back); one a failed earlier deploy left in maint (set_by
+    deploy) is replaced and enabled, so a rerun finishes the work.
 
     On failure (non-zero exit, not ready in time, a refused command) or Ctrl-C the
     backend being replaced is left in maint, the deploy stops and DeployError says
-    which backend, why, and which are done; backends not reached are untouched.
+    which backend, why, and which are done; backends not reached are untouched. Stopped
+    while it drained (the command never ran), the backend is put back as it was.
     """
 
     def __init__(self, control, pool: str, command: str, *,
@@ -348,6 +399,8 @@ class RollingDeploy(Deploy):
         self.run_command = run_command
         self.probe = probe
         self.done: list[str] = []
+        self.kept_in_maint: list[str] = []   # replaced, left in the operator's maint
+        self.by = f" {BY_DEPLOY}"            # the marker of the backend being replaced
         self.drained = 0
         self.killed = 0
         self.phase = "starting"
@@ -365,9 +418,11 @@ class RollingDeploy(Deploy):
         for i, (name, row) in enumerate(rows.items(), 1):
             self.out(f"[{i}/{len(rows)}] {self.pool}/{name} ({row['address']})")
             self.replace_one(row, checked, not_started=list(rows)[i:])
+        kept = (f"; left in maint as the operator set it: {', '.join(self.kept_in_maint)}"
+                if self.kept_in_maint else "")
         self.out(f"done: {len(self.done)}/{len(rows)} backends of {self.pool} replaced in "
                  f"{self.elapsed():.1f} s; connections drained {self.drained}, "
-                 f"killed {self.killed}")
+                 f"killed {self.killed}{kept}")
 
     def replace_one(self, row: dict, checked: bool, not_started: list[str]) -> None:
         """replace_backend, turning any failure or Ctrl-C into 'this backend in maint,
@@ -380,30 +435,51 @@ class RollingDeploy(Deploy):
         except KeyboardInterrupt:
             self.reconnect()
             with sigint_deferred():
-                safe = self.leave_in_maint(ref)
+                safe = self.make_safe(ref, row)
             raise DeployInterrupted(f"interrupted while {self.phase} {ref}; {safe}; {where}")
         except DeployError as exc:
             with sigint_deferred():
-                safe = self.leave_in_maint(ref)
+                safe = self.make_safe(ref, row)
             raise DeployError(f"{ref}: {exc}; {safe}; {where}") from None
         self.done.append(row["name"])
 
+    def make_safe(self, ref: str, row: dict) -> str:
+        """The safe state after a failure or Ctrl-C: back where it was while it was only
+        being drained, else in the deploy's maint. Returns what was done, for the error."""
+        if self.phase in PHASES_BEFORE_MAINT:
+            return self.put_back(ref, row)
+        return self.leave_in_maint(ref)
+
     def leave_in_maint(self, ref: str) -> str:
-        problem = self.try_ctl(f"disable {ref}")
+        problem = self.try_ctl(f"disable {ref}{self.by}")
         return (f"{ref} left in maint" if problem is None
                 else f"could not put {ref} in maint ({problem}): check it by hand")
 
+    def put_back(self, ref: str, row: dict) -> str:
+        """Restore the state `row` (its `show backends` row before the deploy) had."""
+        state = row["state"]
+        by = f" {BY_DEPLOY}" if row.get("set_by") == "deploy" else ""
+        line = {"maint": f"disable {ref}{by}",
+                "draining": f"drain {ref}{by}"}.get(state, f"enable {ref}")
+        problem = self.try_ctl(line)
+        return (f"{ref} was not replaced and is back to {state}" if problem is None
+                else f"could not put {ref} back to {state} ({problem}): check it by hand")
+
     def replace_backend(self, row: dict, checked: bool) -> None:
         ref = f"{self.pool}/{row['name']}"
-        was_maint = row["state"] == "maint"
+        # An operator's maint is kept, and stays the operator's even if we fail here; a
+        # deploy's (an earlier run that failed) is ours to finish.
+        was_maint = row["state"] == "maint" and row.get("set_by") != "deploy"
+        self.by = "" if was_maint else f" {BY_DEPLOY}"
         self.drain_backend(ref)
         self.phase = "putting in maint"
-        self.ctl(f"disable {ref}")
+        self.ctl(f"disable {ref}{self.by}")
         self.run_deploy_command(row)
         ready_by = self.clock() + self.ready_timeout
         self.wait_until_accepting(row, ready_by)
         if was_maint:
             self.out(f"  {row['name']}: was in maint before the deploy, left in maint")
+            self.kept_in_maint.append(row["name"])
             return
         baseline = self.backends(self.pool)[row["name"]].get("last_check")
         self.phase = "enabling"
@@ -417,7 +493,7 @@ class RollingDeploy(Deploy):
         timeout; counts both for the summary."""
         self.phase = "draining"
         name = ref.split("/", 1)[1]
-        self.ctl(f"drain {ref}")
+        self.ctl(f"drain {ref}{self.by}")
         active = lambda: self.backends(self.pool)[name]["active"]
         before = active()
         left = self.wait_until_idle(name, active, self.drain_timeout)
@@ -530,40 +606,9 @@ class BlueGreenDeploy(Deploy):
         self.ctl(f"switch {self.listener_name} {self.to}")
         self.switched = True
         self.out(f"switched {self.listener_name}: {describe_route(start)} -> pool {self.to}")
-        old = self.old_pools_to_drain(start)
-        left = self.wait_until_idle(
-            ", ".join(old) or "old pool", lambda: self.active_in(old), self.drain_timeout)
-        killed = self.kill_remaining(old) if left else 0
+        killed = self.drain_old_pools(self.listener_name, start, self.to, self.drain_timeout)
         self.out(f"done: {self.listener_name} -> {self.to} in {self.elapsed():.1f} s; "
                  f"old connections killed after the drain timeout: {killed}")
-
-    def old_pools_to_drain(self, start: dict) -> list[str]:
-        """The starting route's pools, minus the new one and minus any pool another
-        listener still routes to (its connections are not ours to wait for or kill)."""
-        in_use = {p for name, row in self.listeners().items() if name != self.listener_name
-                  for p in route_pools(route_of(row))}
-        old = []
-        for pool in route_pools(start):
-            if pool == self.to:
-                continue
-            if pool in in_use:
-                self.out(f"  pool {pool} is still routed by another listener: not waiting "
-                         f"for it to drain")
-                continue
-            old.append(pool)
-        return old
-
-    def active_in(self, pools: list[str]) -> int:
-        return sum(row["active"] for pool in pools for row in self.backends(pool).values())
-
-    def kill_remaining(self, pools: list[str]) -> int:
-        killed = 0
-        for pool in pools:
-            for name, row in self.backends(pool).items():
-                if row["active"]:
-                    killed += self.ctl(f"kill {pool}/{name}").get("closed", 0)
-        self.out(f"  killed {connections(killed)} left on {', '.join(pools)}")
-        return killed
 
 
 # --- canary --------------------------------------------------------------------------
@@ -578,12 +623,17 @@ class CanaryDeploy(Deploy):
     failures / connect attempts (deltas of `failed` and `total` + `failed` since the
     step began) at most `max_failure_rate`. A step without connect attempts passes.
     On a breach, an error or Ctrl-C the route is restored exactly as it started and
-    DeployError says why. After the last step the route stays (a switch when it is 100).
+    DeployError says why. After the last step the route stays; when it is 100 (a
+    switch) the old pools are drained as blue-green drains them (`drain_timeout`, then
+    `kill`), so both strategies leave the same end state. Ctrl-C during that drain keeps
+    the switch and leaves the old connections to finish.
     """
 
     def __init__(self, control, listener: str, to: str, steps: list[int], interval: float,
-                 *, max_failure_rate: float = DEFAULT_MAX_FAILURE_RATE, **kw):
+                 *, max_failure_rate: float = DEFAULT_MAX_FAILURE_RATE,
+                 drain_timeout: float = DEFAULT_DRAIN_TIMEOUT, **kw):
         super().__init__(control, **kw)
+        self.drain_timeout = drain_timeout
         self.listener_name = listener
         self.to = to
         self.steps = steps
@@ -615,9 +665,21 @@ class CanaryDeploy(Deploy):
             with sigint_deferred():
                 safe = self.roll_back(start)
             raise DeployError(f"step {self.step}%: {exc}; {safe}") from None
+        killed = None
+        if self.steps[-1] == 100:
+            try:
+                killed = self.drain_old_pools(self.listener_name, start, self.to,
+                                              self.drain_timeout)
+            except KeyboardInterrupt:
+                self.reconnect()
+                raise DeployInterrupted(
+                    f"interrupted while the old pool drained; {self.listener_name} routes "
+                    f"to {self.to}; old connections are left to finish on their own")
         final = describe_route(route_of(self.listener(self.listener_name)))
+        drained = ("" if killed is None
+                   else f"; old connections killed after the drain timeout: {killed}")
         self.out(f"done: {self.listener_name} now routes by {final} "
-                 f"({self.elapsed():.1f} s)")
+                 f"({self.elapsed():.1f} s){drained}")
 
     def shift_to(self, start: dict, pct: int) -> None:
         if pct == 100:
@@ -699,7 +761,8 @@ def run_deploy(args, socket_path) -> int:
                                      drain_timeout=args.drain_timeout)
         else:
             deploy = CanaryDeploy(control, args.listener, args.to, args.steps, args.interval,
-                                  max_failure_rate=args.max_failure_rate)
+                                  max_failure_rate=args.max_failure_rate,
+                                  drain_timeout=args.drain_timeout)
         deploy.run()
         return 0
     except DeployError as exc:

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from . import _native
+from .address import Address
 from .config import HealthConfig
 from .log import get_logger
 from .model import Backend, BackendState, Pool
@@ -217,6 +218,17 @@ Sleep = Callable[[float], Awaitable[None]]
 Prober = Callable[[str, int, HealthConfig], Awaitable[ProbeResult]]
 
 
+def probe_address(backend: Backend, cfg: HealthConfig) -> Address:
+    """Where `backend`'s probes connect: its health_address, else its address with the
+    pool's health.port when set (checks served apart from the traffic), else its
+    address."""
+    if backend.health_address is not None:
+        return backend.health_address
+    if cfg.port:
+        return Address(backend.address.host, cfg.port)
+    return backend.address
+
+
 def start_offset(backend: Backend, interval: float) -> float:
     """Where in the first interval this backend's first probe fires: deterministic (the
     routing hash of "pool/backend"), so restarts keep a pool's checks spread alike."""
@@ -255,16 +267,19 @@ class BackendCheck:
         if b.state is BackendState.MAINT:
             self.pause()
             return
-        res = await self.monitor.probe(b.address.host, b.address.port, self.cfg)
+        target = probe_address(b, self.cfg)
+        res = await self.monitor.probe(target.host, target.port, self.cfg)
         if res.passed is None:
             return
         b.last_check = self.monitor.wallclock()
+        b.check_duration = res.duration
         self.record(res.passed, res.error, CAUSE_ACTIVE)
 
     def pause(self) -> None:
         """Checking is paused (maint): what we knew is stale from now on."""
         self.state.reset()
         self.backend.health = "unchecked"
+        self.backend.check_failures = 0
 
     def record(self, passed: bool, error: str | None, cause: str) -> BackendState | None:
         """Count one result (active or passive); move the backend when it crosses rise or
@@ -273,6 +288,7 @@ class BackendCheck:
         b.health = "passing" if passed else "failing"
         b.last_error = None if passed else error
         new = self.state.record(passed, b.state)
+        b.check_failures = self.state.fails
         if new is not None:
             b.pool.set_state(b, new, cause)
             if new is BackendState.DOWN and b.pool.on_down == "close":
@@ -325,6 +341,7 @@ class HealthMonitor:
             if check.task is not None:
                 check.task.cancel()
             backend.health = "unchecked"
+            backend.check_failures = 0
 
     def unwatch_pool(self, pool: Pool) -> None:
         """Stop checking every backend of `pool` (removed or rebuilt by a reload)."""
@@ -377,6 +394,7 @@ class HealthMonitor:
         with `reason` (connect_refused | connect_timeout | connect_error). Called
         synchronously by the relay before it retries, so a backend taken down here is not
         picked again."""
+        backend.connect_failures[reason] = backend.connect_failures.get(reason, 0) + 1
         check = self.checks.get(backend)
         if check is None:               # unchecked pool: remember why, never move it
             backend.last_error = reason

@@ -268,6 +268,16 @@ class LogEvent(NamedTuple):
     doc: str
 
 
+# The `cause` of backend_state_changed, each with what it means. The constants that log
+# them are the CAUSE_* of l4lb.actions and l4lb.health; a test holds the two together.
+STATE_CHANGE_CAUSES = {
+    "operator": "a control command (enable, disable, drain)",
+    "state_file": "the state file, re-applied at start or reload",
+    "health_check": "active probes crossed rise or fall",
+    "passive_check": "failed relay connects crossed fall",
+    "health_check_removed": "a reload dropped the pool's health section (down -> up)",
+}
+
 LOG_EVENTS: tuple[LogEvent, ...] = (
     # start and stop
     LogEvent("fd_limit", "info", ("soft", "hard"),
@@ -300,7 +310,9 @@ LOG_EVENTS: tuple[LogEvent, ...] = (
              "The access log (log.access): one line per closed connection; bytes_in is "
              "client to backend, bytes_out backend to client; `reason` is closed, "
              "client_reset, backend_reset, idle_timeout, connect_refused, connect_timeout, "
-             "no_backend, fd_exhausted, shutdown, killed, ..."),
+             "no_backend, fd_exhausted, shutdown, killed, ...; a client refused at "
+             "global_max_connections or max_connections gets its line too (backend null, "
+             "no bytes)."),
     LogEvent("fd_exhausted", "warning", ("active", "paused", "pause_s", "hint"),
              "The process ran out of file descriptors (a backend connect or an accept "
              "found none): that client is refused without blaming the backend, and the "
@@ -313,8 +325,9 @@ LOG_EVENTS: tuple[LogEvent, ...] = (
     # backends and listeners
     LogEvent("backend_state_changed", "info",
              ("pool", "backend", "old", "new", "cause", "last_error"),
-             "A backend moved between up, down, draining and maint; `cause` is operator, "
-             "health, passive or state_file."),
+             "A backend moved between up, down, draining and maint; `cause` is "
+             + "; ".join(f"{cause} ({why})" for cause, why in STATE_CHANGE_CAUSES.items())
+             + "."),
     LogEvent("backend_added", "info", ("pool", "backend", "address", "weight"),
              "A backend was added at run time (`add`, or re-applied from the state file)."),
     LogEvent("backend_removed", "info", ("pool", "backend", "active"),

@@ -30,7 +30,7 @@ from prometheus_client.registry import CollectorRegistry
 from . import __version__
 from .log import dropped_lines
 from .model import BackendState
-from .process import process_probe, uptime
+from .process import process_probe
 from .rows import backend_row, listener_row
 
 if TYPE_CHECKING:
@@ -58,15 +58,22 @@ class MetricSpec(NamedTuple):
 
 _BACKEND = ("pool", "backend")
 
+# Names prometheus-client's ProcessCollector uses, so stock dashboards and alerts on
+# process_* work unchanged (issue 21); the l4lb_process_* and l4lb_uptime_seconds names
+# of 0.2 are gone.
+PROCESS_PREFIX = "process_"
+
 METRICS: tuple[MetricSpec, ...] = (
     # process
     MetricSpec("l4lb_info", "gauge", ("version",), "Always 1; the version label says which l4lb runs."),
-    MetricSpec("l4lb_uptime_seconds", "gauge", (), "Seconds since the balancer started."),
-    MetricSpec("l4lb_process_cpu_seconds_total", "counter", (),
+    MetricSpec("process_start_time_seconds", "gauge", (),
+               "Start time of the process since the Unix epoch, in seconds."),
+    MetricSpec("process_cpu_seconds_total", "counter", (),
                "CPU time (user + system) the process has used, in seconds."),
-    MetricSpec("l4lb_process_resident_memory_bytes", "gauge", (), "Resident set size (RSS) in bytes."),
-    MetricSpec("l4lb_process_open_fds", "gauge", (), "File descriptors the process has open."),
-    MetricSpec("l4lb_process_max_fds", "gauge", (),
+    MetricSpec("process_resident_memory_bytes", "gauge", (), "Resident set size (RSS) in bytes."),
+    MetricSpec("process_virtual_memory_bytes", "gauge", (), "Virtual memory size in bytes."),
+    MetricSpec("process_open_fds", "gauge", (), "File descriptors the process has open."),
+    MetricSpec("process_max_fds", "gauge", (),
                "The soft limit on open file descriptors (RLIMIT_NOFILE); each relayed "
                "connection holds two."),
     MetricSpec("l4lb_connections_active", "gauge", (), "Client connections open now, all listeners."),
@@ -86,6 +93,15 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("l4lb_listener_split_ratio", "gauge", ("listener", "pool"),
                "Share (0..1) of the listener's new connections routed to the pool: 1 for "
                "the active pool of a plain listener, the split percentage / 100 in a canary."),
+    # pools
+    MetricSpec("l4lb_pool_queue_length", "gauge", ("pool",),
+               "Clients waiting in the pool's queue now (every eligible backend at its "
+               "max_connections)."),
+    MetricSpec("l4lb_pool_queue_timeouts_total", "counter", ("pool",),
+               "Queued clients closed because their listener's queue_timeout passed."),
+    MetricSpec("l4lb_pool_retries_total", "counter", ("pool",),
+               "Connects tried again on another backend of the pool after a failed one "
+               "(listener `retries`)."),
     # backends
     MetricSpec("l4lb_backend_active_connections", "gauge", _BACKEND,
                "Connections assigned to the backend and not yet closed."),
@@ -96,18 +112,53 @@ METRICS: tuple[MetricSpec, ...] = (
                "to backend, direction=\"out\" backend to client."),
     MetricSpec("l4lb_backend_connect_failures_total", "counter", _BACKEND,
                "Connects to the backend that were refused, failed or timed out."),
+    MetricSpec("l4lb_backend_connect_failures_by_reason_total", "counter", _BACKEND + ("reason",),
+               "The same connect failures by reason: connect_refused, connect_timeout, "
+               "connect_error, ..."),
     MetricSpec("l4lb_backend_up", "gauge", _BACKEND,
-               "1 when the backend takes new connections (state up), else 0."),
+               "0 when the backend is broken as far as health goes (state down, or its last "
+               "check failed), else 1. Admin states do not move it: a draining or maint "
+               "backend that passes (or is not checked) is 1, so an alert on it does not "
+               "fire in a deploy. Whether it takes traffic: l4lb_backend_state."),
     MetricSpec("l4lb_backend_state", "gauge", _BACKEND + ("state",),
                "1 for the backend's current state (up, down, draining, maint), 0 for the others."),
+    MetricSpec("l4lb_backend_admin_state", "gauge", _BACKEND + ("state",),
+               "1 for the state the operator set (enabled, draining, maint), 0 for the "
+               "others; health never moves it (HAProxy's server admin state)."),
+    MetricSpec("l4lb_backend_health", "gauge", _BACKEND + ("status",),
+               "1 for the backend's last check result (passing, failing, unchecked), 0 for "
+               "the others; kept current while draining (HAProxy's server_check_status)."),
+    MetricSpec("l4lb_backend_check_failures", "gauge", _BACKEND,
+               "Failed checks in a row (active probes and passive connect failures); "
+               "0 after a pass."),
+    MetricSpec("l4lb_backend_check_duration_seconds", "gauge", _BACKEND,
+               "How long the last active probe took, in seconds; absent before the first."),
+    MetricSpec("l4lb_backend_check_timestamp_seconds", "gauge", _BACKEND,
+               "When the last active probe finished, since the Unix epoch; absent before the first."),
+    MetricSpec("l4lb_backend_backup", "gauge", _BACKEND,
+               "1 for a backup backend (used only when no other backend of its pool is up)."),
     MetricSpec("l4lb_backend_weight", "gauge", _BACKEND,
                "The backend's configured weight (0 = no new connections)."),
-    MetricSpec("l4lb_backend_response_time_seconds", "gauge", _BACKEND,
+    MetricSpec("l4lb_backend_connect_time_average_seconds", "gauge", _BACKEND,
                "Exponentially weighted moving average of the backend's connect time in "
                "seconds; absent until its first connection."),
+    MetricSpec("l4lb_backend_response_time_seconds", "gauge", _BACKEND,
+               "Deprecated (removed in the next release): the same figure as "
+               "l4lb_backend_connect_time_average_seconds, under its old name."),
 )
 
+# Admin state per model state: up and down are health's, the other two the operator's.
+ADMIN_STATES = {"up": "enabled", "down": "enabled", "draining": "draining", "maint": "maint"}
+HEALTH_STATUSES = ("passing", "failing", "unchecked")
+
 _STATES = tuple(str(s) for s in BackendState)
+
+
+def queue_length(rt) -> int:
+    """Clients of pool runtime `rt` still queued. The deque may hold relays that left it
+    (timed out, gone) until a freed slot trims them, so they are counted by state; the
+    walk is bounded by the queue, which is bounded by max_connections."""
+    return sum(1 for r in rt.queue if r.state_name == "queued")
 
 
 # --- the collector ---------------------------------------------------------------------------
@@ -138,11 +189,12 @@ class BalancerCollector:
 
         proc = process_probe().read()
         put("l4lb_info", [__version__], 1)
-        put("l4lb_uptime_seconds", [], uptime(b))
-        put("l4lb_process_cpu_seconds_total", [], proc.cpu_seconds)
-        put("l4lb_process_resident_memory_bytes", [], proc.rss_bytes)
-        put("l4lb_process_open_fds", [], proc.open_fds)
-        put("l4lb_process_max_fds", [], proc.fd_soft)
+        put("process_start_time_seconds", [], proc.start_time or b.started_at)
+        put("process_cpu_seconds_total", [], proc.cpu_seconds)
+        put("process_resident_memory_bytes", [], proc.rss_bytes)
+        put("process_virtual_memory_bytes", [], proc.vms_bytes)
+        put("process_open_fds", [], proc.open_fds)
+        put("process_max_fds", [], proc.fd_soft)
         put("l4lb_connections_active", [], b.hub.active)
         put("l4lb_connections_total", [], b.hub.total)
         put("l4lb_log_lines_dropped_total", [], dropped_lines())
@@ -162,20 +214,41 @@ class BalancerCollector:
                 put("l4lb_listener_split_ratio", [name, row["pool"]], 1.0)
 
         for pool in b.pools.values():
+            rt = pool.runtime
+            put("l4lb_pool_queue_length", [pool.name], queue_length(rt))
+            put("l4lb_pool_queue_timeouts_total", [pool.name], rt.queue_timeouts)
+            put("l4lb_pool_retries_total", [pool.name], rt.retried)
             for backend in pool.backends.values():
                 row = backend_row(backend)
                 labels = [row["pool"], row["name"]]
                 state = row["state"]
+                health = row["health"]
                 put("l4lb_backend_active_connections", labels, row["active"])
                 put("l4lb_backend_connections_total", labels, row["total"])
                 put("l4lb_backend_bytes_total", labels + ["in"], row["bytes_in"])
                 put("l4lb_backend_bytes_total", labels + ["out"], row["bytes_out"])
                 put("l4lb_backend_connect_failures_total", labels, row["failed"])
-                put("l4lb_backend_up", labels, 1 if state == "up" else 0)
+                for reason, count in row["connect_failures"].items():
+                    put("l4lb_backend_connect_failures_by_reason_total", labels + [reason], count)
+                put("l4lb_backend_up", labels,
+                    0 if state == "down" or health == "failing" else 1)
                 for s in _STATES:
                     put("l4lb_backend_state", labels + [s], 1 if s == state else 0)
+                admin = ADMIN_STATES[state]
+                for s in dict.fromkeys(ADMIN_STATES.values()):
+                    put("l4lb_backend_admin_state", labels + [s], 1 if s == admin else 0)
+                for s in HEALTH_STATUSES:
+                    put("l4lb_backend_health", labels + [s], 1 if s == health else 0)
+                put("l4lb_backend_check_failures", labels, row["check_failures"])
+                if row["check_duration_ms"] is not None:
+                    put("l4lb_backend_check_duration_seconds", labels,
+                        row["check_duration_ms"] / 1000.0)
+                if row["last_check"] is not None:
+                    put("l4lb_backend_check_timestamp_seconds", labels, row["last_check"])
+                put("l4lb_backend_backup", labels, 1 if row.get("backup") else 0)
                 put("l4lb_backend_weight", labels, row["weight"])
                 if row["rt_ms"] is not None:
+                    put("l4lb_backend_connect_time_average_seconds", labels, row["rt_ms"] / 1000.0)
                     put("l4lb_backend_response_time_seconds", labels, row["rt_ms"] / 1000.0)
         return iter(fam.values())
 

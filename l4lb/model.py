@@ -15,6 +15,12 @@ Backend states:
 
 Health results move a backend only between `up` and `down`; the admin states
 (`draining`, `maint`) win until an operator enables the backend again.
+
+A `backup` backend (HAProxy's `backup`) is shown to its pool's algorithm as up only while
+no non-backup backend of the pool is up (Pool.serving); Pool.push re-pushes the backups
+whenever a non-backup backend changes, so the switch to and from the backups follows
+every state change at once. A non-backup that is up but at its max_connections still
+counts as up: its clients queue rather than spill onto the backups.
 """
 from __future__ import annotations
 
@@ -50,10 +56,20 @@ class Backend:
         self.address = cfg.address
         self.weight = cfg.weight
         self.max_connections = cfg.max_connections
+        self.backup = cfg.backup
+        self.health_address = cfg.health_address   # where probes go; None = address
         self.state = BackendState.UP
         self.health = "unchecked"        # unchecked | passing | failing
         self.last_check: float | None = None   # wall-clock time of the last probe
         self.last_error: str | None = None
+        self.set_by: str | None = None   # who set its admin state (vocab.SET_BY_WORDS);
+                                         # written by l4lb.actions only
+        # Written by l4lb.health only: the last probe's duration (None before the first),
+        # the failed results in a row (probes and passive failures), and every failed
+        # relay connect by reason (connect_refused, connect_timeout, ...).
+        self.check_duration: float | None = None
+        self.check_failures = 0
+        self.connect_failures: dict[str, int] = {}
         self.up_since = 0.0              # monotonic time it last entered `up` (slow start)
         self.slot = slot
         self.target = _native.Target(pool.name, cfg.name, cfg.address.host,
@@ -149,7 +165,10 @@ class Pool:
         backend.target.port = cfg.address.port
         backend.weight = cfg.weight
         backend.max_connections = cfg.max_connections
+        backend.backup = cfg.backup
+        backend.health_address = cfg.health_address
         self.push(backend)
+        self.push_backups()
 
     def add_backend(self, cfg: BackendConfig, state: BackendState = BackendState.UP) -> Backend:
         """Add a backend in `state` (up by default). ValueError if the name is taken."""
@@ -168,16 +187,40 @@ class Pool:
         backend = self.backends.pop(name)
         self.algo.remove(backend.slot)
         self.runtime.targets[backend.slot] = None
+        if not backend.backup:
+            self.push_backups()
         return backend
 
     def push(self, backend: Backend) -> None:
-        """Push one backend's state, weight and limit into the algorithm."""
+        """Push one backend's state, weight and limit into the algorithm; a non-backup
+        backend's change re-pushes the backups too (their eligibility follows it)."""
+        self._push_one(backend)
+        if not backend.backup:
+            self.push_backups()
+        if self.runtime.queue:
+            self.runtime.serve_queue()
+
+    def push_backups(self) -> None:
+        """Tell the algorithm again whether each backup backend may be picked."""
+        for b in self.backends.values():
+            if b.backup:
+                self.algo.set_up(b.slot, self.serving(b))
+
+    def _push_one(self, backend: Backend) -> None:
         slot = backend.slot
         self.algo.set_weight(slot, backend.effective_weight(self.clock()))
         self.algo.set_max_connections(slot, backend.max_connections)
-        self.algo.set_up(slot, backend.state is BackendState.UP)
-        if self.runtime.queue:
-            self.runtime.serve_queue()
+        self.algo.set_up(slot, self.serving(backend))
+
+    def serving(self, backend: Backend) -> bool:
+        """Whether the algorithm may pick `backend`: it is up, and when it is a backup,
+        no non-backup backend of the pool is up."""
+        if backend.state is not BackendState.UP:
+            return False
+        if not backend.backup:
+            return True
+        return not any(b.state is BackendState.UP and not b.backup
+                       for b in self.backends.values())
 
     def set_state(self, backend: Backend, new: BackendState, cause: str) -> bool:
         """Move `backend` to `new`; returns False when it was already there."""
@@ -202,7 +245,7 @@ class Pool:
         ramping = False
         for backend in self.backends.values():
             if backend.up_since > 0:
-                self.push(backend)
+                self._push_one(backend)          # only its weight ramps
                 if backend.ramping(now):
                     ramping = True
                 else:

@@ -261,6 +261,8 @@ class ProcessFigures:
     fd_soft: int
     fd_hard: int
     stale: bool = False            # out of descriptors: the last good reading, fds fresh
+    vms_bytes: int = 0             # virtual memory size
+    start_time: float = 0.0        # when the process started, seconds since the epoch
 
 
 class ProcessProbe:
@@ -298,12 +300,15 @@ class ProcessProbe:
         p = self.process
         with p.oneshot():
             cpu = p.cpu_times()
+            mem = p.memory_info()
             figures = ProcessFigures(
                 cpu_seconds=cpu.user + cpu.system,
                 cpu_percent=p.cpu_percent(None) if cpu_percent else None,
-                rss_bytes=p.memory_info().rss,
+                rss_bytes=mem.rss,
                 open_fds=count_open_fds(p),
-                fd_soft=0, fd_hard=0)
+                fd_soft=0, fd_hard=0,
+                vms_bytes=mem.vms,
+                start_time=p.create_time())
         figures.fd_soft, figures.fd_hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         return figures
 

@@ -14,7 +14,10 @@ What a plan promises, and apply keeps:
 - a backend the file drops is removed unless the operator added it at runtime (it lives
   in the state file); its connections finish on their own;
 - a listener keeps its runtime (counters, connections) and the binds whose address stays;
-- the operator's runtime changes (state file) are applied again on top of the new config.
+- the operator's runtime changes (state file) are applied again on top of the new config,
+  and the change lines say so: a weight the file changes while the state file keeps the
+  operator's is reported as not applied (issue 21), never as taking effect;
+- `[log]` and `global.max_connections` changes take effect at once and are listed.
 """
 from __future__ import annotations
 
@@ -36,6 +39,8 @@ class RunningBackend:
     address: Address
     weight: int
     max_connections: int
+    backup: bool = False
+    health_address: Address | None = None
 
 
 @dataclass
@@ -66,12 +71,16 @@ class ReloadPlan:
 
 
 def plan_reload(current: Config, running: dict[str, dict[str, RunningBackend]],
-                added_at_runtime: set[str], new: Config) -> ReloadPlan:
+                added_at_runtime: set[str], new: Config,
+                overrides: dict[str, dict] | None = None) -> ReloadPlan:
     """The plan that moves a balancer running `current` (its pools' backends as in
     `running`: pool -> backend -> RunningBackend; `added_at_runtime`: "pool/backend" refs
-    the operator added) to `new`. Pure."""
+    the operator added; `overrides`: the state file's "pool/backend" -> {weight, state},
+    re-applied after the file) to `new`. The change lines say what takes effect. Pure."""
     plan = ReloadPlan(new)
     changes = plan.changes
+    overrides = overrides or {}
+    changes.extend(_global_changes(current, new))
     for name, pcfg in new.pools.items():
         old = current.pools.get(name)
         if old is None:
@@ -95,14 +104,30 @@ def plan_reload(current: Config, running: dict[str, dict[str, RunningBackend]],
                 pp.add.append(bcfg)
                 changes.append(f"backend {name}/{bname} added")
                 continue
+            ref = f"{name}/{bname}"
+            kept = overrides.get(ref, {}).get("weight")      # the operator's, re-applied
+            weight = bcfg.weight if kept is None else kept
             moved = now.address != bcfg.address
-            retuned = (now.weight, now.max_connections) != (bcfg.weight, bcfg.max_connections)
-            if moved or retuned:
+            limit = now.max_connections != bcfg.max_connections
+            backup = now.backup != bcfg.backup
+            checked_at = now.health_address != bcfg.health_address
+            if moved or limit or backup or checked_at or now.weight != bcfg.weight:
                 pp.update.append(bcfg)
             if moved:
-                changes.append(f"backend {name}/{bname} address {bcfg.address}")
-            if retuned:
-                changes.append(f"backend {name}/{bname} weight {bcfg.weight}")
+                changes.append(f"backend {ref} address {bcfg.address}")
+            if now.weight != weight:
+                changes.append(f"backend {ref} weight {weight}")
+            was = current.pools[name].backends
+            file_weight = next((b.weight for b in was if b.name == bname), None)
+            if kept is not None and file_weight != bcfg.weight and bcfg.weight != kept:
+                changes.append(f"backend {ref} weight {bcfg.weight} not applied: the state "
+                               f"file keeps {kept} (set with `weight`)")
+            if limit:
+                changes.append(f"backend {ref} max_connections {bcfg.max_connections}")
+            if backup:
+                changes.append(f"backend {ref} backup {str(bcfg.backup).lower()}")
+            if checked_at:
+                changes.append(f"backend {ref} health_address {bcfg.health_address}")
     for name, lcfg in new.listeners.items():
         old = current.listeners.get(name)
         binds = [str(a) for a in lcfg.bind]
@@ -128,6 +153,19 @@ def plan_reload(current: Config, running: dict[str, dict[str, RunningBackend]],
     return plan
 
 
+def _global_changes(old: Config, new: Config) -> list[str]:
+    """Change lines of the settings applied at once: [log] and global.max_connections."""
+    out = []
+    for key in ("level", "format", "access"):
+        was, now = getattr(old.log, key), getattr(new.log, key)
+        if was != now:
+            shown = str(now).lower() if isinstance(now, bool) else now
+            out.append(f"log {key} {shown}")
+    if old.global_.max_connections != new.global_.max_connections:
+        out.append(f"global max_connections {new.global_.max_connections}")
+    return out
+
+
 def _buffer_changes(old: ListenerConfig, new: ListenerConfig, kept: bool) -> list[str]:
     """Change lines of rcvbuf/sndbuf. Backend sockets follow at once (they are sized when
     created), the binds kept are resized (Listening.retune_binds); a size set back to 0
@@ -149,7 +187,8 @@ def _buffer_changes(old: ListenerConfig, new: ListenerConfig, kept: bool) -> lis
 
 def running_backends(balancer: "Balancer") -> dict[str, dict[str, RunningBackend]]:
     """The plan's view of a balancer's pools."""
-    return {name: {b.name: RunningBackend(b.address, b.weight, b.max_connections)
+    return {name: {b.name: RunningBackend(b.address, b.weight, b.max_connections, b.backup,
+                                     b.health_address)
                    for b in pool}
             for name, pool in balancer.pools.items()}
 
@@ -174,7 +213,8 @@ async def reload_from_file(balancer: "Balancer", cause: str) -> list[str]:
         errors = [str(i) for i in exc.issues]
         raise rejection(errors, "config rejected, nothing changed: " + "; ".join(errors)) from None
     plan = plan_reload(balancer.config, running_backends(balancer),
-                       set(balancer.runtime_state.added), new)
+                       set(balancer.runtime_state.added), new,
+                       balancer.runtime_state.backends)
     try:
         await apply_reload(balancer, plan)
     except OSError as exc:

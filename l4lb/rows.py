@@ -8,19 +8,24 @@ connections.
 """
 from __future__ import annotations
 
+from .health import probe_address
+
 
 def backend_row(b) -> dict:
     """One `show backends` row of backend `b` (an l4lb.model.Backend)."""
     t = b.target
     rt = b.pool.algo.rt_ewma(b.slot)
+    health = b.pool.config.health
     return {
         "pool": b.pool.name,
         "name": b.name,
         "address": str(b.address),
         "state": str(b.state),
         "health": b.health,
-        "checked": b.pool.config.health is not None,
+        "checked": health is not None,
+        "check_address": None if health is None else str(probe_address(b, health)),
         "weight": b.weight,
+        "backup": b.backup,
         "active": t.active,
         "total": t.total,
         "failed": t.failed,
@@ -29,6 +34,11 @@ def backend_row(b) -> dict:
         "rt_ms": None if rt is None else round(rt * 1000.0, 3),
         "last_check": b.last_check,
         "last_error": b.last_error,
+        "check_duration_ms": (None if b.check_duration is None
+                              else round(b.check_duration * 1000.0, 3)),
+        "check_failures": b.check_failures,
+        "connect_failures": dict(b.connect_failures),
+        "set_by": b.set_by,
     }
 
 

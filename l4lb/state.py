@@ -10,6 +10,7 @@ File format (written by the `toml` package, checked by reading it back with toml
     removed = ["blue/app3"]
     [backends."blue/app1"]         # operator overrides of config backends
     state = "maint"                # only admin states are kept: maint | draining
+    set_by = "deploy"              # who set it, when not the operator (l4lb deploy)
     weight = 50
     [added."blue/app4"]            # backends added with `add`
     address = "127.0.0.1:9004"
@@ -58,10 +59,15 @@ class RuntimeState:
 
     # --- recording operator changes -----------------------------------------------------
 
-    def record_state(self, ref: str, state: str) -> None:
+    def record_state(self, ref: str, state: str, set_by: str | None = None) -> None:
+        """Keep an admin state and who set it (only `deploy` is written: operator is
+        the default); any other state drops both."""
         entry = self.backends.setdefault(ref, {})
+        entry.pop("set_by", None)
         if state in vocab.ADMIN_STATES:
             entry["state"] = state
+            if set_by is not None and set_by != vocab.SET_BY_DEFAULT:
+                entry["set_by"] = set_by
         else:
             entry.pop("state", None)
         self._prune(ref)
@@ -208,14 +214,19 @@ def _only_keys(entry: dict, allowed: tuple[str, ...]) -> None:
 
 
 def _checked_override(entry: dict) -> dict:
-    """A config backend's overrides: an admin state and/or a weight."""
-    _only_keys(entry, ("state", "weight"))
+    """A config backend's overrides: an admin state (and who set it) and/or a weight."""
+    _only_keys(entry, ("state", "set_by", "weight"))
     out = {}
     if "state" in entry:
         if entry["state"] not in vocab.ADMIN_STATES:
             raise ValueError(f"state must be one of {', '.join(vocab.ADMIN_STATES)}, "
                              f"got {vocab.show_briefly(entry['state'])}")
         out["state"] = entry["state"]
+    if "set_by" in entry:
+        if "state" not in entry or entry["set_by"] not in vocab.SET_BY_WORDS:
+            raise ValueError(f"set_by must be one of {', '.join(vocab.SET_BY_WORDS)}, "
+                             f"beside a state; got {vocab.show_briefly(entry['set_by'])}")
+        out["set_by"] = entry["set_by"]
     if "weight" in entry:
         out["weight"] = vocab.check_weight(entry["weight"])
     return out

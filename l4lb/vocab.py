@@ -17,6 +17,7 @@ from .algorithms import ALGORITHMS, HASH_KEYS
 __all__ = [
     "ADMIN_STATES", "ALGORITHM_WORDS", "HASH_KEYS", "LOG_FORMATS", "LOG_LEVELS", "NAME_DOC",
     "NAME_PATTERN", "NAME_RE", "ON_DOWN_WORDS", "SEND_PROXY_CODES", "SEND_PROXY_WORDS",
+    "SET_BY_DEFAULT", "SET_BY_WORDS",
     "SPLIT_TOTAL", "WEIGHT_DEFAULT", "WEIGHT_MAX", "WEIGHT_MIN", "check_name", "check_split",
     "check_weight",
 ]
@@ -47,6 +48,11 @@ ON_DOWN_WORDS = ("keep", "close")
 
 # Backend states an operator sets and the state file keeps (up is the absence of one).
 ADMIN_STATES = ("maint", "draining")
+
+# Who set a backend's admin state (`disable ... by deploy`): `l4lb deploy` marks its own
+# so that a rerun after a failure finishes its work but never undoes an operator's maint.
+SET_BY_WORDS = ("operator", "deploy")
+SET_BY_DEFAULT = "operator"
 
 # A split's percentages add up to this.
 SPLIT_TOTAL = 100

@@ -184,7 +184,7 @@ def main() -> int:
             report = {
                 "conns_open": int(sample(body, "l4lb_connections_active")),
                 "relayed_to_backends": int(sample(body, "l4lb_backend_active_connections")),
-                "balancer_open_fds": int(sample(body, "l4lb_process_open_fds")),
+                "balancer_open_fds": int(sample(body, "process_open_fds")),
                 "fd_hard_limit": hard,
                 "backends": args.backends,
                 "open_seconds": round(opened_s, 2),

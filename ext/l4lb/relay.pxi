@@ -271,11 +271,16 @@ cdef class Relay:
         self.admit()
 
     cdef void reject(self, str reason):
-        """Refuse a client before it is counted or linked (a limit was reached)."""
+        """Refuse a client before it is counted or linked (a limit was reached). It
+        still gets its access-log line (every refused client does); with access logs off
+        this costs one None test."""
         relay_set_state(self, RELAY_CLOSED)
         self.listener.count_rejected(reason)
         close_fd(self.cfd, False)
         self.cfd = -1
+        self.close_reason = reason
+        if self.hub.access_log is not None:
+            self.hub.access_log(self, reason)
 
     cdef void admit(self):
         """Check the gate, choose the pool and start connecting (after any PROXY header)."""
@@ -487,6 +492,7 @@ cdef class Relay:
         if self.navoid > lst.retries:
             self.close_both(reason, True)
             return
+        self.pool.retried += 1
         self.start_connect()
 
     cdef void refuse_overloaded(self):
@@ -677,6 +683,7 @@ cdef class Relay:
         elif self.state == RELAY_QUEUED:
             if now >= self.deadline:
                 lst.count_rejected("queue_timeout")
+                self.pool.queue_timeouts += 1
                 self.close_both("queue_timeout", True)
         elif self.state == RELAY_HEADER:
             if now >= self.deadline:

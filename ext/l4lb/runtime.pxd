@@ -34,6 +34,8 @@ cdef class PoolRuntime:
     cdef public int hash_key          # HASH_KEY_*: what the routing key hashes
     cdef public bint needs_key        # the algorithm reads the routing key (hash)
     cdef public object queue          # collections.deque of Relays waiting for a slot
+    cdef public int64_t retried       # connects tried again on another backend after a failure
+    cdef public int64_t queue_timeouts  # queued clients closed by their queue_timeout
 
 
 cdef class ListenerRuntime:

@@ -104,12 +104,12 @@ class CommandHandlers:
         return await self.operator.enable(pool, backend)
 
     @handles("disable")
-    async def disable(self, pool, backend):
-        return await self.operator.disable(pool, backend)
+    async def disable(self, pool, backend, by=None):
+        return await self.operator.disable(pool, backend, by)
 
     @handles("drain")
-    async def drain(self, pool, backend):
-        return await self.operator.drain(pool, backend)
+    async def drain(self, pool, backend, by=None):
+        return await self.operator.drain(pool, backend, by)
 
     @handles("wait")
     async def wait(self, pool, backend, timeout=None):

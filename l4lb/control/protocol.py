@@ -161,6 +161,8 @@ class CommandSpec:
 _BACKEND = ArgSpec(ArgKind.BACKEND_REF, "backend", "POOL/BACKEND")
 _TIMEOUT = ArgSpec(ArgKind.TIMEOUT, "timeout", "TIMEOUT", optional=True)
 _STATE_REPLY = ("pool", "backend", "state", "previous")
+# `by deploy`: l4lb deploy marks the admin states it sets (vocab.SET_BY_WORDS).
+_SET_BY = ArgSpec(ArgKind.NAME, "by", "WHO", optional=True, keyword="by")
 
 COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec(("help",), (), "list the commands", reply=("commands",)),
@@ -181,7 +183,8 @@ COMMANDS: tuple[CommandSpec, ...] = (
         reply=("backends",),
         rows=("pool", "name", "address", "state", "health", "checked", "weight", "active",
               "total", "failed", "bytes_in", "bytes_out", "rt_ms", "last_check",
-              "last_error"),
+              "last_error", "check_duration_ms", "check_failures", "connect_failures",
+              "set_by", "backup", "check_address"),
     ),
     CommandSpec(
         ("show", "conns"),
@@ -193,11 +196,13 @@ COMMANDS: tuple[CommandSpec, ...] = (
     ),
     CommandSpec(("enable",), (_BACKEND,), "put a backend in rotation (state up)",
                 reply=_STATE_REPLY),
-    CommandSpec(("disable",), (_BACKEND,),
-                "take a backend out for maintenance (state maint, health checks paused)",
+    CommandSpec(("disable",), (_BACKEND, _SET_BY),
+                "take a backend out for maintenance (state maint, health checks paused); "
+                "`by deploy` marks it as a deploy's",
                 reply=_STATE_REPLY),
-    CommandSpec(("drain",), (_BACKEND,),
-                "stop new connections to a backend, let existing ones finish",
+    CommandSpec(("drain",), (_BACKEND, _SET_BY),
+                "stop new connections to a backend, let existing ones finish; "
+                "`by deploy` marks it as a deploy's",
                 reply=_STATE_REPLY),
     CommandSpec(
         ("wait",), (_BACKEND, _TIMEOUT),

@@ -223,3 +223,24 @@ per_source_max_connections = 2
     for s in held:
         s.close()
     assert listener_row(lb)["rejected"] == {"denied": 2, "per_source_max_connections": 1}
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("global_limit, listener_limit, reason", [
+    (2, 0, "global_max_connections"),
+    (0, 2, "max_connections"),
+])
+def test_a_client_refused_at_a_connection_limit_gets_an_access_log_line(
+        backends, l4lb, global_limit, listener_limit, reason):
+    a = backends(name_handler, name="alpha")
+    lb = l4lb(simple_config([("alpha", a.address)],
+                            global_extra=f"max_connections = {global_limit}",
+                            listener_extra=f"max_connections = {listener_limit}"))
+    port = lb.port()
+    held = [held_connection(port, "127.0.0.1") for _ in range(2)]
+    assert refused(port, source="127.0.0.7")
+    line = lb.wait_event("connection_closed", reason=reason)
+    assert line["client"].startswith("127.0.0.7:") and line["listener"] == "web"
+    assert line["backend"] is None and line["bytes_in"] == 0
+    for s in held:
+        s.close()

@@ -381,8 +381,8 @@ def wait_for_line(deploy: DeployWatcher, prefix: str, timeout: float = 15) -> No
 
 
 @pytest.mark.timeout(60)
-def test_ctrl_c_during_a_rolling_drain_leaves_that_backend_in_maint(backends, l4lb,
-                                                                    deploy_watcher, tmp_path):
+def test_ctrl_c_during_a_rolling_drain_puts_that_backend_back_up(backends, l4lb,
+                                                                deploy_watcher, tmp_path):
     bs = [backends(echo_handler, name=f"app{i}") for i in (1, 2)]
     lb = l4lb(simple_config([(b.name, b.address) for b in bs], access=False))
     with connect(lb.port()) as held:              # rr: app1 gets it, and its drain waits
@@ -392,11 +392,12 @@ def test_ctrl_c_during_a_rolling_drain_leaves_that_backend_in_maint(backends, l4
         wait_for_line(deploy, "  app1: 1 connection left")
         deploy.proc.send_signal(signal.SIGINT)
         assert deploy.wait() == 130
-        assert "interrupted while draining main/app1; main/app1 left in maint" in deploy.stderr
-        held.sendall(b"still here")               # maint does not cut connections
+        assert ("interrupted while draining main/app1; main/app1 was not replaced and is "
+                "back to up") in deploy.stderr
+        held.sendall(b"still here")               # the drain did not cut the connection
         assert recv_exactly(held, 10) == b"still here"
     rows = call(tmp_path / "l4lb.sock", "show backends main")["backends"]
-    assert [r["state"] for r in rows] == ["maint", "up"]
+    assert [r["state"] for r in rows] == ["up", "up"]
 
 
 @pytest.mark.timeout(60)

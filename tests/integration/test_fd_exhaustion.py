@@ -24,7 +24,7 @@ def test_show_info_and_a_scrape_answer_with_figures_when_descriptors_run_out(bac
     lb = l4lb(simple_config([("b1", b1.address)], access=False)
               + '\n[metrics]\nlisten = "127.0.0.1:0"\n')
     metrics_port = lb.wait_event("metrics_started")["port"]
-    assert ask(lb, "show info")["ok"] and scrape(metrics_port)["l4lb_process_open_fds"] > 0
+    assert ask(lb, "show info")["ok"] and scrape(metrics_port)["process_open_fds"] > 0
     _, hard = lb.ps.rlimit(psutil.RLIMIT_NOFILE)
     limit = lb.ps.num_fds() + 40
     lb.ps.rlimit(psutil.RLIMIT_NOFILE, (limit, hard))
@@ -44,9 +44,9 @@ def test_show_info_and_a_scrape_answer_with_figures_when_descriptors_run_out(bac
             assert info["open_fds"] >= limit - 8 and info["rss_bytes"] > 0
             assert info["fd_limit"]["soft"] == limit
             figures = scrape(metrics_port)
-            assert figures["l4lb_process_open_fds"] >= limit - 8
-            assert figures["l4lb_process_max_fds"] == limit
-            assert figures["l4lb_process_resident_memory_bytes"] > 0
+            assert figures["process_open_fds"] >= limit - 8
+            assert figures["process_max_fds"] == limit
+            assert figures["process_resident_memory_bytes"] > 0
         assert not lb.events_named("metrics_scrape_failed")
         assert not lb.events_named("control_command_failed")
     finally:

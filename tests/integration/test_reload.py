@@ -290,3 +290,20 @@ def test_sighup_during_shutdown_is_refused_and_reopens_no_listener(backends, l4l
     assert not lb.events_named("config_reloaded")
     held.close()
     assert lb.proc.wait(15) == 0
+
+
+def test_reload_reply_says_a_file_weight_the_state_file_overrides_was_not_applied(
+        backends, l4lb):
+    a, b = backends(name_handler, name="a"), backends(name_handler, name="b")
+    lb = l4lb(config([("a", a.address), ("b", b.address)]))
+    assert ask(lb, "weight main/b 5")["ok"]
+    lb.path.write_text(config([("a", a.address), ("b", b.address, {"weight": 10})])
+                       + '[log]\nlevel = "debug"\n')
+    reply = ask(lb, "reload")
+    assert reply["ok"]
+    assert "backend main/b weight 10" not in reply["changes"]
+    assert ("backend main/b weight 10 not applied: the state file keeps 5 (set with "
+            "`weight`)") in reply["changes"]
+    assert "log level debug" in reply["changes"]
+    rows = {r["name"]: r for r in ask(lb, "show backends")["backends"]}
+    assert rows["b"]["weight"] == 5

@@ -53,3 +53,29 @@ def test_a_state_file_another_user_wrote_is_logged_and_ignored(backends, tmp_pat
         assert row["state"] == "up"
     finally:
         assert lb.stop() == 0
+
+
+def test_a_deploys_maint_is_shown_kept_across_a_restart_and_an_operators_is_not_marked(
+        backends, tmp_path):
+    a = backends(name_handler, name="a")
+    b = backends(name_handler, name="b")
+    cfg = config([("a", a.address), ("b", b.address)])
+    lb = L4LB(tmp_path, cfg).wait_ready()
+    try:
+        assert ask(lb, "disable main/a by deploy")["ok"]
+        assert ask(lb, "disable main/b")["ok"]
+        assert not ask(lb, "drain main/b by someone")["ok"]
+        rows = {r["name"]: r for r in ask(lb, "show backends")["backends"]}
+        assert (rows["a"]["set_by"], rows["b"]["set_by"]) == ("deploy", "operator")
+    finally:
+        assert lb.stop() == 0
+    lb = L4LB(tmp_path, cfg).wait_ready()
+    try:
+        rows = {r["name"]: r for r in ask(lb, "show backends")["backends"]}
+        assert (rows["a"]["state"], rows["a"]["set_by"]) == ("maint", "deploy")
+        assert (rows["b"]["state"], rows["b"]["set_by"]) == ("maint", "operator")
+        assert ask(lb, "enable main/a")["ok"]
+        assert next(r for r in ask(lb, "show backends")["backends"]
+                    if r["name"] == "a")["set_by"] is None
+    finally:
+        assert lb.stop() == 0

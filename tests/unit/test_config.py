@@ -782,3 +782,17 @@ def test_the_keys_set_on_purpose_are_still_set_otherwise():
 
 def test_the_packaged_default_is_the_annotated_config():
     assert default_config_path().read_bytes() == DEFAULT_CONFIG.read_bytes()
+
+
+def test_health_port_and_a_backends_health_address_are_validated_by_the_address_rule():
+    base = ('[control]\nsocket = "s"\n[listeners.w]\nbind = ["127.0.0.1:0"]\npool = "p"\n'
+            '[pools.p]\nbackends = [ {{ name = "a", address = "127.0.0.1:1"{extra} }} ]\n'
+            '[pools.p.health]\nport = {port}\n')
+    cfg = parse_config(base.format(extra=', health_address = "[::1]:8080"', port=9000), "x.toml")
+    pool = cfg.pools["p"]
+    assert pool.health.port == 9000
+    assert str(pool.backends[0].health_address) == "[::1]:8080"
+    with pytest.raises(ConfigError, match="health_address"):
+        parse_config(base.format(extra=', health_address = "::1:8080"', port=0), "x.toml")
+    with pytest.raises(ConfigError, match="port"):
+        parse_config(base.format(extra="", port=70000), "x.toml")

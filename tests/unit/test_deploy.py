@@ -66,6 +66,9 @@ class FakeBalancer:
                 closed, b["active"] = b["active"], 0
                 return {"ok": True, "closed": closed}
             b["state"] = {"enable": "up", "disable": "maint", "drain": "draining"}[verb]
+            assert words[2:] in ([], ["by", "deploy"]), line
+            b["set_by"] = (None if verb == "enable"
+                           else "deploy" if words[2:] == ["by", "deploy"] else "operator")
             return {"ok": True}
         if verb == "switch":
             self.listeners[words[1]].update(pool=words[2], split=None)
@@ -111,7 +114,9 @@ def test_rolling_replaces_each_backend_in_order_drain_disable_command_enable():
                          probe=lambda address: True)
     deploy.run()
     assert fake.state_changes() == [
-        f"{verb} main/app{i}" for i in (1, 2, 3) for verb in ("drain", "disable", "enable")]
+        line.format(i) for i in (1, 2, 3)
+        for line in ("drain main/app{} by deploy", "disable main/app{} by deploy",
+                     "enable main/app{}")]
     assert ran == [("restart.sh", "main", f"app{i}", f"127.0.0.1:900{i}") for i in (1, 2, 3)]
     assert all(b["state"] == "up" for b in fake.pools["main"].values())
     assert lines[-1].startswith("done: 3/3 backends of main replaced")
@@ -142,7 +147,7 @@ def test_rolling_kills_what_is_left_after_the_drain_timeout_and_counts_it():
                          probe=lambda a: True, drain_timeout=2.0)
     deploy.run()
     sent = fake.state_changes()
-    assert sent.index("kill main/app2") == sent.index("drain main/app2") + 1
+    assert sent.index("kill main/app2") == sent.index("drain main/app2 by deploy") + 1
     assert fake.now == pytest.approx(2.0)
     assert lines[-1].endswith("connections drained 0, killed 4")
 
@@ -216,7 +221,7 @@ def test_rolling_health_check_failing_after_enable_puts_the_backend_back_in_main
                      probe=lambda a: True, ready_timeout=2.0)
     with pytest.raises(DeployError, match="connection refused") as err:
         deploy.run()
-    assert fake.state_changes()[-1] == "disable main/app1"
+    assert fake.state_changes()[-1] == "disable main/app1 by deploy"
     assert fake.backend("main/app1")["state"] == "maint"
     assert "left in maint" in str(err.value)
 
@@ -250,6 +255,61 @@ def test_rolling_backend_in_maint_before_gets_the_command_but_stays_in_maint():
     assert ran == ["app1", "app2", "app3"]
     assert "enable main/app3" not in fake.sent
     assert fake.backend("main/app3")["state"] == "maint"
+    # Never marked as the deploy's, so no rerun would ever enable it.
+    assert not any("app3 by deploy" in s for s in fake.sent)
+    assert fake.backend("main/app3")["set_by"] == "operator"
+
+
+def test_rolling_rerun_after_a_failure_finishes_the_backend_it_left_in_maint():
+    fake = three_backends()
+    first, _ = make(RollingDeploy, fake, "main", "deploy.sh",
+                    run_command=lambda c, env: 1 if env["L4LB_BACKEND"] == "app2" else 0,
+                    probe=lambda a: True)
+    with pytest.raises(DeployError):
+        first.run()
+    assert fake.backend("main/app2")["state"] == "maint"
+    assert fake.backend("main/app2")["set_by"] == "deploy"
+    again, lines = make(RollingDeploy, fake, "main", "deploy.sh",
+                        run_command=lambda c, env: 0, probe=lambda a: True)
+    again.run()
+    assert [fake.backend(f"main/app{i}")["state"] for i in (1, 2, 3)] == ["up"] * 3
+    assert lines[-1].startswith("done: 3/3 backends of main replaced")
+    assert "left in maint" not in lines[-1]
+
+
+def test_rolling_rerun_keeps_an_operators_maint_and_says_so_in_the_summary():
+    fake = three_backends()
+    fake.backend("main/app2").update(state="maint", set_by="operator")
+    deploy, lines = make(RollingDeploy, fake, "main", "true", run_command=lambda c, e: 0,
+                         probe=lambda a: True)
+    deploy.run()
+    assert fake.backend("main/app2")["state"] == "maint"
+    assert lines[-1].endswith("left in maint as the operator set it: app2")
+
+
+@pytest.mark.parametrize("state, set_by, expected_line", [
+    ("up", None, "enable main/app1"),
+    ("draining", "operator", "drain main/app1"),
+    ("maint", "deploy", "disable main/app1 by deploy"),
+])
+def test_rolling_ctrl_c_during_the_drain_puts_the_backend_back_where_it_was(
+        state, set_by, expected_line):
+    fake = three_backends()
+    fake.backend("main/app1").update(state=state, set_by=set_by, active=2)
+
+    def interrupt(f):
+        raise KeyboardInterrupt
+
+    fake.ticks.append(interrupt)
+    ran = []
+    deploy, _ = make(RollingDeploy, fake, "main", "true",
+                     run_command=lambda c, env: ran.append(1) or 0, probe=lambda a: True)
+    with pytest.raises(DeployInterrupted) as err:
+        deploy.run()
+    assert ran == []
+    assert fake.state_changes()[-1] == expected_line
+    assert fake.backend("main/app1")["state"] == state
+    assert f"main/app1 was not replaced and is back to {state}" in str(err.value)
 
 
 def test_rolling_unreachable_balancer_is_a_deploy_error():
@@ -368,6 +428,29 @@ def test_canary_steps_through_splits_and_ends_switched():
     assert [l.split(":")[0] for l in lines if l.startswith("step")] == [
         "step 5%", "step 25%", "step 50%", "step 100%"]
     assert lines[-1].startswith("done: web now routes by pool green")
+
+
+def test_canary_reaching_100_drains_and_kills_the_old_pool_as_blue_green_does():
+    fake = canary_fake()
+    fake.ticks.append(traffic(10))
+    fake.backend("blue/b1")["active"] = 3          # a keep-alive client that never leaves
+    deploy, lines = make(CanaryDeploy, fake, "web", "green", [50, 100], 1.0,
+                         drain_timeout=2.0)
+    deploy.run()
+    assert fake.state_changes() == ["split web blue=50 green=50", "switch web green",
+                                    "kill blue/b1"]
+    assert fake.backend("blue/b1")["active"] == 0
+    assert lines[-1].endswith("old connections killed after the drain timeout: 3")
+
+
+def test_canary_stopping_short_of_100_leaves_the_old_pool_serving():
+    fake = canary_fake()
+    fake.ticks.append(traffic(10))
+    fake.backend("blue/b1")["active"] = 3
+    deploy, lines = make(CanaryDeploy, fake, "web", "green", [5, 50], 1.0, drain_timeout=1.0)
+    deploy.run()
+    assert not any(s.startswith("kill") for s in fake.state_changes())
+    assert fake.backend("blue/b1")["active"] == 3
 
 
 def test_canary_rolls_back_to_the_starting_split_exactly_on_a_failure_rate_breach():

@@ -388,3 +388,41 @@ def test_a_removed_backend_is_no_longer_checked_or_observed():
     assert b1.target.on_connect_failed is None
     assert [p for p, _ in prober.calls if p == 1001] == []
     assert len([p for p, _ in prober.calls if p == 1000]) >= 40
+
+
+def test_probes_go_to_the_pools_health_port_or_a_backends_health_address():
+    clock = FakeClock()
+    cfg = PoolConfig(name="p", algorithm="rr", health=HealthConfig(interval=1.0, port=8080),
+                     backends=[BackendConfig("b0", Address("127.0.0.1", 1000)),
+                               BackendConfig("b1", Address("127.0.0.1", 1001),
+                                             health_address=Address("127.0.0.9", 7001))])
+    pool = Pool(cfg, clock=clock)
+    seen = []
+
+    class RecordingProber(ScriptedProber):
+        async def __call__(self, host, port, cfg):
+            seen.append((host, port))
+            return await super().__call__(host, port, cfg)
+
+    prober = RecordingProber(clock, {8080: [True, True], 7001: [True, True]})
+
+    async def main():
+        mon = HealthMonitor(None, clock=clock, wallclock=lambda: 1.7e9, sleep=clock.sleep,
+                            prober=prober)
+        for b in pool:
+            mon.watch(b)
+        mon.start()
+        await asyncio.wait_for(prober.exhausted.wait(), 5)
+        await mon.stop()
+
+    asyncio.run(main())
+    assert set(seen) == {("127.0.0.1", 8080), ("127.0.0.9", 7001)}
+    assert all(b.health == "passing" for b in pool)
+
+
+def test_probe_duration_and_failures_in_a_row_are_kept_on_the_backend():
+    clock = FakeClock()
+    pool, _ = make_pool(clock, HealthConfig(interval=1.0, rise=1, fall=5), n=1)
+    run_loop(pool, {1000: [True, False, False, False]}, clock=clock)
+    b = pool.backends["b0"]
+    assert b.check_failures == 3 and b.check_duration == pytest.approx(0.01)

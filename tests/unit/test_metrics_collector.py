@@ -57,13 +57,12 @@ def get(parsed, name, **labels):
     return parsed[(name, tuple(sorted(labels.items())))]
 
 
-def test_state_gauge_has_one_current_state_and_up_follows_it(balancer):
+def test_state_gauge_has_one_current_state(balancer):
     act(balancer, "drain", "blue", "b2")
     parsed = scrape(balancer)
     states = {s: get(parsed, "l4lb_backend_state", pool="blue", backend="b2", state=s)
               for s in ("up", "down", "draining", "maint")}
     assert states == {"up": 0, "down": 0, "draining": 1, "maint": 0}
-    assert get(parsed, "l4lb_backend_up", pool="blue", backend="b2") == 0
     assert get(parsed, "l4lb_backend_up", pool="blue", backend="b1") == 1
     assert get(parsed, "l4lb_backend_weight", pool="blue", backend="b1") == 3
 
@@ -110,7 +109,7 @@ def test_every_metric_spec_is_well_formed():
     names = [spec.name for spec in METRICS]
     assert len(names) == len(set(names))
     for spec in METRICS:
-        assert spec.name.startswith("l4lb_") and spec.kind in ("counter", "gauge")
+        assert spec.name.startswith(("l4lb_", "process_")) and spec.kind in ("counter", "gauge")
         assert spec.name.endswith("_total") == (spec.kind == "counter"), spec.name
         assert spec.doc.endswith("."), spec.name
 
@@ -145,5 +144,69 @@ def test_the_process_figures_and_dropped_log_lines_are_exported(balancer, monkey
     monkeypatch.setattr(log, "dropped_lines", lambda: 0)
     parsed = scrape(balancer)
     assert get(parsed, "l4lb_log_lines_dropped_total") == 0
-    assert get(parsed, "l4lb_process_open_fds") > 0
-    assert get(parsed, "l4lb_process_resident_memory_bytes") > 0
+    assert get(parsed, "process_open_fds") > 0
+    assert get(parsed, "process_resident_memory_bytes") > 0
+
+
+def test_a_draining_backend_that_passes_its_check_is_up_and_shows_admin_state_apart(balancer):
+    b2 = balancer.operator.find_backend("blue", "b2")
+    act(balancer, "drain", "blue", "b2")
+    b2.health = "passing"
+    parsed = scrape(balancer)
+    labels = {"pool": "blue", "backend": "b2"}
+    assert get(parsed, "l4lb_backend_up", **labels) == 1
+    admin = {s: get(parsed, "l4lb_backend_admin_state", state=s, **labels)
+             for s in ("enabled", "draining", "maint")}
+    assert admin == {"enabled": 0, "draining": 1, "maint": 0}
+    assert get(parsed, "l4lb_backend_health", status="passing", **labels) == 1
+    assert get(parsed, "l4lb_backend_health", status="failing", **labels) == 0
+
+
+def test_a_maint_backend_failing_its_check_is_visible_as_failing_and_not_up(balancer):
+    b1 = balancer.operator.find_backend("blue", "b1")
+    act(balancer, "disable", "blue", "b1")
+    b1.health, b1.check_failures, b1.check_duration, b1.last_check = "failing", 4, 0.25, 1e9
+    parsed = scrape(balancer)
+    labels = {"pool": "blue", "backend": "b1"}
+    assert get(parsed, "l4lb_backend_up", **labels) == 0
+    assert get(parsed, "l4lb_backend_admin_state", state="maint", **labels) == 1
+    assert get(parsed, "l4lb_backend_health", status="failing", **labels) == 1
+    assert get(parsed, "l4lb_backend_check_failures", **labels) == 4
+    assert get(parsed, "l4lb_backend_check_duration_seconds", **labels) == 0.25
+    assert get(parsed, "l4lb_backend_check_timestamp_seconds", **labels) == 1e9
+
+
+def test_connect_failures_by_reason_retries_and_queue_figures_per_pool(balancer):
+    g1 = balancer.operator.find_backend("green", "g1")
+    balancer.health.connect_failed(g1, g1.target, "connect_refused")
+    balancer.health.connect_failed(g1, g1.target, "connect_refused")
+    balancer.health.connect_failed(g1, g1.target, "connect_timeout")
+    rt = balancer.pools["green"].runtime
+    rt.retried, rt.queue_timeouts = 5, 2
+    parsed = scrape(balancer)
+    labels = {"pool": "green", "backend": "g1"}
+    assert get(parsed, "l4lb_backend_connect_failures_by_reason_total",
+               reason="connect_refused", **labels) == 2
+    assert get(parsed, "l4lb_backend_connect_failures_by_reason_total",
+               reason="connect_timeout", **labels) == 1
+    assert get(parsed, "l4lb_pool_retries_total", pool="green") == 5
+    assert get(parsed, "l4lb_pool_queue_timeouts_total", pool="green") == 2
+    assert get(parsed, "l4lb_pool_queue_length", pool="green") == 0
+
+
+def test_process_figures_use_the_process_collector_names(balancer):
+    import time
+
+    parsed = scrape(balancer)
+    for name in ("process_cpu_seconds_total", "process_open_fds", "process_max_fds",
+                 "process_resident_memory_bytes", "process_virtual_memory_bytes"):
+        assert get(parsed, name) > 0, name
+    assert 0 < get(parsed, "process_start_time_seconds") <= time.time()
+    assert not any(name.startswith("l4lb_process_") or name == "l4lb_uptime_seconds"
+                   for name, _ in parsed)
+
+
+def test_connect_time_average_has_the_haproxy_name_and_the_old_name_is_deprecated():
+    specs = {spec.name: spec for spec in METRICS}
+    assert "l4lb_backend_connect_time_average_seconds" in specs
+    assert specs["l4lb_backend_response_time_seconds"].doc.startswith("Deprecated")

@@ -119,3 +119,39 @@ def test_buffer_size_back_to_zero_says_the_kept_binds_keep_theirs():
                             "sockets keep 65536 until the binds are reopened (restart)"]
     plan = plan_reload(cfg(), running(old), set(), cfg(web_extra="rcvbuf = 131072"))
     assert plan.changes == ["listener web: rcvbuf 131072"]
+
+
+def test_a_weight_the_state_file_keeps_is_reported_as_not_applied():
+    old = cfg()
+    now = running(old)
+    now["app"]["b"] = RunningBackend(now["app"]["b"].address, 5, 0)   # `weight app/b 5`
+    new = cfg(backends=(("a", 9001), ("b", 9002, ", weight = 10")))
+    plan = plan_reload(old, now, set(), new, {"app/b": {"weight": 5}})
+    assert plan.changes == [
+        "backend app/b weight 10 not applied: the state file keeps 5 (set with `weight`)"]
+
+
+def test_a_max_connections_change_is_not_announced_as_a_weight():
+    old = cfg()
+    new = cfg(backends=(("a", 9001), ("b", 9002, ", max_connections = 7")))
+    plan = plan_reload(old, running(old), set(), new)
+    assert plan.changes == ["backend app/b max_connections 7"]
+
+
+def test_log_and_global_max_connections_changes_are_listed():
+    old = cfg()
+    text = BASE.format(algorithm="rr", backends='  { name = "a", address = "127.0.0.1:9001" }',
+                       web_extra="", more_listeners="", more_pools="")
+    new = parse_config('[log]\nlevel = "debug"\naccess = false\n'
+                       '[global]\nmax_connections = 500\n' + text, "l4lb.toml")
+    plan = plan_reload(old, running(old), set(), new)
+    assert plan.changes[:3] == ["log level debug", "log access false",
+                                "global max_connections 500"]
+
+
+def test_a_backup_flag_change_is_an_update_with_its_line():
+    old = cfg()
+    new = cfg(backends=(("a", 9001), ("b", 9002, ", backup = true")))
+    plan = plan_reload(old, running(old), set(), new)
+    assert [b.name for b in plan.pools[0].update] == ["b"]
+    assert plan.changes == ["backend app/b backup true"]

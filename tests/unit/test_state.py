@@ -107,6 +107,7 @@ def test_a_saved_state_loads_back_equal_and_without_issues(tmp_path):
 # -- fuzz ----------------------------------------------------------------------------------
 
 _words = st.sampled_from(["version", "backends", "added", "removed", "listeners", "state",
+                          "set_by", "deploy", "operator",
                           "weight", "address", "pool", "split", "blue/a", "blue", "green",
                           "maint", "draining", "up", "127.0.0.1:1", "my_svc:0", "x y", "",
                           "a/b/c", "/"])
@@ -126,7 +127,9 @@ def assert_within_the_rules(state: RuntimeState) -> None:
         return slash and vocab.NAME_RE.fullmatch(pool) and vocab.NAME_RE.fullmatch(name)
 
     for ref, entry in state.backends.items():
-        assert ref_ok(ref) and set(entry) <= {"state", "weight"}
+        assert ref_ok(ref) and set(entry) <= {"state", "set_by", "weight"}
+        assert entry.get("set_by", "deploy") in vocab.SET_BY_WORDS and (
+            "set_by" not in entry or "state" in entry)
         assert entry.get("state", "maint") in vocab.ADMIN_STATES
         assert vocab.check_weight(entry.get("weight", 1)) is not None
     for ref, entry in state.added.items():
@@ -247,3 +250,23 @@ def test_a_path_not_there_yet_is_judged_by_the_folders_that_exist(tmp_path):
         assert "writable by group and others" in untrusted_reason(tmp_path / "missing" / "x")
     finally:
         os.chmod(tmp_path, 0o700)
+
+
+def test_a_maint_set_by_a_deploy_is_kept_with_its_marker_and_dropped_on_enable(tmp_path):
+    state = RuntimeState()
+    state.record_state("blue/a", "maint", "deploy")
+    state.record_state("blue/b", "maint", "operator")
+    path = tmp_path / "l4lb.state.toml"
+    save_state(path, state)
+    loaded = load_state(path)
+    assert loaded.backends == {"blue/a": {"state": "maint", "set_by": "deploy"},
+                               "blue/b": {"state": "maint"}}
+    loaded.record_state("blue/a", "up")
+    assert "blue/a" not in loaded.backends
+
+
+@pytest.mark.parametrize("entry", [{"state": "maint", "set_by": "someone"},
+                                   {"set_by": "deploy"}])
+def test_a_set_by_that_is_unknown_or_without_a_state_is_skipped(entry):
+    state = RuntimeState.from_dict({"version": 1, "backends": {"blue/a": entry}})
+    assert state.backends == {} and [i.key for i in state.issues] == ["blue/a"]
