@@ -296,11 +296,13 @@ LOG_EVENTS: tuple[LogEvent, ...] = (
     # connections
     LogEvent("connection_closed", "info",
              ("client", "listener", "pool", "backend", "duration_ms", "bytes_in",
-              "bytes_out", "reason"),
+              "bytes_out", "reason", "sni", "alpn"),
              "The access log (log.access): one line per closed connection; bytes_in is "
              "client to backend, bytes_out backend to client; `reason` is closed, "
              "client_reset, backend_reset, idle_timeout, connect_refused, connect_timeout, "
-             "no_backend, fd_exhausted, shutdown, killed, ..."),
+             "no_backend, fd_exhausted, shutdown, killed, ...; on an sni listener, `sni` is "
+             "the ClientHello's server name and `alpn` its ALPN protocols (null when none "
+             "was read; the name is the client's word, with ECH the outer one)."),
     LogEvent("fd_exhausted", "warning", ("active", "paused", "pause_s", "hint"),
              "The process ran out of file descriptors (a backend connect or an accept "
              "found none): that client is refused without blaming the backend, and the "

@@ -91,6 +91,8 @@ class CommandHandlers:
                 "pool": r.pool_name,
                 "backend": r.backend_name,
                 "state": r.state_name,
+                "sni": r.sni,
+                "route": r.route,
                 "age_s": round(now - r.started, 3),
                 "bytes_in": r.bytes_in,
                 "bytes_out": r.bytes_out,

@@ -173,7 +173,8 @@ COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec(
         ("show", "listeners"), (), "every listener with its pool or split and counters",
         reply=("listeners",),
-        rows=("name", "bind", "pool", "split", "splice", "active", "accepted", "rejected"),
+        rows=("name", "bind", "pool", "split", "splice", "active", "accepted", "rejected",
+              "sni", "inspected"),
     ),
     CommandSpec(
         ("show", "backends"), (ArgSpec(ArgKind.NAME, "pool", "POOL", optional=True),),
@@ -188,8 +189,8 @@ COMMANDS: tuple[CommandSpec, ...] = (
         (ArgSpec(ArgKind.BACKEND_FILTER, "pool", "POOL[/BACKEND]", optional=True),),
         "open connections; all, one pool's or one backend's",
         reply=("conns",),
-        rows=("id", "client", "listener", "pool", "backend", "state", "age_s", "bytes_in",
-              "bytes_out"),
+        rows=("id", "client", "listener", "pool", "backend", "state", "sni", "route", "age_s",
+              "bytes_in", "bytes_out"),
     ),
     CommandSpec(("enable",), (_BACKEND,), "put a backend in rotation (state up)",
                 reply=_STATE_REPLY),
