@@ -322,10 +322,12 @@ LOG_EVENTS: tuple[LogEvent, ...] = (
     LogEvent("backend_removed", "info", ("pool", "backend", "active"),
              "A backend was removed (`remove`, or a reload dropped it); `active` "
              "connections finish on their own."),
-    LogEvent("listener_switched", "info", ("listener", "pool", "previous"),
-             "`switch`: every new connection of the listener goes to `pool` (blue-green)."),
-    LogEvent("listener_split", "info", ("listener", "split", "previous"),
-             "`split`: the listener's new connections are shared by percentage (canary)."),
+    LogEvent("listener_switched", "info", ("listener", "sni", "pool", "previous"),
+             "`switch`: every new connection of the listener (of its sni route `sni`, when "
+             "not null) goes to `pool` (blue-green)."),
+    LogEvent("listener_split", "info", ("listener", "sni", "split", "previous"),
+             "`split`: the listener's new connections (its sni route's, when `sni` is not "
+             "null) are shared by percentage (canary)."),
     # config and state
     LogEvent("config_reloaded", "info", ("path", "cause", "changes"),
              "A reload (`cause` command or sighup) applied the config file; `changes` "

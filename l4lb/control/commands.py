@@ -136,12 +136,12 @@ class CommandHandlers:
     # --- listeners and process -------------------------------------------------------------
 
     @handles("switch")
-    async def switch(self, listener, pool):
-        return await self.operator.switch(listener, pool)
+    async def switch(self, listener, sni, pool):
+        return await self.operator.switch(listener, pool, sni)
 
     @handles("split")
-    async def split(self, listener, split):
-        return await self.operator.split(listener, split)
+    async def split(self, listener, sni, split):
+        return await self.operator.split(listener, split, sni)
 
     @handles("reload")
     async def reload(self):

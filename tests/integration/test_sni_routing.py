@@ -339,3 +339,87 @@ def test_sni_works_after_an_accepted_proxy_header(l4lb, tls_backends, plain_defa
     assert [(c["client"].split(":")[0], c["sni"], c["pool"]) for c in conns] == [
         ("192.0.2.7", "a.test", "a")]
     raw.close()
+
+
+# --- blue-green and canary per route ---------------------------------------------------
+
+def route_config(backends):
+    """Listener web: sni routes a.test -> a and *.b.test -> b, default pool `default`;
+    pool green as the other side of switches and splits. Plain name backends: a hello
+    is answered by the name of the backend it reached."""
+    pools = "".join(f'[pools.{name}]\nbackends = [\n{backends_toml([(name + "1", b.address)])}\n]\n'
+                    for name, b in backends.items())
+    return f"""
+[control]
+socket = "l4lb.sock"
+[listeners.web]
+bind = ["127.0.0.1:0"]
+pool = "default"
+sni = {{ "a.test" = "a", "*.b.test" = "b" }}
+{pools}"""
+
+
+def reached(lb, server_name):
+    """The backend name a ClientHello for `server_name` reaches."""
+    s = connect(lb.port())
+    s.sendall(make_client_hello(server_name))
+    name = s.recv(100).decode().strip()
+    s.close()
+    return name
+
+
+@pytest.fixture
+def name_backends():
+    made = {name: Backend(plain_name_handler, name=name) for name in ("a", "b", "default", "green")}
+    yield made
+    for b in made.values():
+        b.close()
+
+
+def test_switch_and_split_move_one_sni_route_and_the_state_file_keeps_them(
+        l4lb, name_backends):
+    config = route_config(name_backends)
+    lb = l4lb(config)
+    assert [reached(lb, n) for n in ("a.test", "x.b.test", "c.test")] == ["a", "b", "default"]
+
+    reply = ask(lb, "switch web/A.test green")
+    assert reply["ok"] and (reply["sni"], reply["pool"], reply["previous"]) == (
+        "a.test", "green", {"pool": "a"})
+    reply = ask(lb, "split web/*.b.test green=100 b=0")
+    assert reply["ok"] and reply["previous"] == {"pool": "b"}
+    assert [reached(lb, n) for n in ("a.test", "x.b.test", "c.test")] == [
+        "green", "green", "default"]                 # the default route did not move
+    row = ask(lb, "show listeners")["listeners"][0]
+    assert row["pool"] == "default"
+    assert row["sni"] == {"a.test": {"pool": "green"},
+                          "*.b.test": {"split": {"green": 100, "b": 0}}}
+
+    refused = ask(lb, "switch web/c.test green")
+    assert not refused["ok"] and "no sni route 'c.test'" in refused["error"]
+
+    lb.stop()
+    again = l4lb(config)                             # the state file is read back at start
+    assert [reached(again, n) for n in ("a.test", "x.b.test", "c.test")] == [
+        "green", "green", "default"]
+
+
+def test_a_state_entry_for_an_sni_route_the_config_dropped_is_ignored(
+        l4lb, name_backends, tmp_path):
+    (tmp_path / "l4lb.state.toml").write_text(
+        'version = 1\n[listeners."web/gone.test"]\npool = "green"\n'
+        '[listeners."web/a.test"]\npool = "green"\n')
+    (tmp_path / "l4lb.state.toml").chmod(0o600)
+    lb = l4lb(route_config(name_backends))
+    assert reached(lb, "a.test") == "green"
+    ignored = lb.wait_event("state_entry_ignored", key="web/gone.test")
+    assert "no sni route" in ignored["error"]
+
+
+def test_a_reload_takes_a_new_sni_table_and_a_listener_can_gain_one(l4lb, name_backends):
+    config = route_config(name_backends)
+    lb = l4lb(config.replace('sni = { "a.test" = "a", "*.b.test" = "b" }\n', ""))
+    assert reached(lb, "a.test") == "default"
+    assert ask(lb, "show listeners")["listeners"][0]["sni"] is None
+    lb.path.write_text(config.replace('"a.test" = "a"', '"a.test" = "b"'))
+    assert ask(lb, "reload")["ok"]
+    assert [reached(lb, n) for n in ("a.test", "x.b.test", "c.test")] == ["b", "b", "default"]
