@@ -423,3 +423,23 @@ def test_a_reload_takes_a_new_sni_table_and_a_listener_can_gain_one(l4lb, name_b
     lb.path.write_text(config.replace('"a.test" = "a"', '"a.test" = "b"'))
     assert ask(lb, "reload")["ok"]
     assert [reached(lb, n) for n in ("a.test", "x.b.test", "c.test")] == ["b", "b", "default"]
+
+
+def test_metrics_count_inspection_outcomes_and_route_shares(l4lb, name_backends):
+    from .test_metrics import samples, scrape, value
+    lb = l4lb(route_config(name_backends) + '[metrics]\nlisten = "127.0.0.1:0"\n')
+    port = lb.wait_event("metrics_started")["port"]
+    assert reached(lb, "a.test") == "a"
+    s = connect(lb.port())
+    s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    assert s.recv(100) == b"default\n"
+    s.close()
+    assert ask(lb, "split web/a.test a=75 green=25")["ok"]
+    parsed = samples(scrape(port))
+    counts = {o: value(parsed, "l4lb_listener_inspected_total", listener="web", outcome=o)
+              for o in ("tls_found", "sni_found", "not_tls", "too_large", "malformed",
+                        "inspect_timeout")}
+    assert counts == {"tls_found": 1, "sni_found": 1, "not_tls": 1, "too_large": 0,
+                      "malformed": 0, "inspect_timeout": 0}
+    assert value(parsed, "l4lb_listener_sni_route_ratio", listener="web", sni="a.test",
+                 pool="green") == 0.25
