@@ -384,7 +384,8 @@ cdef class Relay:
             sni_scan_release(&scan)
         if self.sni is not None:
             lst.inspected[INSPECT_SNI_FOUND] += 1
-        self.end_inspection(SNI_FOUND, lst.sni_routes.route(self.sni))
+        routes = lst.sni_routes          # None if a reload dropped the table meanwhile
+        self.end_inspection(SNI_FOUND, None if routes is None else routes.route(self.sni))
 
     cdef void end_inspection(self, int outcome, object route):
         """Count the inspection's `outcome` and route the client: by `route`, the

@@ -443,3 +443,18 @@ def test_metrics_count_inspection_outcomes_and_route_shares(l4lb, name_backends)
                       "malformed": 0, "inspect_timeout": 0}
     assert value(parsed, "l4lb_listener_sni_route_ratio", listener="web", sni="a.test",
                  pool="green") == 0.25
+
+
+def test_a_client_mid_inspection_when_a_reload_drops_the_sni_table_takes_the_default_route(
+        l4lb, name_backends):
+    config = route_config(name_backends).replace(
+        'pool = "default"\n', 'pool = "default"\ninspect_timeout = 120\n')
+    lb = l4lb(config)
+    s = connect(lb.port())
+    assert [c["state"] for c in ask(lb, "show conns")["conns"]] == ["inspect"]
+    lb.path.write_text(config.replace('sni = { "a.test" = "a", "*.b.test" = "b" }\n', ""))
+    assert ask(lb, "reload")["ok"]
+    s.sendall(make_client_hello("a.test"))
+    assert s.recv(100) == b"default\n"       # long before inspect_timeout
+    s.close()
+    assert not [line for line in lb.raw if "Traceback" in line or "Exception" in line]
