@@ -142,6 +142,17 @@ def client_context():
     return ctx
 
 
+def conn_states(lb, count=1, timeout=10.0):
+    """The states of `show conns`, once it lists `count` connections (the accept may
+    trail the client's connect)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        states = [c["state"] for c in ask(lb, "show conns")["conns"]]
+        if len(states) >= count or time.monotonic() > deadline:
+            return states
+        time.sleep(0.02)
+
+
 def inspected(lb, listener="web"):
     return ask(lb, "show listeners")["listeners"][0]["inspected"]
 
@@ -299,8 +310,7 @@ def test_silent_client_takes_the_default_route_after_inspect_timeout(
         l4lb, tls_backends, plain_default):
     lb = recorded_default_backend(l4lb, tls_backends, plain_default, "inspect_timeout = 0.5")
     s = connect(lb.port())
-    conns = ask(lb, "show conns")["conns"]
-    assert [c["state"] for c in conns] == ["inspect"]
+    assert conn_states(lb) == ["inspect"]
     assert s.recv(100) == b"default\n"     # the wait ended; the default route applied
     s.sendall(b"late")
     s.close()
@@ -451,7 +461,7 @@ def test_a_client_mid_inspection_when_a_reload_drops_the_sni_table_takes_the_def
         'pool = "default"\n', 'pool = "default"\ninspect_timeout = 120\n')
     lb = l4lb(config)
     s = connect(lb.port())
-    assert [c["state"] for c in ask(lb, "show conns")["conns"]] == ["inspect"]
+    assert conn_states(lb) == ["inspect"]
     lb.path.write_text(config.replace('sni = { "a.test" = "a", "*.b.test" = "b" }\n', ""))
     assert ask(lb, "reload")["ok"]
     s.sendall(make_client_hello("a.test"))
