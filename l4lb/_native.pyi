@@ -135,13 +135,28 @@ class PoolRuntime:
     def add_target(self, target: Target) -> None: ...
     def serve_queue(self) -> None: ...
 
+class RouteRuntime:
+    """One route of a listener: the default one, or an sni pattern's."""
+    @property
+    def pattern(self) -> str | None: ...
+    pool: PoolRuntime | None
+    split_pools: list[PoolRuntime] | None
+    split_bounds: list[int] | None
+    def __init__(self, pattern: str | None = None) -> None: ...
+    def set_split(self, pools: list[PoolRuntime] | None, percents: list[int] | None) -> None: ...
+
+# ListenerRuntime.inspection_counts() keys by outcome number (index 0 unused).
+INSPECT_OUTCOME_NAMES: tuple[str | None, ...]
+
 class ListenerRuntime:
     @property
     def name(self) -> str: ...
     hub: Hub
-    pool: PoolRuntime | None
-    split_pools: list[PoolRuntime] | None
-    split_bounds: list[int] | None
+    @property
+    def route(self) -> RouteRuntime: ...   # the default route
+    sni_routes: Any                  # l4lb.sni.SniRoutes of RouteRuntime, or None
+    inspect_timeout: float
+    max_client_hello: int
     sticky_split: bool
     connect_timeout: float
     idle_timeout: float
@@ -160,7 +175,7 @@ class ListenerRuntime:
     header_hook: Callable[[Relay, bytes], Any] | None
     proxy_encoder: Callable[[int, Any, Any], bytes] | None
     def __init__(self, name: str, hub: Hub) -> None: ...
-    def set_split(self, pools: list[PoolRuntime] | None, percents: list[int] | None) -> None: ...
+    def inspection_counts(self) -> dict[str, int]: ...
     def count_rejected(self, reason: str) -> None: ...
 
 class Hub:
@@ -226,6 +241,12 @@ class Relay:
     def bytes_out(self) -> int: ...
     @property
     def started(self) -> float: ...
+    @property
+    def sni(self) -> str | None: ...             # the ClientHello's server name
+    @property
+    def alpn(self) -> tuple[str, ...] | None: ...
+    @property
+    def route(self) -> str | None: ...           # the sni pattern that routed it
     close_reason: str | None
     local_addr: tuple[str, int] | None
     @property

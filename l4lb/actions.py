@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from . import vocab
 from .config import Address, BackendConfig, parse_address
 from .model import Backend, BackendState, Listener, Pool
+from .state import route_key, split_route_key
 
 if TYPE_CHECKING:                      # the balancer owns the operator
     from .balancer import Balancer
@@ -167,27 +168,45 @@ class Operator:
 
     # --- listeners ----------------------------------------------------------------------
 
-    async def switch(self, listener: str, pool: str) -> dict:
+    def find_route(self, listener: str, sni: str | None) -> tuple[Listener, str | None]:
+        """The listener and the normalized sni pattern of a route (None: the default
+        route); OperationError when the listener's sni table has no such pattern."""
         lst = self.find_listener(listener)
-        self.find_pool(pool)
-        old = lst.route()
-        lst.route_pool(pool, self.balancer.pools)
-        self.log.info("listener_switched", listener=listener, pool=pool, previous=old)
-        self.state.record_route(listener, pool=pool)
-        return await self._saved({"listener": listener, "pool": pool, "previous": old})
+        if sni is None:
+            return lst, None
+        try:
+            return lst, lst.find_sni_route(sni)
+        except KeyError:
+            known = ", ".join(lst.sni_routes) or "none"
+            raise OperationError(f"listener '{listener}' has no sni route '{sni}' "
+                                 f"(sni routes: {known})") from None
 
-    async def split(self, listener: str, split: dict[str, int]) -> dict:
-        lst = self.find_listener(listener)
+    async def switch(self, listener: str, pool: str, sni: str | None = None) -> dict:
+        """Blue-green: every new connection of the route goes to `pool`; the route is
+        the listener's default one, or its sni pattern `sni`."""
+        lst, sni = self.find_route(listener, sni)
+        self.find_pool(pool)
+        old = lst.route(sni)
+        lst.route_pool(pool, self.balancer.pools, sni=sni)
+        self.log.info("listener_switched", listener=listener, sni=sni, pool=pool, previous=old)
+        self.state.record_route(route_key(listener, sni), pool=pool)
+        return await self._saved({"listener": listener, "sni": sni, "pool": pool,
+                                  "previous": old})
+
+    async def split(self, listener: str, split: dict[str, int], sni: str | None = None) -> dict:
+        """Canary: new connections of the route shared between pools by percentage."""
+        lst, sni = self.find_route(listener, sni)
         split = dict(split)
         for name in split:
             self.find_pool(name)
         if sum(split.values()) != 100:
             raise OperationError("split percentages must sum to 100")
-        old = lst.route()
-        lst.route_split(split, self.balancer.pools)
-        self.log.info("listener_split", listener=listener, split=split, previous=old)
-        self.state.record_route(listener, split=split)
-        return await self._saved({"listener": listener, "split": split, "previous": old})
+        old = lst.route(sni)
+        lst.route_split(split, self.balancer.pools, sni=sni)
+        self.log.info("listener_split", listener=listener, sni=sni, split=split, previous=old)
+        self.state.record_route(route_key(listener, sni), split=split)
+        return await self._saved({"listener": listener, "sni": sni, "split": split,
+                                  "previous": old})
 
     # --- primitives shared with reload and state restore -------------------------------
 
@@ -244,13 +263,13 @@ class Operator:
                 backend.set_by = entry.get("set_by", vocab.SET_BY_DEFAULT)
         for name, route in list(state.listeners.items()):
             try:
-                listener = self.find_listener(name)
+                listener, sni = self.find_route(*split_route_key(name))
                 if "split" in route:
                     for p in route["split"]:
                         self.find_pool(p)
-                    listener.route_split(route["split"], pools)
+                    listener.route_split(route["split"], pools, sni=sni)
                 else:
-                    listener.route_pool(self.find_pool(route["pool"]).name, pools)
+                    listener.route_pool(self.find_pool(route["pool"]).name, pools, sni=sni)
             except (OperationError, ValueError) as exc:
                 self._drop_entry("listeners", name, exc)
                 state.listeners.pop(name, None)

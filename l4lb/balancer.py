@@ -97,6 +97,8 @@ class Balancer:
             bytes_in=relay.bytes_in,
             bytes_out=relay.bytes_out,
             reason=reason,
+            sni=relay.sni,
+            alpn=None if relay.alpn is None else list(relay.alpn),
         )
 
     def restore_runtime_state(self) -> None:

@@ -27,6 +27,8 @@ from typing import Any, Callable, NamedTuple
 
 from . import vocab
 from .address import EXAMPLE_ADDRESSES, Address, parse_address
+from .reference.sni import SNI_MAX_CLIENT_HELLO, SNI_MAX_CLIENT_HELLO_LIMIT
+from .sni import check_sni_pattern
 from .tomlpos import KeyPath, TomlLocator
 
 __all__ = [
@@ -156,6 +158,9 @@ class ListenerConfig:
     per_source_rate: float = 0.0
     queue_timeout: float = 5.0
     splice: bool = True
+    sni: dict[str, str] | None = None
+    inspect_timeout: float = 5.0
+    max_client_hello: int = SNI_MAX_CLIENT_HELLO
 
 
 @dataclass
@@ -410,6 +415,31 @@ class Percentages(Rule):
                 for name, value in raw.items()}
 
 
+class SniTable(Rule):
+    """A table of server-name pattern -> pool name (l4lb.sni: exact names and *.suffix)."""
+    expects = 'a table of "name pattern" = "pool", such as { "api.example.com" = "api" }'
+    pool = Name()
+
+    def convert(self, raw, path, report):
+        if not isinstance(raw, dict):
+            report(path, f"must be {self.expects}, got {show(raw)}")
+            return INVALID
+        out = {}
+        seen: dict[str, str] = {}     # normalized pattern -> as written
+        for pattern, pool in raw.items():
+            try:
+                name = check_sni_pattern(pattern)
+            except ValueError as exc:
+                report(path + (pattern,), str(exc))
+                continue
+            if name in seen:
+                report(path + (pattern,), f"same name as {seen[name]!r}")
+                continue
+            seen[name] = pattern
+            out[pattern] = self.pool.convert(pool, path + (pattern,), report)
+        return out
+
+
 class Key(NamedTuple):
     """One key of a table: its rule, its default as written in TOML, and its doc line.
 
@@ -529,6 +559,10 @@ def check_references(config: Config, report: Report) -> None:
             for pool in listener.split:
                 if pool not in pools:
                     report(path + ("split", pool), f"no pool named {pool!r}{_pools_hint(pool, pools)}")
+        if isinstance(listener.sni, dict):
+            for pattern, pool in listener.sni.items():
+                if isinstance(pool, str) and pool not in pools:
+                    report(path + ("sni", pattern), f"no pool named {pool!r}{_pools_hint(pool, pools)}")
 
     bound: dict[Address, KeyPath] = {}
     for path, address in _bound_addresses(config, listeners):
@@ -715,6 +749,21 @@ LISTENER = Table(ListenerConfig, {
         "kernel with splice(2) through a pipe borrowed from a pool while bytes wait in "
         "it (at most global.max_connections / 4 pipes). `false` chose the uvloop "
         "stream relay, which was removed: it is an error. Delete the key."),
+    "sni": Key(SniTable(), None,
+        "TLS passthrough routing: server-name pattern = pool, such as { \"api.example.com\" "
+        "= \"api\", \"*.example.com\" = \"web\" }. The relay reads the server name from the "
+        "client's ClientHello without terminating TLS: an exact name wins, then the longest "
+        "*.suffix (any depth; *.example.com does not match example.com); names are compared "
+        "in lower case, one trailing dot ignored, non-ASCII names in IDNA form (xn--). No "
+        "match, no name, not TLS, a malformed or too large hello and a timeout take pool/split. "
+        "Each pattern is a route of its own for switch and split (LISTENER/PATTERN)."),
+    "inspect_timeout": Key(Number(0, above=True), 5.0,
+        "With sni: seconds to wait for a whole ClientHello; then the wait ends and "
+        "pool/split takes the connection, with whatever the client sent (HAProxy's "
+        "tcp-request inspect-delay)."),
+    "max_client_hello": Key(Integer(1, SNI_MAX_CLIENT_HELLO_LIMIT), SNI_MAX_CLIENT_HELLO,
+        "With sni: bytes of the stream (TLS records included) the ClientHello must fit in; "
+        "a larger one takes pool/split without being read further."),
 }, doc="A set of listening addresses in front of a pool or a split of pools.",
     check=check_listener)
 

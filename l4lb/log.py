@@ -306,13 +306,15 @@ LOG_EVENTS: tuple[LogEvent, ...] = (
     # connections
     LogEvent("connection_closed", "info",
              ("client", "listener", "pool", "backend", "duration_ms", "bytes_in",
-              "bytes_out", "reason"),
+              "bytes_out", "reason", "sni", "alpn"),
              "The access log (log.access): one line per closed connection; bytes_in is "
              "client to backend, bytes_out backend to client; `reason` is closed, "
              "client_reset, backend_reset, idle_timeout, connect_refused, connect_timeout, "
              "no_backend, fd_exhausted, shutdown, killed, ...; a client refused at "
              "global_max_connections or max_connections gets its line too (backend null, "
-             "no bytes)."),
+             "no bytes); on an sni listener, `sni` is the ClientHello's server name and "
+             "`alpn` its ALPN protocols (null when none was read; the name is the client's "
+             "word, with ECH the outer one)."),
     LogEvent("fd_exhausted", "warning", ("active", "paused", "pause_s", "hint"),
              "The process ran out of file descriptors (a backend connect or an accept "
              "found none): that client is refused without blaming the backend, and the "
@@ -333,10 +335,12 @@ LOG_EVENTS: tuple[LogEvent, ...] = (
     LogEvent("backend_removed", "info", ("pool", "backend", "active"),
              "A backend was removed (`remove`, or a reload dropped it); `active` "
              "connections finish on their own."),
-    LogEvent("listener_switched", "info", ("listener", "pool", "previous"),
-             "`switch`: every new connection of the listener goes to `pool` (blue-green)."),
-    LogEvent("listener_split", "info", ("listener", "split", "previous"),
-             "`split`: the listener's new connections are shared by percentage (canary)."),
+    LogEvent("listener_switched", "info", ("listener", "sni", "pool", "previous"),
+             "`switch`: every new connection of the listener (of its sni route `sni`, when "
+             "not null) goes to `pool` (blue-green)."),
+    LogEvent("listener_split", "info", ("listener", "sni", "split", "previous"),
+             "`split`: the listener's new connections (its sni route's, when `sni` is not "
+             "null) are shared by percentage (canary)."),
     # config and state
     LogEvent("config_reloaded", "info", ("path", "cause", "changes"),
              "A reload (`cause` command or sighup) applied the config file; `changes` "

@@ -88,6 +88,13 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("l4lb_listener_rejected_total", "counter", ("listener", "reason"),
                "Client connections closed without being relayed, by reason (limits, ACL, "
                "bad PROXY header, queue timeout, fd exhaustion, ...)."),
+    MetricSpec("l4lb_listener_inspected_total", "counter", ("listener", "outcome"),
+               "ClientHello inspections of an sni listener ended, by outcome: tls_found (a "
+               "whole hello), sni_found (one naming a server), not_tls, too_large, malformed "
+               "(bad fields, or an EOF before the whole hello), inspect_timeout."),
+    MetricSpec("l4lb_listener_sni_route_ratio", "gauge", ("listener", "sni", "pool"),
+               "Share (0..1) of an sni route's new connections sent to the pool, as "
+               "l4lb_listener_split_ratio for the listener's default route."),
     MetricSpec("l4lb_listener_active_connections", "gauge", ("listener",),
                "Client connections of the listener open now."),
     MetricSpec("l4lb_listener_split_ratio", "gauge", ("listener", "pool"),
@@ -212,6 +219,12 @@ class BalancerCollector:
                     put("l4lb_listener_split_ratio", [name, pool], pct / 100.0)
             elif row["pool"] is not None:
                 put("l4lb_listener_split_ratio", [name, row["pool"]], 1.0)
+            for outcome, count in (row["inspected"] or {}).items():
+                put("l4lb_listener_inspected_total", [name, outcome], count)
+            for pattern, route in (row["sni"] or {}).items():
+                shares = route.get("split") or {route["pool"]: 100}
+                for pool, pct in shares.items():
+                    put("l4lb_listener_sni_route_ratio", [name, pattern, pool], pct / 100.0)
 
         for pool in b.pools.values():
             rt = pool.runtime

@@ -29,6 +29,7 @@ import time
 from typing import Callable
 
 from . import _native, acl, proxyhooks
+from .sni import SniRoutes, check_sni_pattern
 from .algorithms import HASH_KEY_CODES, create_algorithm
 from .config import BackendConfig, ListenerConfig, PoolConfig
 
@@ -257,7 +258,9 @@ class Pool:
 
 
 class Listener:
-    """A named set of binds routed to one pool or split across several."""
+    """A named set of binds routed to one pool or split across several; with an `sni`
+    table, each server-name pattern is a route of its own (its own pool or split) and
+    the listener's pool/split is the default route."""
 
     def __init__(self, cfg: ListenerConfig, hub, pools: dict[str, Pool]):
         self.name = cfg.name
@@ -266,6 +269,9 @@ class Listener:
         self.servers: dict = {}           # bind (str) -> asyncio server
         self.pool_name: str | None = None
         self.split: dict[str, int] | None = None
+        # sni pattern (normalized) -> {"pool": name} | {"split": {...}}, config order.
+        self.sni_routes: dict[str, dict] = {}
+        self._sni_lookup: SniRoutes | None = None   # pattern -> RouteRuntime, as the relay reads it
         self.configure(cfg, pools)
 
     def configure(self, cfg: ListenerConfig, pools: dict[str, Pool]) -> None:
@@ -281,6 +287,8 @@ class Listener:
         rt.proxy_timeout = cfg.proxy_timeout
         rt.rcvbuf = cfg.rcvbuf
         rt.sndbuf = cfg.sndbuf
+        rt.inspect_timeout = cfg.inspect_timeout
+        rt.max_client_hello = cfg.max_client_hello
         # The listener's own: a switch or split to another pool keeps it.
         rt.queue_timeout = cfg.queue_timeout
         rt.send_proxy = {"off": 0, "v1": 1, "v2": 2}[cfg.send_proxy]
@@ -293,21 +301,67 @@ class Listener:
             self.route_split(dict(cfg.split), pools)
         else:
             self.route_pool(cfg.pool, pools)
+        self._configure_sni(cfg.sni or {}, pools)
 
-    def route_pool(self, pool: str, pools: dict[str, Pool]) -> None:
-        """Send every new connection to `pool` (blue-green switch)."""
-        self.runtime.pool = pools[pool].runtime
-        self.runtime.set_split(None, None)
-        self.pool_name = pool
-        self.split = None
+    def _configure_sni(self, table: dict[str, str], pools: dict[str, Pool]) -> None:
+        """Routes as the config's sni table has them (a reload drops operator changes;
+        the caller re-applies the state file). New RouteRuntimes: relays in flight hold
+        only their pool."""
+        self.sni_routes = {}
+        if not table:
+            self._sni_lookup = None
+            self.runtime.sni_routes = None
+            return
+        lookup = SniRoutes({pattern: _native.RouteRuntime(check_sni_pattern(pattern))
+                            for pattern in table})
+        self._sni_lookup = lookup
+        for pattern, pool in table.items():
+            self.route_pool(pool, pools, sni=pattern)
+        self.runtime.sni_routes = lookup
 
-    def route_split(self, split: dict[str, int], pools: dict[str, Pool]) -> None:
-        """Split new connections across pools by percentage (canary)."""
+    def find_sni_route(self, sni: str) -> str:
+        """The normalized form of `sni`, a pattern of this listener's sni table;
+        KeyError when the table has no such pattern."""
+        try:
+            pattern = check_sni_pattern(sni)
+        except ValueError:
+            raise KeyError(sni) from None
+        if self._sni_lookup is None or pattern not in self._sni_lookup.routes:
+            raise KeyError(sni)
+        return pattern
+
+    def _route_runtime(self, sni: str | None):
+        if sni is None:
+            return self.runtime.route
+        return self._sni_lookup.routes[self.find_sni_route(sni)]
+
+    def route_pool(self, pool: str, pools: dict[str, Pool], sni: str | None = None) -> None:
+        """Send every new connection of the route to `pool` (blue-green switch): the
+        default route, or the sni pattern `sni` (KeyError if the table lacks it)."""
+        route = self._route_runtime(sni)
+        route.pool = pools[pool].runtime
+        route.set_split(None, None)
+        if sni is None:
+            self.pool_name = pool
+            self.split = None
+        else:
+            self.sni_routes[route.pattern] = {"pool": pool}
+
+    def route_split(self, split: dict[str, int], pools: dict[str, Pool],
+                    sni: str | None = None) -> None:
+        """Split new connections of the route across pools by percentage (canary)."""
+        route = self._route_runtime(sni)
         names = [n for n, pct in split.items() if pct > 0] or list(split)
-        self.runtime.set_split([pools[n].runtime for n in names], [split[n] for n in names])
-        self.runtime.pool = pools[names[0]].runtime
-        self.pool_name = None
-        self.split = dict(split)
+        route.set_split([pools[n].runtime for n in names], [split[n] for n in names])
+        route.pool = pools[names[0]].runtime
+        if sni is None:
+            self.pool_name = None
+            self.split = dict(split)
+        else:
+            self.sni_routes[route.pattern] = {"split": dict(split)}
 
-    def route(self) -> dict:
+    def route(self, sni: str | None = None) -> dict:
+        """The route's {pool} or {split}: the default route, or sni pattern `sni`'s."""
+        if sni is not None:
+            return dict(self.sni_routes[self.find_sni_route(sni)])
         return {"split": self.split} if self.split else {"pool": self.pool_name}

@@ -54,4 +54,9 @@ def listener_row(listener) -> dict:
         "active": rt.active,
         "accepted": rt.accepted,
         "rejected": dict(rt.rejected),
+        # sni listeners only (None otherwise): each pattern's route, and how the
+        # ClientHello inspections ended (tls_found, sni_found, not_tls, too_large,
+        # malformed, inspect_timeout).
+        "sni": {p: dict(r) for p, r in listener.sni_routes.items()} if rt.sni_routes else None,
+        "inspected": rt.inspection_counts() if rt.sni_routes else None,
     }

@@ -17,6 +17,8 @@ File format (written by the `toml` package, checked by reading it back with toml
     weight = 1
     [listeners.web]                # `switch` or `split`
     pool = "green"                 # or: split = { blue = 80, green = 20 }
+    [listeners."tls/*.example.com"]  # the same, for one sni route (LISTENER/PATTERN)
+    split = { web = 90, web-canary = 10 }
 
 Every entry read back is checked by the rules the config and the control commands use
 (names, weight bounds and state words from l4lb.vocab, addresses from l4lb.address, split
@@ -39,6 +41,7 @@ import toml
 
 from . import vocab
 from .address import parse_address
+from .sni import check_sni_pattern
 from .trust import untrusted_reason
 
 STATE_VERSION = 1
@@ -53,7 +56,7 @@ class RuntimeState:
     backends: dict[str, dict] = field(default_factory=dict)   # "pool/name" -> {state, weight}
     added: dict[str, dict] = field(default_factory=dict)      # "pool/name" -> {address, weight}
     removed: list[str] = field(default_factory=list)          # "pool/name"
-    listeners: dict[str, dict] = field(default_factory=dict)  # name -> {pool} | {split}
+    listeners: dict[str, dict] = field(default_factory=dict)  # route_key -> {pool} | {split}
     # Entries skipped when read from the file (StateIssue); never written back.
     issues: list = field(default_factory=list, compare=False, repr=False)
 
@@ -155,7 +158,7 @@ class RuntimeState:
                 self.removed.append(ref)
 
     def _read_listeners(self, section) -> None:
-        self.listeners.update(_read_tables(self, "listeners", section, vocab.check_name,
+        self.listeners.update(_read_tables(self, "listeners", section, _checked_route_key,
                                            _checked_route))
 
 
@@ -241,6 +244,27 @@ def _checked_added(entry: dict) -> dict:
     address = parse_address(entry["address"])
     weight = vocab.check_weight(entry.get("weight", vocab.WEIGHT_DEFAULT))
     return {"address": str(address), "weight": weight}
+
+
+def route_key(listener: str, sni: str | None) -> str:
+    """The state file's key of a route: LISTENER, or LISTENER/PATTERN for an sni route
+    (the pattern normalized, as l4lb.sni.check_sni_pattern gives it)."""
+    return listener if sni is None else f"{listener}/{sni}"
+
+
+def split_route_key(key: str) -> tuple[str, str | None]:
+    """(listener, sni pattern or None) of a route_key."""
+    listener, slash, sni = key.partition("/")
+    return listener, (sni if slash else None)
+
+
+def _checked_route_key(key) -> str:
+    """A route_key whose listener name and sni pattern are valid; the pattern normalized."""
+    if not isinstance(key, str):
+        raise ValueError(f"want LISTENER or LISTENER/SNI, got {vocab.show_briefly(key)}")
+    listener, sni = split_route_key(key)
+    vocab.check_name(listener)
+    return route_key(listener, None if sni is None else check_sni_pattern(sni))
 
 
 def _checked_route(route: dict) -> dict:

@@ -6,10 +6,12 @@ from l4lb.includes.system cimport sockaddr_storage
 # A relay's states. Every write goes through relay_set_state (relay.pxi), which checks
 # it against RELAY_NEXT under L4LB_DEBUG. The diagram:
 #
-#   NEW ──────────┬──> HEADER ──> CONNECTING <──┬──> QUEUED
-#   (accepted)    └──────────────>    │         └─── (a slot freed)
-#                                     v
-#                                   OPEN
+#   NEW ──> [HEADER] ──> [INSPECT] ──> CONNECTING <──┬──> QUEUED
+#   (accepted) (accept_proxy) (sni)          │         └─── (a slot freed)
+#                                            v
+#                                          OPEN
+#   A [state] is skipped when the listener does not need it (NEW -> INSPECT,
+#   NEW -> CONNECTING and HEADER -> CONNECTING are moves too).
 #   and every state but CLOSED ──> CLOSED (rejected, refused, reset, timed out, done)
 #
 # A retry after a failed connect stays in CONNECTING (no write).
@@ -20,16 +22,19 @@ cdef enum:
     RELAY_QUEUED = 3        # every eligible backend is at max_connections; waiting for a slot
     RELAY_OPEN = 4          # both sides connected; bytes flow
     RELAY_CLOSED = 5        # finished: counters settled, unlinked from the hub
-    RELAY_STATES = 6        # how many states there are
+    RELAY_INSPECT = 6       # an sni listener: peeking at the client's ClientHello
+    RELAY_STATES = 7        # how many states there are
 
 # RELAY_NEXT[state]: the bit set of the states it may move to (1 << RELAY_X each).
 cdef enum:
-    RELAY_NEXT_NEW = (1 << RELAY_HEADER) | (1 << RELAY_CONNECTING) | (1 << RELAY_CLOSED)
-    RELAY_NEXT_HEADER = (1 << RELAY_CONNECTING) | (1 << RELAY_CLOSED)
+    RELAY_NEXT_NEW = ((1 << RELAY_HEADER) | (1 << RELAY_INSPECT) | (1 << RELAY_CONNECTING)
+                      | (1 << RELAY_CLOSED))
+    RELAY_NEXT_HEADER = (1 << RELAY_INSPECT) | (1 << RELAY_CONNECTING) | (1 << RELAY_CLOSED)
     RELAY_NEXT_CONNECTING = (1 << RELAY_QUEUED) | (1 << RELAY_OPEN) | (1 << RELAY_CLOSED)
     RELAY_NEXT_QUEUED = (1 << RELAY_CONNECTING) | (1 << RELAY_CLOSED)
     RELAY_NEXT_OPEN = 1 << RELAY_CLOSED
     RELAY_NEXT_CLOSED = 0
+    RELAY_NEXT_INSPECT = (1 << RELAY_CONNECTING) | (1 << RELAY_CLOSED)
 
 
 @cython.final
@@ -53,11 +58,14 @@ cdef class Relay:
     cdef readonly int64_t bytes_out   # backend -> client
     cdef readonly double started      # _now() at accept
     cdef double last_active           # hub.now at the last byte either way
-    cdef double deadline              # connect / queue / header deadline, by state
+    cdef double deadline              # connect / queue / header / inspect deadline, by state
     cdef double connect_started       # _now() when the connect to target began
     cdef public str close_reason      # why it closed (the access log's reason); None while live
     cdef Relay prev                   # the previous live relay in the hub's list
     cdef Relay next                   # the next live relay in the hub's list
+    cdef readonly str sni             # the ClientHello's server name (sni listeners), or None
+    cdef readonly tuple alpn          # its ALPN protocols, or None (no hello read)
+    cdef readonly str route           # the sni pattern that routed it, or None (default route)
     cdef public object local_addr     # (host, port) the client connected to, when needed
                                       # (set from an accepted PROXY header's destination)
     cdef object gate                  # the gate that admitted this relay: gate.release(self)
@@ -78,7 +86,10 @@ cdef class Relay:
                        sockaddr_storage* ss)
     cdef void reject(self, str reason)
     cdef void admit(self)
-    cdef PoolRuntime choose_pool(self)
+    cdef PoolRuntime choose_pool(self, RouteRuntime route)
+    cdef void route_client(self, RouteRuntime route)
+    cdef void inspect_hello(self, bint client_eof)
+    cdef void end_inspection(self, int outcome, object route)
     cdef void start_connect(self)
     cdef void open_backend_connection(self, Target t)
     cdef void connect_address(self, int family, object host, int port)

@@ -27,6 +27,15 @@
 # - accept_proxy: the header is peeked at, parsed by the listener's hook and taken off
 #   the socket exactly; what follows stays in the kernel for the pump. send_proxy: the
 #   header is written with send() before the first byte of the client's.
+# - sni (a listener with an sni table): after the gate (and any PROXY header) the relay
+#   peeks at the stream's first max_client_hello bytes on each client edge (RELAY_INSPECT)
+#   and lets the ClientHello scan (sni.pxi) judge them, as HAProxy's req.ssl_sni with
+#   tcp-request inspect-delay and nginx's ssl_preread do. A server name picks its route
+#   (l4lb/sni.py: exact, then longest wildcard), which has its own pool or split; every
+#   other outcome (no name, no match, not TLS, malformed, truncated by an EOF, too large,
+#   nothing decisive within inspect_timeout) takes the listener's default route. Each
+#   outcome is counted per listener. Nothing is taken off the socket: the backend gets
+#   the hello byte for byte, and the TLS session stays end to end.
 # - Half close: one direction's EOF becomes shutdown(SHUT_WR) on the other socket; both
 #   done -> close. A reset either way closes both with SO_LINGER 0, so the other side
 #   sees the reset too; timeouts and kills close plainly.
@@ -54,12 +63,13 @@ cdef enum:
 SPLICE_HEADER_PEEK = HEADER_PEEK
 
 # RELAY_* by number, as show conns and the access log name them.
-RELAY_STATE_NAMES = ("new", "header", "connecting", "queued", "open", "closed")
+RELAY_STATE_NAMES = ("new", "header", "connecting", "queued", "open", "closed", "inspect")
 
 # RELAY_NEXT_* by state (relay.pxd): the transition table relay_set_state checks.
 cdef int RELAY_NEXT[RELAY_STATES]
 RELAY_NEXT[:] = [RELAY_NEXT_NEW, RELAY_NEXT_HEADER, RELAY_NEXT_CONNECTING,
-                 RELAY_NEXT_QUEUED, RELAY_NEXT_OPEN, RELAY_NEXT_CLOSED]
+                 RELAY_NEXT_QUEUED, RELAY_NEXT_OPEN, RELAY_NEXT_CLOSED,
+                 RELAY_NEXT_INSPECT]
 
 
 cdef inline int relay_set_state(Relay r, int state) except -1:
@@ -283,7 +293,8 @@ cdef class Relay:
             self.hub.access_log(self, reason)
 
     cdef void admit(self):
-        """Check the gate, choose the pool and start connecting (after any PROXY header)."""
+        """Check the gate, then read the ClientHello (an sni listener) or choose the pool
+        and start connecting (after any PROXY header)."""
         cdef ListenerRuntime lst = self.listener
         if lst.gate is not None:
             reason = lst.gate.admit(self)
@@ -293,7 +304,19 @@ cdef class Relay:
                 return
             self.gate = lst.gate             # so finish() releases to the gate that admitted
         lst.accepted += 1
-        self.pool = self.choose_pool()
+        if lst.sni_routes is not None:
+            relay_set_state(self, RELAY_INSPECT)
+            self.deadline = _now() + lst.inspect_timeout
+            if lst.accept_proxy:
+                # Bytes after the PROXY header may be all there is: no edge will come.
+                self.inspect_hello(False)
+            # Otherwise the registration's first edge reports what arrived.
+            return
+        self.route_client(lst.route)
+
+    cdef void route_client(self, RouteRuntime route):
+        """Choose the pool of `route` (a split draws one) and start connecting."""
+        self.pool = self.choose_pool(route)
         if self.pool is None:
             self.close_both("no_pool", True)
             return
@@ -302,21 +325,84 @@ cdef class Relay:
         relay_set_state(self, RELAY_CONNECTING)
         self.start_connect()
 
-    cdef PoolRuntime choose_pool(self):
+    cdef PoolRuntime choose_pool(self, RouteRuntime route):
         cdef ListenerRuntime lst = self.listener
         cdef uint64_t draw
         cdef int i
-        if lst.split_pools is None:
-            return lst.pool
+        if route.split_pools is None:
+            return route.pool
         if lst.sticky_split:
             draw = _address_key(self.client_host, 0, HASH_KEY_SRC_IP) % 100
         else:
             draw = splitmix64_next(&self.hub.rng) % 100
-        bounds = lst.split_bounds
+        bounds = route.split_bounds
         for i in range(len(bounds)):
             if draw < <uint64_t>bounds[i]:
-                return lst.split_pools[i]
-        return lst.split_pools[len(bounds) - 1]
+                return route.split_pools[i]
+        return route.split_pools[len(bounds) - 1]
+
+    cdef void inspect_hello(self, bint client_eof):
+        """An sni listener: peek at the stream's first max_client_hello bytes and let the
+        parser (sni.pxi) judge them; one peek per edge while inspecting, none after.
+        The bytes stay in the kernel and reach the backend untouched. A hello naming
+        a server takes that name's route; no name, no match, not TLS, malformed, too
+        large, or an EOF before a whole hello: the listener's default route. Not yet
+        decided: wait for the next edge (the sweep ends the wait at inspect_timeout)."""
+        cdef ListenerRuntime lst = self.listener
+        cdef unsigned char buf[SNI_MAX_CLIENT_HELLO_LIMIT]
+        cdef Py_ssize_t cap = lst.max_client_hello
+        cdef ssize_t n
+        cdef sni_scan scan
+        cdef int status
+        if cap < 1 or cap > SNI_MAX_CLIENT_HELLO_LIMIT:
+            cap = SNI_MAX_CLIENT_HELLO
+        n = c_recv(self.cfd, buf, <size_t>cap, MSG_PEEK)
+        if n < 0:
+            if errno == EAGAIN or errno == EINTR:
+                return
+            self.close_both("client_gone", True)
+            return
+        if n == 0:
+            # EOF before any byte: nothing to judge; the backend sees the FIN.
+            self.end_inspection(SNI_NOT_TLS, None)
+            return
+        self.last_active = self.hub.now
+        status = sni_scan_hello(buf, n, cap, &scan)
+        if status < 0:
+            # No memory to gather a hello spread over records: it cannot be held, as
+            # one past the cap cannot.
+            sni_scan_release(&scan)
+            self.end_inspection(SNI_TOO_LARGE, None)
+            return
+        if status == SNI_NEED_MORE:
+            sni_scan_release(&scan)
+            if client_eof:
+                self.end_inspection(SNI_MALFORMED, None)   # truncated: no more will come
+            return
+        if status != SNI_FOUND:
+            sni_scan_release(&scan)
+            self.end_inspection(status, None)
+            return
+        try:
+            _, _, self.sni, self.alpn = sni_scan_result(status, &scan)
+        finally:
+            sni_scan_release(&scan)
+        if self.sni is not None:
+            lst.inspected[INSPECT_SNI_FOUND] += 1
+        routes = lst.sni_routes          # None if a reload dropped the table meanwhile
+        self.end_inspection(SNI_FOUND, None if routes is None else routes.route(self.sni))
+
+    cdef void end_inspection(self, int outcome, object route):
+        """Count the inspection's `outcome` and route the client: by `route`, the
+        RouteRuntime its name matched, or the listener's default route when None."""
+        cdef ListenerRuntime lst = self.listener
+        lst.inspected[outcome] += 1
+        self.c_readable = True           # the peeked bytes wait for the pump
+        if route is None:
+            self.route_client(lst.route)
+            return
+        self.route = (<RouteRuntime>route).pattern
+        self.route_client(<RouteRuntime>route)
 
     cdef void read_proxy_header(self, bint client_eof):
         """accept_proxy: peek at what the client sent, let the listener's header hook
@@ -575,6 +661,12 @@ cdef class Relay:
                 if self.state == RELAY_HEADER:
                     self.read_proxy_header((ev & (EPOLLRDHUP | EPOLLHUP)) != 0)
                     return
+                if self.state == RELAY_INSPECT:
+                    if ev & EPOLLERR:
+                        self.close_both("client_gone", True)
+                    else:
+                        self.inspect_hello((ev & (EPOLLRDHUP | EPOLLHUP)) != 0)
+                    return
                 # Connecting or queued: a client that reset or vanished is let go now;
                 # a mere FIN (a request sent whole) waits in the socket for the backend.
                 if ev & (EPOLLERR | EPOLLHUP):
@@ -689,6 +781,11 @@ cdef class Relay:
             if now >= self.deadline:
                 lst.count_rejected("proxy_timeout")
                 self.close_both("proxy_timeout", True)
+        elif self.state == RELAY_INSPECT:
+            if now >= self.deadline:
+                # As HAProxy's inspect-delay: the wait ends, the default route applies,
+                # and whatever the client did send is relayed as it is.
+                self.end_inspection(INSPECT_TIMEOUT, None)
 
     # --- read-only facts for the control plane ----------------------------------------
 

@@ -38,12 +38,31 @@ cdef class PoolRuntime:
     cdef public int64_t queue_timeouts  # queued clients closed by their queue_timeout
 
 
-cdef class ListenerRuntime:
-    cdef readonly str name            # listener name
-    cdef public Hub hub               # the loop's data-path state
+# Outcomes of a ClientHello inspection, counted per listener: the parser's SNI_FOUND,
+# SNI_NOT_TLS, SNI_TOO_LARGE, SNI_MALFORMED by their own numbers (sni.pxd), and these.
+cdef enum:
+    INSPECT_TIMEOUT = 5       # nothing decisive arrived within inspect_timeout
+    INSPECT_SNI_FOUND = 6     # SNI_FOUND with a server name in it (also counted as found)
+    INSPECT_OUTCOMES = 7      # size of ListenerRuntime.inspected
+
+
+cdef class RouteRuntime:
+    # Where new connections of one route go: a listener's default route, or one of its
+    # sni patterns. Written by the control plane (switch, split, reload).
+    cdef readonly str pattern         # the sni pattern (normalized), or None: the default
     cdef public PoolRuntime pool      # the active pool, when there is no split
     cdef public list split_pools      # PoolRuntime per split side, or None
     cdef public list split_bounds     # cumulative percentages matching split_pools
+
+
+cdef class ListenerRuntime:
+    cdef readonly str name            # listener name
+    cdef public Hub hub               # the loop's data-path state
+    cdef readonly RouteRuntime route  # the default route: no sni, no match, not TLS
+    cdef public object sni_routes     # l4lb.sni.SniRoutes of RouteRuntime, or None: no inspection
+    cdef public double inspect_timeout  # seconds to wait for a decisive ClientHello
+    cdef public int max_client_hello  # bytes of the stream the ClientHello must fit in
+    cdef int64_t inspected[INSPECT_OUTCOMES]  # inspections ended, by outcome (SNI_*, INSPECT_*)
     cdef public bint sticky_split     # a client IP always lands on the same side
     cdef public double connect_timeout  # seconds for one backend connect (all its addresses)
     cdef public double idle_timeout   # seconds without a byte either way before a close

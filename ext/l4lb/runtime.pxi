@@ -98,28 +98,14 @@ cdef class PoolRuntime:
         relay_serve_queue(self)
 
 
-cdef class ListenerRuntime:
-    """A listener on the data path: where its clients go and its limits and counters."""
+cdef class RouteRuntime:
+    """One route of a listener: its pool, or a split across pools."""
 
-    def __init__(self, str name, Hub hub):
-        self.name = name
-        self.hub = hub
+    def __init__(self, str pattern=None):
+        self.pattern = pattern
         self.pool = None
         self.split_pools = None
         self.split_bounds = None
-        self.sticky_split = True
-        self.connect_timeout = 2.0
-        self.idle_timeout = 600.0
-        self.queue_timeout = 5.0
-        self.retries = 2
-        self.max_connections = 10000
-        self.rejected = {}
-        self.gate = None
-        self.send_proxy = 0
-        self.accept_proxy = False
-        self.proxy_timeout = 5.0
-        self.header_hook = None
-        self.proxy_encoder = None
 
     def set_split(self, list pools, list percents):
         """Route new clients to `pools` by `percents` (summing to 100); None/None = no split."""
@@ -136,6 +122,45 @@ cdef class ListenerRuntime:
             raise ValueError("split percentages must sum to 100")
         self.split_pools = list(pools)
         self.split_bounds = bounds
+
+    def __repr__(self):
+        return f"<RouteRuntime {self.pattern or '(default)'}>"
+
+
+# ListenerRuntime.inspection_counts() keys by outcome number (None: not an outcome).
+INSPECT_OUTCOME_NAMES = (None, "tls_found", "not_tls", "too_large", "malformed",
+                         "inspect_timeout", "sni_found")
+
+
+cdef class ListenerRuntime:
+    """A listener on the data path: where its clients go and its limits and counters."""
+
+    def __init__(self, str name, Hub hub):
+        self.name = name
+        self.hub = hub
+        self.route = RouteRuntime()
+        self.sni_routes = None
+        self.inspect_timeout = 5.0
+        self.max_client_hello = SNI_MAX_CLIENT_HELLO
+        self.sticky_split = True
+        self.connect_timeout = 2.0
+        self.idle_timeout = 600.0
+        self.queue_timeout = 5.0
+        self.retries = 2
+        self.max_connections = 10000
+        self.rejected = {}
+        self.gate = None
+        self.send_proxy = 0
+        self.accept_proxy = False
+        self.proxy_timeout = 5.0
+        self.header_hook = None
+        self.proxy_encoder = None
+
+    def inspection_counts(self):
+        """{outcome: count} of the ClientHello inspections ended (sni listeners):
+        tls_found, sni_found, not_tls, too_large, malformed, inspect_timeout."""
+        return {INSPECT_OUTCOME_NAMES[i]: self.inspected[i]
+                for i in range(1, INSPECT_OUTCOMES)}
 
     def count_rejected(self, str reason):
         self.rejected[reason] = self.rejected.get(reason, 0) + 1

@@ -91,6 +91,8 @@ class CommandHandlers:
                 "pool": r.pool_name,
                 "backend": r.backend_name,
                 "state": r.state_name,
+                "sni": r.sni,
+                "route": r.route,
                 "age_s": round(now - r.started, 3),
                 "bytes_in": r.bytes_in,
                 "bytes_out": r.bytes_out,
@@ -134,12 +136,12 @@ class CommandHandlers:
     # --- listeners and process -------------------------------------------------------------
 
     @handles("switch")
-    async def switch(self, listener, pool):
-        return await self.operator.switch(listener, pool)
+    async def switch(self, listener, sni, pool):
+        return await self.operator.switch(listener, pool, sni)
 
     @handles("split")
-    async def split(self, listener, split):
-        return await self.operator.split(listener, split)
+    async def split(self, listener, sni, split):
+        return await self.operator.split(listener, split, sni)
 
     @handles("reload")
     async def reload(self):

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import vocab
+from ..sni import check_sni_pattern
 from ..address import parse_address
 
 __all__ = [
@@ -98,6 +99,7 @@ class ArgKind(enum.Enum):
     TIMEOUT = "timeout"  # seconds, > 0, finite -> float
     ADDRESS = "address"  # HOST:PORT, [IPv6]:PORT -> (host, port)
     SPLIT = "split"  # POOL=PCT ... summing to 100 -> {pool: pct} in the given order
+    ROUTE = "route"  # LISTENER[/SNI] -> {"listener": str, "sni": str|None (normalized pattern)}
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,8 @@ class ArgSpec:
         """The keys this argument sets in Command.args."""
         if self.kind in (ArgKind.BACKEND_REF, ArgKind.BACKEND_FILTER):
             return ("pool", "backend")
+        if self.kind is ArgKind.ROUTE:
+            return ("listener", "sni")
         return (self.key,)
 
 
@@ -159,6 +163,8 @@ class CommandSpec:
 
 
 _BACKEND = ArgSpec(ArgKind.BACKEND_REF, "backend", "POOL/BACKEND")
+# A listener's default route, or one of its sni routes by pattern as the config writes it.
+_ROUTE = ArgSpec(ArgKind.ROUTE, "listener", "LISTENER[/SNI]")
 _TIMEOUT = ArgSpec(ArgKind.TIMEOUT, "timeout", "TIMEOUT", optional=True)
 _STATE_REPLY = ("pool", "backend", "state", "previous")
 # `by deploy`: l4lb deploy marks the admin states it sets (vocab.SET_BY_WORDS).
@@ -175,7 +181,8 @@ COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec(
         ("show", "listeners"), (), "every listener with its pool or split and counters",
         reply=("listeners",),
-        rows=("name", "bind", "pool", "split", "splice", "active", "accepted", "rejected"),
+        rows=("name", "bind", "pool", "split", "splice", "active", "accepted", "rejected",
+              "sni", "inspected"),
     ),
     CommandSpec(
         ("show", "backends"), (ArgSpec(ArgKind.NAME, "pool", "POOL", optional=True),),
@@ -191,8 +198,8 @@ COMMANDS: tuple[CommandSpec, ...] = (
         (ArgSpec(ArgKind.BACKEND_FILTER, "pool", "POOL[/BACKEND]", optional=True),),
         "open connections; all, one pool's or one backend's",
         reply=("conns",),
-        rows=("id", "client", "listener", "pool", "backend", "state", "age_s", "bytes_in",
-              "bytes_out"),
+        rows=("id", "client", "listener", "pool", "backend", "state", "sni", "route", "age_s",
+              "bytes_in", "bytes_out"),
     ),
     CommandSpec(("enable",), (_BACKEND,), "put a backend in rotation (state up)",
                 reply=_STATE_REPLY),
@@ -234,16 +241,16 @@ COMMANDS: tuple[CommandSpec, ...] = (
                 reply=("pool", "backend")),
     CommandSpec(
         ("switch",),
-        (ArgSpec(ArgKind.NAME, "listener", "LISTENER"), ArgSpec(ArgKind.NAME, "pool", "POOL")),
-        "blue-green: send all new connections of LISTENER to POOL",
-        reply=("listener", "pool", "previous"),
+        (_ROUTE, ArgSpec(ArgKind.NAME, "pool", "POOL")),
+        "blue-green: send all new connections of LISTENER (or of its sni route SNI) to POOL",
+        reply=("listener", "sni", "pool", "previous"),
     ),
     CommandSpec(
         ("split",),
-        (ArgSpec(ArgKind.NAME, "listener", "LISTENER"),
-         ArgSpec(ArgKind.SPLIT, "split", "POOL=PCT")),
-        "canary: share LISTENER's new connections between pools, percentages summing to 100",
-        reply=("listener", "split", "previous"),
+        (_ROUTE, ArgSpec(ArgKind.SPLIT, "split", "POOL=PCT")),
+        "canary: share new connections of LISTENER (or of its sni route SNI) between pools, "
+        "percentages summing to 100",
+        reply=("listener", "sni", "split", "previous"),
     ),
     CommandSpec(("reload",), (), "re-read the config file; a bad file changes nothing",
                 reply=("changes",)),
@@ -305,6 +312,17 @@ def _parse_backend_filter(spec: ArgSpec, text: str) -> dict[str, Any]:
     if "/" in text:
         return _parse_backend_ref(spec, text)
     return {"pool": _check_name(text, "POOL"), "backend": None}
+
+
+def _parse_route(spec: ArgSpec, text: str) -> dict[str, Any]:
+    listener, slash, pattern = text.partition("/")
+    if not slash:
+        return {"listener": _check_name(listener, "LISTENER"), "sni": None}
+    try:
+        sni = check_sni_pattern(pattern)
+    except ValueError as exc:
+        raise ControlError(f"bad SNI in {_quote(text)}: {exc}") from None
+    return {"listener": _check_name(listener, "LISTENER"), "sni": sni}
 
 
 def _parse_natural(text: str) -> int | None:
@@ -372,6 +390,7 @@ _ARG_PARSERS: dict[ArgKind, Callable[[ArgSpec, str], dict[str, Any]]] = {
     ArgKind.COUNT: _parse_count,
     ArgKind.TIMEOUT: _parse_timeout,
     ArgKind.ADDRESS: _parse_address,
+    ArgKind.ROUTE: _parse_route,
 }
 
 

@@ -30,7 +30,7 @@ def relay_to(hub, port: int):
     pool = _native.PoolRuntime("p", algo)
     pool.add_target(_native.Target("p", "b", "127.0.0.1", port, slot))
     listener = _native.ListenerRuntime("web", hub)
-    listener.pool = pool
+    listener.route.pool = pool
     return listener
 
 

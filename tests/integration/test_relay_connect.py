@@ -75,7 +75,7 @@ class Relaying:
             pool.add_target(target)
             self.targets.append(target)
         self.listener = _native.ListenerRuntime("web", self.hub)
-        self.listener.pool = pool
+        self.listener.route.pool = pool
         self.listener.retries = retries
         sock = open_listening_socket(Address("127.0.0.1", 0))
         self.port = sock.getsockname()[1]

@@ -212,6 +212,24 @@ CASES = [
     ("pool name unusable in control commands",
      BASE + '[pools."x y"]\n',
      'pools."x y"', '[pools."x y"]', "bad name 'x y'"),
+    ("sni route to a pool that does not exist",
+     edit('pool = "blue"', 'pool = "blue"\nsni = { "api.test" = "red" }'),
+     'listeners.web.sni."api.test"', "sni =", "no pool named 'red'"),
+    ("sni pattern that is a bare star",
+     edit('pool = "blue"', 'pool = "blue"\nsni = { "*" = "green" }'),
+     'listeners.web.sni."*"', "sni =", "matches every name"),
+    ("sni pattern with a star inside",
+     edit('pool = "blue"', 'pool = "blue"\nsni = { "a.*.test" = "green" }'),
+     'listeners.web.sni."a.*.test"', "sni =", "may only be the whole first label"),
+    ("sni patterns that are the same name",
+     edit('pool = "blue"', 'pool = "blue"\nsni = { "a.test" = "green", "A.Test." = "blue" }'),
+     'listeners.web.sni."A.Test."', "sni =", "same name as 'a.test'"),
+    ("sni that is not a table",
+     edit('pool = "blue"', 'pool = "blue"\nsni = "a.test"'),
+     "listeners.web.sni", "sni =", "must be a table of"),
+    ("max_client_hello past the parser's limit",
+     edit('pool = "blue"', 'pool = "blue"\nmax_client_hello = 65537'),
+     "listeners.web.max_client_hello", "max_client_hello", "from 1 to 65536"),
     ("control socket path too long for a Unix socket",
      f'[control]\nsocket = "/{"s" * 120}.sock"\n',
      "control.socket", "socket", "Unix socket paths are limited to 107"),
@@ -328,6 +346,14 @@ def test_relative_socket_is_taken_from_the_config_folder_not_the_cwd(tmp_path, m
     assert load_config("etc/lb.toml").control.socket == tmp_path / "etc" / "run" / "ctl.sock"
     absolute = parse_config('[control]\nsocket = "/run/x.sock"\n' + MINIMAL, path)
     assert absolute.control.socket == Path("/run/x.sock")
+
+
+def test_sni_table_keeps_the_patterns_as_written_with_their_pools():
+    config = parse_config(edit('pool = "blue"', 'pool = "blue"\nsni = { "API.test" = "green", '
+                               '"*.web.test" = "blue" }\ninspect_timeout = 1.5'), "conf.toml")
+    listener = config.listeners["web"]
+    assert listener.sni == {"API.test": "green", "*.web.test": "blue"}
+    assert (listener.inspect_timeout, listener.max_client_hello) == (1.5, 16384)
 
 
 def test_cidrs_are_normalized_and_accept_bare_addresses():

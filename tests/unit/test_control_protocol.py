@@ -70,15 +70,15 @@ VALID_COMMANDS = [
             {"pool": "blue", "backend": "app3", "address": ("db.example.com", 5432), "weight": 1},
         ),
     ),
-    (b"switch web green", Command("switch", {"listener": "web", "pool": "green"})),
+    (b"switch web green", Command("switch", {"listener": "web", "sni": None, "pool": "green"})),
     (
         b"split web blue=90 green=10",
-        Command("split", {"listener": "web", "split": {"blue": 90, "green": 10}}),
+        Command("split", {"listener": "web", "sni": None, "split": {"blue": 90, "green": 10}}),
     ),
-    (b"split web green=100", Command("split", {"listener": "web", "split": {"green": 100}})),
+    (b"split web green=100", Command("split", {"listener": "web", "sni": None, "split": {"green": 100}})),
     (
         b"split web a=0 b=33 c=67",
-        Command("split", {"listener": "web", "split": {"a": 0, "b": 33, "c": 67}}),
+        Command("split", {"listener": "web", "sni": None, "split": {"a": 0, "b": 33, "c": 67}}),
     ),
     (b"reload", Command("reload", {})),
     (b"shutdown", Command("shutdown", {"timeout": None})),
@@ -101,6 +101,30 @@ def test_command_words_are_case_insensitive_but_names_are_not():
 
 def test_extra_whitespace_and_crlf_remains_are_ignored():
     assert parse_command(b"  weight\tblue/app1   5 \r") == parse_command(b"weight blue/app1 5")
+
+
+@pytest.mark.parametrize(("line", "listener", "sni"), [
+    (b"switch tls/api.example.com green", "tls", "api.example.com"),
+    (b"switch tls/*.Example.COM. green", "tls", "*.example.com"),
+    (b"switch tls green", "tls", None),
+])
+def test_switch_names_a_listener_or_one_of_its_sni_routes(line, listener, sni):
+    cmd = parse_command(line)
+    assert (cmd.args["listener"], cmd.args["sni"], cmd.args["pool"]) == (listener, sni, "green")
+
+
+def test_split_names_an_sni_route_by_its_wildcard_pattern():
+    cmd = parse_command(b"split tls/*.example.com web=90 canary=10")
+    assert cmd.args == {"listener": "tls", "sni": "*.example.com",
+                        "split": {"web": 90, "canary": 10}}
+
+
+@pytest.mark.parametrize("line", [b"switch tls/ green", b"switch tls/* green",
+                                  b"switch tls/a..b green", b"split tls/a.*.b x=100",
+                                  b"switch bad!name/a.test green"])
+def test_a_route_with_a_bad_sni_pattern_or_listener_is_refused(line):
+    with pytest.raises(ControlError):
+        parse_command(line)
 
 
 def test_parsed_split_keeps_the_order_given():
@@ -252,8 +276,8 @@ def test_help_usage_lines_match_design_md_section_6():
         "wait POOL/BACKEND [TIMEOUT]",
         "weight POOL/BACKEND N",
         "add POOL BACKEND HOST:PORT [weight N]",
-        "switch LISTENER POOL",
-        "split LISTENER POOL=PCT ...",
+        "switch LISTENER[/SNI] POOL",          # issue 18: /SNI names an sni route
+        "split LISTENER[/SNI] POOL=PCT ...",
         "shutdown [TIMEOUT]",
     } <= usages
 

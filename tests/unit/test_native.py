@@ -51,8 +51,8 @@ def test_relay_runtime_classes_construct():
         pool = l4lb._native.PoolRuntime("p", l4lb._native.RoundRobin())
         pool.add_target(l4lb._native.Target("p", "a", "127.0.0.1", 1, 0))
         listener = l4lb._native.ListenerRuntime("l", hub)
-        listener.pool = pool
-        listener.set_split([pool], [100])
+        listener.route.pool = pool
+        listener.route.set_split([pool], [100])
         assert hub.relays() == []
         hub.sweep()
     finally:
@@ -72,10 +72,13 @@ def test_the_relay_moves_along_its_transition_table():
     walk = l4lb._native._relay_walk
     assert walk(["header", "connecting", "queued", "connecting", "open", "closed"]) == "closed"
     assert walk(["closed"]) == "closed"                 # rejected before admission
+    assert walk(["header", "inspect", "connecting", "open", "closed"]) == "closed"
+    assert walk(["inspect", "connecting", "queued", "connecting", "open"]) == "open"
 
 
 BAD_PATHS = [["open"], ["queued"], ["connecting", "header"],
-             ["connecting", "closed", "connecting"], ["connecting", "open", "queued"]]
+             ["connecting", "closed", "connecting"], ["connecting", "open", "queued"],
+             ["inspect", "open"], ["inspect", "header"], ["connecting", "inspect"]]
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 from l4lb import vocab
 from l4lb.address import parse_address
 from l4lb.control.server import ControlSocketError, open_control_socket
-from l4lb.state import RuntimeState, StateFileError, StateIssue, load_state, save_state
+from l4lb.sni import check_sni_pattern
+from l4lb.state import (RuntimeState, StateFileError, StateIssue, load_state, route_key,
+                        save_state, split_route_key)
 from l4lb.trust import untrusted_reason
 
 OTHER_UID = 65534            # nobody
@@ -27,7 +29,8 @@ GOOD = {
     "backends": {"blue/app1": {"state": "maint", "weight": 50}},
     "added": {"blue/app4": {"address": "127.0.0.1:9004", "weight": 3}},
     "removed": ["blue/app3"],
-    "listeners": {"web": {"split": {"blue": 80, "green": 20}}, "api": {"pool": "green"}},
+    "listeners": {"web": {"split": {"blue": 80, "green": 20}}, "api": {"pool": "green"},
+                  "tls/*.example.com": {"pool": "green"}},
 }
 
 
@@ -58,6 +61,9 @@ GOOD = {
     ("listeners", "web2", {"pool": "blue", "split": {"blue": 100}}, "needs pool or split"),
     ("listeners", "web2", {}, "needs pool or split"),
     ("listeners", "", {"pool": "blue"}, "bad name ''"),
+    ("listeners", "tls/*", {"pool": "blue"}, "matches every name"),
+    ("listeners", "tls/a..test", {"pool": "blue"}, "empty label"),
+    ("listeners", "x y/a.test", {"pool": "blue"}, "bad name 'x y'"),
 ])
 def test_a_bad_entry_is_skipped_and_reported_while_the_rest_applies(section, key, entry, words):
     data = {name: (dict(value) if isinstance(value, dict) else list(value))
@@ -95,6 +101,13 @@ def test_values_that_used_to_crash_the_start_load_as_issues(tmp_path):
     assert state.backends == {"blue/d": {"weight": 20}}
     assert state.listeners == {}
     assert [i.key for i in state.issues] == ["blue/a", "blue/b", "blue/c", "web"]
+
+
+def test_an_sni_route_key_is_kept_with_its_pattern_normalized():
+    state = state_of(listeners={"tls/API.Example.com.": {"split": {"a": 50, "b": 50}}})
+    assert state.listeners == {"tls/api.example.com": {"split": {"a": 50, "b": 50}}}
+    assert split_route_key("tls/api.example.com") == ("tls", "api.example.com")
+    assert route_key("tls", None) == "tls" and split_route_key("tls") == ("tls", None)
 
 
 def test_a_saved_state_loads_back_equal_and_without_issues(tmp_path):
@@ -138,7 +151,9 @@ def assert_within_the_rules(state: RuntimeState) -> None:
         vocab.check_weight(entry["weight"])
     assert all(ref_ok(ref) for ref in state.removed)
     for name, route in state.listeners.items():
-        assert vocab.NAME_RE.fullmatch(name)
+        listener, sni = split_route_key(name)
+        assert vocab.NAME_RE.fullmatch(listener)
+        assert sni is None or check_sni_pattern(sni) == sni
         if "pool" in route:
             assert route.keys() == {"pool"} and vocab.NAME_RE.fullmatch(route["pool"])
         else:
