@@ -329,3 +329,18 @@ def ask(lb: "L4LB", line: str) -> dict:
     from l4lb.control.client import call
 
     return call(lb.path.parent / "l4lb.sock", line, timeout=10)
+
+
+def wait_until(predicate, timeout: float = 10.0, what: str = "the condition",
+               interval: float = 0.02):
+    """Poll `predicate()` until it returns something true and return that; raise
+    TimeoutError naming `what` (and the last value seen) after `timeout` seconds. A
+    condition, not a pause: as fast as the machine, and no pass without the state."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not {what} within {timeout}s (last: {value!r})")
+        time.sleep(interval)
