@@ -342,5 +342,21 @@ def wait_until(predicate, timeout: float = 10.0, what: str = "the condition",
         if value:
             return value
         if time.monotonic() > deadline:
-            raise TimeoutError(f"not {what} within {timeout}s (last: {value!r})")
+            raise TimeoutError(f"waited {timeout}s for {what} in vain (last: {value!r})")
         time.sleep(interval)
+
+
+def wait_stalled(lb, count: int, samples: int = 3) -> None:
+    """Return once `count` relays have each sent their client something and none has
+    sent more over `samples` looks at `show conns` in a row (0.2 s apart): every stream
+    is stuck on a client that does not read."""
+    seen: list = []
+
+    def still():
+        conns = ask(lb, "show conns")["conns"]
+        seen.append(sorted((c["id"], c["bytes_out"]) for c in conns))
+        recent = seen[-samples:]
+        return (len(recent) == samples and len(conns) == count
+                and all(sent for _, sent in recent[0]) and recent.count(recent[0]) == samples)
+
+    wait_until(still, what=f"{count} stalled streams", interval=0.2)

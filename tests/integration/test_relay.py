@@ -13,7 +13,8 @@ import time
 import pytest
 
 from ..support import (ask, connect, echo_handler, free_port_refused, name_handler, recv_all,
-                       recv_exactly, simple_config, fds_in_use, wait_until)
+                       recv_exactly, simple_config, fds_in_use, wait_stalled,
+                       wait_until)
 
 MiB = 1024 * 1024
 
@@ -208,7 +209,7 @@ def test_slow_reader_keeps_balancer_memory_bounded_then_flows_again(backends, l4
     rss_before = lb.ps.memory_info().rss
     s = connect(lb.port(), timeout=60)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-    time.sleep(2.0)                                   # read nothing while the backend pushes
+    wait_stalled(lb, 1)                               # read nothing while the backend pushes
     rss_stalled = lb.ps.memory_info().rss
     received = 0
     while data := s.recv(1 << 20):

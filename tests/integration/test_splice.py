@@ -16,7 +16,7 @@ from l4lb.config import parse_config
 from l4lb._native import max_pipes
 
 from ..support import (ask, connect, echo_handler, name_handler, recv_all,
-                       recv_exactly, simple_config, wait_until)
+                       recv_exactly, simple_config, wait_stalled, wait_until)
 
 MiB = 1024 * 1024
 
@@ -260,22 +260,6 @@ def test_pipes_are_reused_and_past_the_cap_bulk_is_copied_intact(backends, l4lb)
         s.close()
     pipes = ask(lb, "show info")["pipes"]
     assert pipes["created"] <= 1 and pipes["used"] == 0
-
-
-def wait_stalled(lb, count: int, samples: int = 3) -> None:
-    """Return once `count` relays have each sent their client something and none has
-    sent more over `samples` looks at `show conns` in a row (0.2 s apart): every stream
-    is stuck on a client that does not read."""
-    seen: list = []
-
-    def still():
-        conns = ask(lb, "show conns")["conns"]
-        seen.append(sorted((c["id"], c["bytes_out"]) for c in conns))
-        recent = seen[-samples:]
-        return (len(recent) == samples and len(conns) == count
-                and all(sent for _, sent in recent[0]) and recent.count(recent[0]) == samples)
-
-    wait_until(still, what=f"{count} stalled streams", interval=0.2)
 
 
 def segments_received(sock) -> int:
