@@ -346,17 +346,32 @@ def wait_until(predicate, timeout: float = 10.0, what: str = "the condition",
         time.sleep(interval)
 
 
-def wait_stalled(lb, count: int, samples: int = 3) -> None:
-    """Return once `count` relays have each sent their client something and none has
-    sent more over `samples` looks at `show conns` in a row (0.2 s apart): every stream
-    is stuck on a client that does not read."""
+def wait_stalled(lb, count: int) -> None:
+    """Return once `count` relays have each sent their client something and none sends
+    more (`show conns` bytes_out steady): every stream is stuck on a client that does not
+    read."""
+    def sent():
+        return sorted((c["id"], c["bytes_out"]) for c in ask(lb, "show conns")["conns"])
+
+    wait_steady(sent, what=f"{count} stalled streams",
+                accept=lambda rows: len(rows) == count and all(n for _, n in rows))
+
+
+def wait_steady(sample, samples: int = 3, interval: float = 0.2, timeout: float = 20.0,
+                what: str = "a steady value", accept=lambda value: True):
+    """Return `sample()` once it gave the same value, one that `accept` takes, `samples`
+    times in a row, `interval` seconds apart: the observable end of a burst of work (a
+    flood taken in, streams stalled) where no event marks it."""
     seen: list = []
 
-    def still():
-        conns = ask(lb, "show conns")["conns"]
-        seen.append(sorted((c["id"], c["bytes_out"]) for c in conns))
-        recent = seen[-samples:]
-        return (len(recent) == samples and len(conns) == count
-                and all(sent for _, sent in recent[0]) and recent.count(recent[0]) == samples)
+    def steady():
+        seen.append(sample())
+        return (len(seen) >= samples and accept(seen[-1])
+                and seen[-samples:].count(seen[-1]) == samples)
 
-    wait_until(still, what=f"{count} stalled streams", interval=0.2)
+    try:
+        wait_until(steady, timeout, what, interval)
+    except TimeoutError:
+        raise TimeoutError(f"waited {timeout}s for {what} in vain; last samples: "
+                           f"{seen[-samples:]!r}") from None
+    return seen[-1]
