@@ -16,7 +16,8 @@ from l4lb.config import parse_config
 from l4lb._native import max_pipes
 
 from ..support import (ask, connect, echo_handler, name_handler, recv_all,
-                       recv_exactly, simple_config, wait_stalled, wait_until)
+                       recv_exactly, simple_config, wait_stalled, wait_steady,
+                       wait_until)
 
 MiB = 1024 * 1024
 
@@ -275,7 +276,7 @@ def test_a_reply_and_the_fin_that_came_with_it_leave_in_one_segment(backends, l4
     same segment (HAProxy does the same), one packet and one wake-up less per closing
     exchange. l4lb is stopped while the backend replies and closes, so it finds both in
     one edge."""
-    got, go = threading.Event(), threading.Event()
+    got, go, sent = threading.Event(), threading.Event(), threading.Event()
 
     def reply_and_close(conn, backend):
         conn.recv(100)
@@ -283,17 +284,19 @@ def test_a_reply_and_the_fin_that_came_with_it_leave_in_one_segment(backends, l4
         go.wait(10)
         conn.sendall(b"r" * 1000)
         conn.close()
+        sent.set()
 
     b = backends(reply_and_close)
     lb = l4lb(simple_config([("a", b.address)]))
     s = connect(lb.port(), timeout=10)
     s.sendall(b"request")
     assert got.wait(10)
-    time.sleep(0.1)                  # every ACK is in
+    wait_steady(lambda: segments_received(s), what="every ACK in")
     lb.proc.send_signal(signal.SIGSTOP)
     try:
         before = segments_received(s)
         go.set()
+        assert sent.wait(10)
         time.sleep(0.2)              # the reply and the FIN wait in l4lb's backend socket
     finally:
         lb.proc.send_signal(signal.SIGCONT)
