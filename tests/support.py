@@ -329,3 +329,49 @@ def ask(lb: "L4LB", line: str) -> dict:
     from l4lb.control.client import call
 
     return call(lb.path.parent / "l4lb.sock", line, timeout=10)
+
+
+def wait_until(predicate, timeout: float = 10.0, what: str = "the condition",
+               interval: float = 0.02):
+    """Poll `predicate()` until it returns something true and return that; raise
+    TimeoutError naming `what` (and the last value seen) after `timeout` seconds. A
+    condition, not a pause: as fast as the machine, and no pass without the state."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout}s for {what} in vain (last: {value!r})")
+        time.sleep(interval)
+
+
+def wait_stalled(lb, count: int) -> None:
+    """Return once `count` relays have each sent their client something and none sends
+    more (`show conns` bytes_out steady): every stream is stuck on a client that does not
+    read."""
+    def sent():
+        return sorted((c["id"], c["bytes_out"]) for c in ask(lb, "show conns")["conns"])
+
+    wait_steady(sent, what=f"{count} stalled streams",
+                accept=lambda rows: len(rows) == count and all(n for _, n in rows))
+
+
+def wait_steady(sample, samples: int = 3, interval: float = 0.2, timeout: float = 20.0,
+                what: str = "a steady value", accept=lambda value: True):
+    """Return `sample()` once it gave the same value, one that `accept` takes, `samples`
+    times in a row, `interval` seconds apart: the observable end of a burst of work (a
+    flood taken in, streams stalled) where no event marks it."""
+    seen: list = []
+
+    def steady():
+        seen.append(sample())
+        return (len(seen) >= samples and accept(seen[-1])
+                and seen[-samples:].count(seen[-1]) == samples)
+
+    try:
+        wait_until(steady, timeout, what, interval)
+    except TimeoutError:
+        raise TimeoutError(f"waited {timeout}s for {what} in vain; last samples: "
+                           f"{seen[-samples:]!r}") from None
+    return seen[-1]

@@ -5,11 +5,23 @@ import time
 import pytest
 
 
-from ..support import connect, name_handler, simple_config, ask
+from ..support import connect, name_handler, simple_config, ask, wait_until
 
 
 def listener_row(lb, name="web"):
     return next(r for r in ask(lb, "show listeners")["listeners"] if r["name"] == name)
+
+
+def open_conns(lb, source=None):
+    """The balancer's open connections (relays), all or those of one source address."""
+    return [c for c in ask(lb, "show conns")["conns"]
+            if source is None or c["client"].rsplit(":", 1)[0] == source]
+
+
+def counted(lb, name="web"):
+    """Connections the listener has decided on: admitted plus refused for any reason."""
+    row = listener_row(lb, name)
+    return row["accepted"] + sum(row["rejected"].values())
 
 
 def wait_rejected(lb, reason, count, timeout=10.0, name="web"):
@@ -105,7 +117,7 @@ def test_one_source_over_its_connection_limit_leaves_other_sources_served(backen
         s.sendall(b"x\n")
         assert s.recv(100) == b"alpha\n"
     held.pop().close()
-    time.sleep(0.2)
+    wait_until(lambda: len(open_conns(lb, "127.0.0.5")) == 9, what="the closed slot freed")
     held.append(held_connection(port, "127.0.0.5"))      # a slot freed: admitted again
     assert refused(port, "127.0.0.5")
     for s in held:
@@ -130,7 +142,7 @@ def test_per_source_rate_admits_the_rate_per_second_from_a_flooding_source(backe
     refill = int(50 * (time.monotonic() - t0)) + 1
     rejected = wait_rejected(lb, "per_source_rate", 50 - refill)
     assert 50 - refill <= rejected <= 50
-    time.sleep(0.1)
+    wait_until(lambda: counted(lb) == 100, what="all 100 burst attempts counted")
     start, accepted0 = time.monotonic(), listener_row(lb)["accepted"]
     tries, per_second = 0, 500
     while time.monotonic() - start < 2.0:                # 500 attempts a second for 2 s
@@ -139,7 +151,7 @@ def test_per_source_rate_admits_the_rate_per_second_from_a_flooding_source(backe
         ahead = start + tries / per_second - time.monotonic()
         if ahead > 0:
             time.sleep(ahead)
-    time.sleep(0.1)                                      # let the last accepts be counted
+    wait_until(lambda: counted(lb) == 100 + tries, what="the last attempts counted")
     elapsed = time.monotonic() - start
     admitted = listener_row(lb)["accepted"] - accepted0
     assert tries >= 400                                  # far above the rate, even on a busy machine
@@ -158,11 +170,11 @@ def test_full_backend_queues_clients_in_order_and_times_out_the_last(backends, l
         s = connect(port)
         s.sendall(b"x\n")
         clients.append(s)
-        time.sleep(0.02)                                 # arrive in a known order
+        wait_until(lambda: len(open_conns(lb)) == len(clients),   # arrive in a known order
+                   what=f"client {len(clients)} taken in")
     for s in clients[:2]:
         assert s.recv(100) == b"alpha\n"
-    time.sleep(0.2)
-    states = sorted(c["state"] for c in ask(lb, "show conns")["conns"])
+    states = sorted(c["state"] for c in open_conns(lb))
     assert states == ["open"] * 2 + ["queued"] * 4
     assert a.accepted == 2
     for freed, served_next in ((0, 2), (1, 3), (2, 4)):  # each freed slot serves the next
@@ -193,7 +205,7 @@ def test_global_max_connections_refuses_and_counts_and_zero_means_unlimited(back
     assert refused(port)
     assert wait_rejected(lb, "global_max_connections", 1) == 1
     held.pop().close()
-    time.sleep(0.3)
+    wait_until(lambda: len(open_conns(lb)) == 2, what="the closed connection released")
     assert served(port) == b"alpha\n"
     for s in held:
         s.close()

@@ -12,7 +12,14 @@ import pytest
 
 from l4lb.control.client import call
 
-from ..support import REPO, L4LB, connect, name_handler, hello, ask, two_pool_config
+from ..support import (REPO, L4LB, connect, name_handler, hello, ask, two_pool_config,
+                       wait_until)
+
+
+def backend_active(lb, pool, name):
+    """The `active` count of backend POOL/NAME in `show backends`."""
+    return next(r["active"] for r in ask(lb, f"show backends {pool}")["backends"]
+                if r["name"] == name)
 
 
 
@@ -141,9 +148,12 @@ def test_wait_returns_only_when_the_last_connection_has_closed(blue_green):
     result = {}
     t = threading.Thread(target=lambda: result.update(ask(lb, "wait blue/b1 20")))
     t.start()
+    # A pending wait shows nowhere; this pause only lets the close below find the wait
+    # already waiting (the assertions hold either way, a late wait just tests less).
     time.sleep(0.5)
     held[0].close()
-    time.sleep(0.5)
+    wait_until(lambda: backend_active(lb, "blue", "b1") == 1, what="the first close seen")
+    time.sleep(0.5)                                      # far longer than a wake-up takes
     assert not result                                    # one connection is still open
     t_closed = time.monotonic()
     held[1].close()
@@ -185,7 +195,7 @@ def test_add_and_remove_backends(blue_green, backends):
     refused = ask(lb, f"remove blue/{name}")
     assert refused["ok"] is False and "active" in refused["error"]
     held.close()
-    time.sleep(0.3)
+    wait_until(lambda: backend_active(lb, "blue", name) == 0, what="the held connection closed")
     assert ask(lb, f"remove blue/{name}")["ok"] is True
     assert name not in {hello(lb.port()) for _ in range(6)}
 

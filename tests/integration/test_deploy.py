@@ -19,7 +19,7 @@ import pytest
 from l4lb.control.client import call
 
 from ..support import (REPO, connect, echo_handler, free_port_refused,
-                       recv_exactly, simple_config, two_pool_config)
+                       recv_exactly, simple_config, two_pool_config, wait_until)
 
 ECHO_BACKEND = REPO / "tests" / "echo_backend.py"
 
@@ -98,6 +98,8 @@ class Load:
         self.failures: list[str] = []
         self.shorts: list[tuple[float, str]] = []
         self.streams: list[tuple[str, int]] = []        # (version, lines) per finished stream
+        self.streams_begun = 0                           # streams that had a line echoed
+        self.concurrency, self.stream_count = concurrency, streams
         self.threads = [threading.Thread(target=self.short_loop, args=(i,), daemon=True)
                         for i in range(concurrency)]
         self.threads += [threading.Thread(target=self.stream_loop, args=(i,), daemon=True)
@@ -155,9 +157,20 @@ class Load:
                     self.fail(f"stream on {version}: line {lines} corrupted: {reply[:60]!r}")
                     return
                 lines += 1
+                if lines == 1:
+                    with self.lock:
+                        self.streams_begun += 1
                 time.sleep(0.01)
         with self.lock:
             self.streams.append((version, lines))
+
+    def wait_running(self, timeout: float = 20) -> None:
+        """Return once every stream thread has a stream going through the balancer and
+        as many short connections were answered as there are short threads."""
+        wait_until(lambda: (self.streams_begun >= self.stream_count
+                            and len(self.shorts) >= self.concurrency),
+                   timeout, what="the load running")
+        assert self.failures == [], self.failures
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -269,7 +282,7 @@ def test_rolling_deploy_under_load_drops_no_connection_and_ends_on_the_new_versi
     backends = [(name, echo_procs.start(name, "v1")) for name in ("app1", "app2", "app3")]
     lb = l4lb(simple_config(backends, access=False, listener_extra="retries = 2"))
     clients = load(lb.port())
-    time.sleep(0.5)
+    clients.wait_running()
     result = run_deploy("rolling", "main", "-c", lb.path, "--exec",
                         echo_procs.replace_command("v2"), "--drain-timeout", 15,
                         "--ready-timeout", 10)
@@ -297,7 +310,7 @@ def test_blue_green_under_load_switches_new_connections_and_lets_blue_streams_fi
     green = [(n, echo_procs.start(n, "green")) for n in ("g1", "g2")]
     lb = l4lb(two_pool_config(blue, green, access=False))
     clients = load(lb.port())
-    time.sleep(1.0)                               # streams on blue are running
+    clients.wait_running()                        # streams on blue are running
     deploy = deploy_watcher("blue-green", "web", "--to", "green",
                            "-s", tmp_path / "l4lb.sock", "--drain-timeout", 15)
     rc = deploy.wait()

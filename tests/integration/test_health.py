@@ -12,7 +12,7 @@ from l4lb.config import HealthConfig
 from l4lb.health import MAX_EXPECT_READ, probe
 
 from ..backend_process import BackendProcess
-from ..support import connect, free_port_refused, iter_lines, simple_config
+from ..support import ask, connect, free_port_refused, iter_lines, simple_config, wait_until
 
 
 def logged_at(event: dict) -> float:
@@ -37,6 +37,19 @@ send_proxy = "{send_proxy}"
 def state_changes(lb, backend=None):
     return [(e["backend"], e["old"], e["new"]) for e in lb.events_named("backend_state_changed")
             if backend is None or e["backend"] == backend]
+
+
+def backend_row(lb, name):
+    return next(r for r in ask(lb, "show backends")["backends"] if r["name"] == name)
+
+
+def wait_probes(backend, count, timeout=20):
+    """Return once a (thread) Backend that only probes connect to has accepted `count`
+    more connections than now: probes of one backend run one after the other, so by then
+    the first count - 1 of them have been judged."""
+    target = backend.accepted + count
+    wait_until(lambda: backend.accepted >= target, timeout, what=f"{count} probes of "
+               f"{backend.name}")
 
 
 # --- a backend process killed under load, then restarted ------------------------------------
@@ -100,16 +113,20 @@ def test_killed_backend_is_marked_down_then_up_again_and_no_new_client_fails(l4l
             access=False) + health_section(interval=interval, timeout=0.3, rise=rise, fall=fall))
         victim = procs[1]
         with LoadLoop(lb.port(), n=10) as load:
-            time.sleep(0.6)
+            wait_until(lambda: any(r[1] == "b1" for r in load.results), what="b1 serving")
             killed_at = time.time()
             victim.kill()
             dead_since = time.monotonic()
             down = lb.wait_event("backend_state_changed", timeout=10, backend="b1", new="down")
-            time.sleep(0.6)
+            down_since = time.monotonic()        # clients keep coming while b1 is down
+            wait_until(lambda: sum(r[0] > down_since for r in load.results) >= 50,
+                       what="50 connections while b1 is down")
             victim.start()                       # same port
             listening_at, listening_since = time.time(), time.monotonic()
             up = lb.wait_event("backend_state_changed", timeout=10, backend="b1", new="up")
-            time.sleep(0.6)
+            wait_until(lambda: any(r[1] == "b1" and r[0] > listening_since
+                                   for r in load.results), what="b1 back in rotation")
+            wait_until(lambda: len(load.results) > 300, what="300 connections in all")
         results = load.results
     finally:
         for p in procs:
@@ -157,8 +174,9 @@ def test_backends_answering_wrong_bytes_are_marked_down_and_the_right_one_stays_
     d2 = lb.wait_event("backend_state_changed", timeout=10, backend="wrong_close", new="down")
     assert d1["last_error"].startswith("expect_timeout: 'PONG' not in b'-ERR\\r\\n'")
     assert d2["last_error"].startswith("expect_closed: 'PONG' not in b'-ERR\\r\\n'")
-    time.sleep(1.0)                              # five more intervals
+    wait_probes(right, 6)                        # five more probes judged
     assert state_changes(lb, "right") == []
+    assert backend_row(lb, "right")["state"] == "up"
     for _ in range(6):
         s = connect(lb.port())
         s.sendall(b"who\n")
@@ -258,8 +276,9 @@ def test_probes_carry_a_proxy_header_for_backends_that_require_one(backends, l4l
         interval=0.2, timeout=0.5, rise=1, fall=2, send="PING\\n", expect="PONG",
         send_proxy=send_proxy))
     if stays_up:
-        time.sleep(1.2)
+        wait_probes(b, 6)                        # five probes judged, each a chance to fall
         assert state_changes(lb) == []
+        assert backend_row(lb, "a")["state"] == "up"
     else:
         down = lb.wait_event("backend_state_changed", timeout=10, backend="a", new="down")
         assert down["last_error"].startswith("expect_timeout")   # no CRLF: it waits

@@ -5,7 +5,19 @@ import time
 
 import pytest
 
-from ..support import backends_toml, connect, name_handler
+from l4lb.control.client import ControlClientError
+
+from ..support import ask, backends_toml, connect, name_handler, wait_steady, wait_until
+
+
+def listener_active(lb, name="web"):
+    """The listener's open connections, or None while the balancer cannot answer (it
+    may be out of descriptors)."""
+    try:
+        rows = ask(lb, "show listeners")["listeners"]
+    except ControlClientError:
+        return None
+    return next(r["active"] for r in rows if r["name"] == name)
 
 
 def has_ipv6_loopback() -> bool:
@@ -74,7 +86,7 @@ backends = [{backends_toml([("alpha", a.address)], indent="")}]
     extra.close()
     for s in held:
         s.close()
-    time.sleep(0.3)
+    wait_until(lambda: listener_active(lb) == 0, what="the held connections closed")
     s = connect(lb.port())                             # room again
     s.sendall(b"x\n")
     assert s.recv(100) == b"alpha\n"
@@ -103,7 +115,9 @@ backends = [{backends_toml([("alpha", a.address)], indent="")}]
             held.append(s)
         except OSError:
             pass
-    time.sleep(0.5)
+    # The flood is taken in (or dropped) once l4lb's descriptors and backend connects stop
+    # changing; then nothing it did may have crashed it or blamed the backend.
+    wait_steady(lambda: (lb.ps.num_fds(), a.accepted), what="the flood taken in")
     assert lb.proc.poll() is None
     # Which runs out first is a race: an accept (libuv then accepts and closes with its
     # reserved descriptor, unseen by l4lb) or a backend connect (l4lb refuses that client,
@@ -116,7 +130,7 @@ backends = [{backends_toml([("alpha", a.address)], indent="")}]
     assert reasons <= {"closed", "fd_exhausted"}      # the backend is never blamed
     for s in held:
         s.close()
-    time.sleep(1.0)
+    wait_until(lambda: listener_active(lb) == 0, what="the flood's connections closed")
     for _ in range(5):
         s = connect(lb.port())
         s.sendall(b"x\n")

@@ -2,6 +2,7 @@
 import hashlib
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -12,7 +13,8 @@ import time
 import pytest
 
 from ..support import (ask, connect, echo_handler, free_port_refused, name_handler, recv_all,
-                       recv_exactly, simple_config, fds_in_use)
+                       recv_exactly, simple_config, fds_in_use, wait_stalled,
+                       wait_until)
 
 MiB = 1024 * 1024
 
@@ -116,10 +118,8 @@ def test_tcp_urgent_data_ends_no_read_early(backends, l4lb):
     lb = l4lb(simple_config([("a", b.address)]))
     for stopped in (True, False):
         s = connect(lb.port(), timeout=10)
-        deadline = time.monotonic() + 10
-        while b.accepted < (1 if stopped else 2) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(0.1)                          # the relay is open, the client read
+        wait_until(lambda: [c["state"] for c in ask(lb, "show conns")["conns"]] == ["open"],
+                   what="the relay open")        # backend connected, the client read
         if stopped:
             # Stopped, l4lb finds data, urgent mark, more data and FIN in one edge.
             lb.proc.send_signal(signal.SIGSTOP)
@@ -209,7 +209,7 @@ def test_slow_reader_keeps_balancer_memory_bounded_then_flows_again(backends, l4
     rss_before = lb.ps.memory_info().rss
     s = connect(lb.port(), timeout=60)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-    time.sleep(2.0)                                   # read nothing while the backend pushes
+    wait_stalled(lb, 1)                               # read nothing while the backend pushes
     rss_stalled = lb.ps.memory_info().rss
     received = 0
     while data := s.recv(1 << 20):
@@ -245,7 +245,8 @@ def test_connect_timeout_bounds_a_backend_that_never_completes_the_handshake(l4l
         f.setblocking(False)
         f.connect_ex(blackhole.getsockname())
         fillers.append(f)
-    time.sleep(0.2)
+    _, ready, _ = select.select([], fillers[:1], [], 10)   # its handshake fills the queue
+    assert ready, "the first filler never connected"
     addr = "%s:%d" % blackhole.getsockname()
     try:
         lb = l4lb(simple_config([("hole", addr)],

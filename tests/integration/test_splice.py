@@ -16,7 +16,8 @@ from l4lb.config import parse_config
 from l4lb._native import max_pipes
 
 from ..support import (ask, connect, echo_handler, name_handler, recv_all,
-                       recv_exactly, simple_config)
+                       recv_exactly, simple_config, wait_stalled, wait_steady,
+                       wait_until)
 
 MiB = 1024 * 1024
 
@@ -30,15 +31,6 @@ def pipe_fds(lb) -> int:
         except OSError:
             pass
     return n
-
-
-def wait_until(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def test_splice_listener_copies_short_exchanges_splices_bulk_and_shows_in_show_conns(backends, l4lb):
@@ -147,9 +139,9 @@ def test_accept_pauses_on_emfile_and_resumes_without_spinning(backends, l4lb):
                 held.append(connect(lb.port(), timeout=2))
             except OSError:
                 break
-        time.sleep(1.0)
+        lb.wait_event("fd_exhausted")                # accepting is paused from here on
         cpu = lb.ps.cpu_times()
-        time.sleep(1.0)
+        time.sleep(1.0)                              # the window a spinning loop would burn
         cpu2 = lb.ps.cpu_times()
         assert (cpu2.user + cpu2.system) - (cpu.user + cpu.system) < 0.5   # no spin
         lb.wait_event("fd_exhausted")                # logged once per episode
@@ -187,7 +179,10 @@ def test_bytes_of_a_short_send_are_kept_when_no_pipe_can_be_made(backends, l4lb)
     lb = l4lb(simple_config([("a", b.address)]))
     s = connect(lb.port(), timeout=30)
     assert wait_until(lambda: b.accepted == 1)
-    time.sleep(0.2)                                  # the relay is open
+    fds = lb.ps.num_fds()
+    wait_until(lambda: [c["state"] for c in ask(lb, "show conns")["conns"]] == ["open"],
+               what="the relay open")
+    wait_until(lambda: lb.ps.num_fds() <= fds, what="the control connection closed")
     _, hard = lb.ps.rlimit(psutil.RLIMIT_NOFILE)
     lb.ps.rlimit(psutil.RLIMIT_NOFILE, (lb.ps.num_fds(), hard))   # no new descriptor
     payload = os.urandom(16 * MiB)
@@ -248,7 +243,7 @@ def test_pipes_are_reused_and_past_the_cap_bulk_is_copied_intact(backends, l4lb)
     clients = [connect(lb.port(), timeout=30) for _ in range(3)]
     for s in clients:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-    time.sleep(1.0)                                   # nobody reads: every stream stalls
+    wait_stalled(lb, 3)                               # nobody reads: every stream stalls
     pipes = ask(lb, "show info")["pipes"]
     assert pipes["max"] == max_pipes(4) == 1
     assert pipes["used"] <= 1 and pipes["created"] <= 1
@@ -281,7 +276,7 @@ def test_a_reply_and_the_fin_that_came_with_it_leave_in_one_segment(backends, l4
     same segment (HAProxy does the same), one packet and one wake-up less per closing
     exchange. l4lb is stopped while the backend replies and closes, so it finds both in
     one edge."""
-    got, go = threading.Event(), threading.Event()
+    got, go, sent = threading.Event(), threading.Event(), threading.Event()
 
     def reply_and_close(conn, backend):
         conn.recv(100)
@@ -289,17 +284,19 @@ def test_a_reply_and_the_fin_that_came_with_it_leave_in_one_segment(backends, l4
         go.wait(10)
         conn.sendall(b"r" * 1000)
         conn.close()
+        sent.set()
 
     b = backends(reply_and_close)
     lb = l4lb(simple_config([("a", b.address)]))
     s = connect(lb.port(), timeout=10)
     s.sendall(b"request")
     assert got.wait(10)
-    time.sleep(0.1)                  # every ACK is in
+    wait_steady(lambda: segments_received(s), what="every ACK in")
     lb.proc.send_signal(signal.SIGSTOP)
     try:
         before = segments_received(s)
         go.set()
+        assert sent.wait(10)
         time.sleep(0.2)              # the reply and the FIN wait in l4lb's backend socket
     finally:
         lb.proc.send_signal(signal.SIGCONT)
