@@ -258,6 +258,35 @@ def test_hello_split_across_segments_and_records_routes_the_same(
         a.close()
 
 
+@pytest.mark.timeout(300)
+def test_a_hello_split_at_every_byte_offset_or_framed_in_2_to_8_records_routes_the_same(
+        l4lb, plain_default):
+    """Real hellos (Python's ssl) for two names and ALPN lists, each delivered in two
+    segments cut at every byte offset, and re-framed into 2..8 records: every time the
+    route of its name (the backends say their name as soon as they are connected)."""
+    a, b = Backend(plain_name_handler, name="a"), Backend(plain_name_handler, name="b")
+    try:
+        lb = l4lb(sni_config(a.address, b.address, plain_default.address))
+        sent = 0
+        for name, alpn, pool in (("a.test", ["h2"], b"a\n"),
+                                 ("b.test", ["h2", "http/1.1"], b"b\n")):
+            hello = make_client_hello(name, alpn)
+            payload = handshake_payload(hello)
+            framed = [frame(payload, [len(payload) * i // n for i in range(1, n)])
+                      for n in range(2, 9)]
+            deliveries = [(hello, [cut]) for cut in range(1, len(hello))]
+            deliveries += [(data, cuts) for data in framed for cuts in ([], [len(data) // 2])]
+            for data, cuts in deliveries:
+                s = send_in_pieces(lb.port(), data, cuts, pause=0.001)
+                assert s.recv(100) == pool, (name, cuts, len(data))
+                s.close()
+                sent += 1
+        assert wait_inspected(lb, "sni_found", sent, timeout=60) == sent
+    finally:
+        a.close()
+        b.close()
+
+
 CASES = {
     # name: (bytes sent, whether the client then closes its side, expected outcome)
     "plain-http": (b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n", False, "not_tls"),
