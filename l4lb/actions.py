@@ -196,11 +196,12 @@ class Operator:
     async def split(self, listener: str, split: dict[str, int], sni: str | None = None) -> dict:
         """Canary: new connections of the route shared between pools by percentage."""
         lst, sni = self.find_route(listener, sni)
-        split = dict(split)
+        try:
+            split = vocab.check_split(dict(split))        # the config's and state file's rule
+        except ValueError as exc:
+            raise OperationError(str(exc)) from None
         for name in split:
             self.find_pool(name)
-        if sum(split.values()) != 100:
-            raise OperationError("split percentages must sum to 100")
         old = lst.route(sni)
         lst.route_split(split, self.balancer.pools, sni=sni)
         self.log.info("listener_split", listener=listener, sni=sni, split=split, previous=old)

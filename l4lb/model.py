@@ -28,7 +28,7 @@ import enum
 import time
 from typing import Callable
 
-from . import _native, acl, proxyhooks
+from . import _native, acl, proxyhooks, vocab
 from .sni import SniRoutes, check_sni_pattern
 from .algorithms import HASH_KEY_CODES, create_algorithm
 from .config import BackendConfig, ListenerConfig, PoolConfig
@@ -291,7 +291,7 @@ class Listener:
         rt.max_client_hello = cfg.max_client_hello
         # The listener's own: a switch or split to another pool keeps it.
         rt.queue_timeout = cfg.queue_timeout
-        rt.send_proxy = {"off": 0, "v1": 1, "v2": 2}[cfg.send_proxy]
+        rt.send_proxy = vocab.SEND_PROXY_CODES[cfg.send_proxy]
         # Always set (the relay calls them only with accept_proxy / send_proxy on), so a
         # reload that turns accept_proxy off cannot strand a client mid-header.
         rt.header_hook = proxyhooks.read_client_header
