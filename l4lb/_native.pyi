@@ -116,6 +116,10 @@ class Target:
     failed: int
     bytes_in: int
     bytes_out: int
+    @property
+    def responses(self) -> int: ...              # connections that gave a response time
+    @property
+    def response_time_average(self) -> float | None: ...   # their EWMA, seconds
     on_connect_failed: Callable[[Target, str], object] | None
     on_idle: Callable[[Target], object] | None
     def __init__(self, pool: str, name: str, host: Any, port: Any, slot: int) -> None: ...
@@ -247,6 +251,8 @@ class Relay:
     def alpn(self) -> tuple[str, ...] | None: ...
     @property
     def route(self) -> str | None: ...           # the sni pattern that routed it
+    @property
+    def response_time(self) -> float | None: ... # first bytes back after the client's
     close_reason: str | None
     local_addr: tuple[str, int] | None
     @property

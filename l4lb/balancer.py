@@ -96,6 +96,8 @@ class Balancer:
             duration_ms=round((_native.monotonic() - relay.started) * 1000.0, 3),
             bytes_in=relay.bytes_in,
             bytes_out=relay.bytes_out,
+            response_ms=(None if (rt := relay.response_time) is None
+                         else round(rt * 1000.0, 3)),
             reason=reason,
             sni=relay.sni,
             alpn=None if relay.alpn is None else list(relay.alpn),

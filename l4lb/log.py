@@ -306,11 +306,14 @@ LOG_EVENTS: tuple[LogEvent, ...] = (
     # connections
     LogEvent("connection_closed", "info",
              ("client", "listener", "pool", "backend", "duration_ms", "bytes_in",
-              "bytes_out", "reason", "sni", "alpn"),
+              "bytes_out", "response_ms", "reason", "sni", "alpn"),
              "The access log (log.access): one line per closed connection; bytes_in is "
              "client to backend, bytes_out backend to client; `reason` is closed, "
              "client_reset, backend_reset, idle_timeout, connect_refused, connect_timeout, "
-             "no_backend, fd_exhausted, shutdown, killed, ...; a client refused at "
+             "no_backend, fd_exhausted, shutdown, killed, ...; `response_ms` is the "
+             "time from the client's first bytes passed on to the backend's first bytes "
+             "back (null when the backend spoke first, as a banner, or never answered); "
+             "a client refused at "
              "global_max_connections or max_connections gets its line too (backend null, "
              "no bytes); on an sni listener, `sni` is the ClientHello's server name and "
              "`alpn` its ALPN protocols (null when none was read; the name is the client's "

@@ -149,6 +149,14 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("l4lb_backend_connect_time_average_seconds", "gauge", _BACKEND,
                "Exponentially weighted moving average of the backend's connect time in "
                "seconds; absent until its first connection."),
+    MetricSpec("l4lb_backend_response_time_average_seconds", "gauge", _BACKEND,
+               "Exponentially weighted moving average of the backend's response time in "
+               "seconds: from a connection's first client bytes passed on to the "
+               "backend's first bytes back (connections where the backend speaks first "
+               "give none); absent until the first one."),
+    MetricSpec("l4lb_backend_responses_total", "counter", _BACKEND,
+               "Connections of the backend that gave a response time (its first bytes "
+               "back after the client's first bytes)."),
     MetricSpec("l4lb_backend_response_time_seconds", "gauge", _BACKEND,
                "Deprecated (removed in the next release): the same figure as "
                "l4lb_backend_connect_time_average_seconds, under its old name."),
@@ -263,6 +271,10 @@ class BalancerCollector:
                 if row["rt_ms"] is not None:
                     put("l4lb_backend_connect_time_average_seconds", labels, row["rt_ms"] / 1000.0)
                     put("l4lb_backend_response_time_seconds", labels, row["rt_ms"] / 1000.0)
+                if row["resp_ms"] is not None:
+                    put("l4lb_backend_response_time_average_seconds", labels,
+                        row["resp_ms"] / 1000.0)
+                put("l4lb_backend_responses_total", labels, row["responses"])
         return iter(fam.values())
 
     def render(self) -> bytes:

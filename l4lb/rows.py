@@ -15,6 +15,7 @@ def backend_row(b) -> dict:
     """One `show backends` row of backend `b` (an l4lb.model.Backend)."""
     t = b.target
     rt = b.pool.algo.rt_ewma(b.slot)
+    resp = t.response_time_average
     health = b.pool.config.health
     return {
         "pool": b.pool.name,
@@ -31,7 +32,11 @@ def backend_row(b) -> dict:
         "failed": t.failed,
         "bytes_in": t.bytes_in,
         "bytes_out": t.bytes_out,
-        "rt_ms": None if rt is None else round(rt * 1000.0, 3),
+        "rt_ms": None if rt is None else round(rt * 1000.0, 3),     # connect time EWMA
+        # Response time EWMA (first bytes back after the client's first bytes), and how
+        # many connections gave one (banner-first ones do not).
+        "resp_ms": None if resp is None else round(resp * 1000.0, 3),
+        "responses": t.responses,
         "last_check": b.last_check,
         "last_error": b.last_error,
         "check_duration_ms": (None if b.check_duration is None

@@ -36,6 +36,15 @@ cdef enum:
     RELAY_NEXT_CLOSED = 0
     RELAY_NEXT_INSPECT = (1 << RELAY_CONNECTING) | (1 << RELAY_CLOSED)
 
+# Where a relay is in measuring its response time (Relay.resp_phase; relay.pxi, "Response
+# time"). Moves only forward: AWAIT_REQUEST -> AWAIT_REPLY -> MEASURED, or
+# AWAIT_REQUEST -> NONE when the backend speaks first.
+cdef enum:
+    RESP_AWAIT_REQUEST = 0    # no byte either way yet
+    RESP_AWAIT_REPLY = 1      # the client's first bytes went to the backend at request_at
+    RESP_MEASURED = 2         # the backend's first bytes after them came: response_time set
+    RESP_NONE = 3             # the backend spoke first (a banner): no response time
+
 
 @cython.final
 cdef class Relay:
@@ -60,6 +69,11 @@ cdef class Relay:
     cdef double last_active           # hub.now at the last byte either way
     cdef double deadline              # connect / queue / header / inspect deadline, by state
     cdef double connect_started       # _now() when the connect to target began
+    cdef int resp_phase               # RESP_*: the response-time measurement
+    cdef double request_at            # _now() before the pump that passed the client's
+                                      # first bytes on
+    cdef double resp_time             # seconds from request_at to the backend's first bytes
+                                      # back (RESP_MEASURED only)
     cdef public str close_reason      # why it closed (the access log's reason); None while live
     cdef Relay prev                   # the previous live relay in the hub's list
     cdef Relay next                   # the next live relay in the hub's list
@@ -102,6 +116,7 @@ cdef class Relay:
     cdef void read_proxy_header(self, bint client_eof)
     cdef void on_event(self, bint backend, uint32_t ev)
     cdef void pump_both(self)
+    cdef void note_first_bytes(self, int64_t nin, int64_t nout)
     cdef void close_both(self, str reason, bint abort)
     cdef void finish(self, str reason)
     cdef void close_fds(self, bint reset)

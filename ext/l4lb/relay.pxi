@@ -39,6 +39,16 @@
 # - Half close: one direction's EOF becomes shutdown(SHUT_WR) on the other socket; both
 #   done -> close. A reset either way closes both with SO_LINGER 0, so the other side
 #   sees the reset too; timeouts and kills close plainly.
+# - Response time (HAProxy's Tr, at L4): from the client's first bytes passed on to the
+#   backend to the backend's first bytes back; per backend an EWMA and a count
+#   (target_observe_response). The clock is read before each pump until the client's
+#   first bytes have gone (a pump or two: the one at connect, the client's first edge),
+#   so the figure never undercounts, and once more at the backend's first bytes; after
+#   that a flag test per pump that moved bytes is all it costs. A backend
+#   whose bytes (or FIN) were readable before any of the client's went out spoke first
+#   (a banner: SMTP, FTP, MySQL, SSH), and such a connection has no response time, as
+#   HAProxy counts from the request; neither has one closed before its backend answered.
+#   Later exchanges on the connection are not timed: L4 sees no request boundaries.
 # - No timers per connection: Hub.sweep calls sweep_one on every live relay a few times
 #   a second and applies connect, queue, header and idle deadlines from coarse stamps.
 from libc.errno cimport (errno, EAGAIN, EINTR, EINPROGRESS, ECONNREFUSED, ECONNRESET,
@@ -683,6 +693,13 @@ cdef class Relay:
         cdef int rc_up = PUMP_WAIT
         cdef int rc_down = PUMP_WAIT
         cdef Target t = self.target
+        if self.resp_phase == RESP_AWAIT_REQUEST:
+            if self.b_readable:
+                # The backend has bytes (or its FIN) before any of the client's went
+                # out: it spoke first, so this connection has no response time.
+                self.resp_phase = RESP_NONE
+            else:
+                self.request_at = _now()     # before the client's bytes may go out
         if not self.up.done:
             rc_up = pump_direction(&self.up, &self.c_readable, &self.b_writable, &nin,
                                    self.down.done)
@@ -700,6 +717,8 @@ cdef class Relay:
             t.bytes_in += nin
             t.bytes_out += nout
             self.last_active = self.hub.now
+            if self.resp_phase < RESP_MEASURED:
+                self.note_first_bytes(nin, nout)
         if rc_up == PUMP_SRC_FAILED or rc_down == PUMP_DST_FAILED:
             self.close_both("client_reset", True)
         elif rc_up == PUMP_DST_FAILED or rc_down == PUMP_SRC_FAILED:
@@ -708,6 +727,25 @@ cdef class Relay:
             self.close_both("closed", False)
         elif rc_up == PUMP_MORE or rc_down == PUMP_MORE:
             self.poller.defer(self)
+
+    cdef void note_first_bytes(self, int64_t nin, int64_t nout):
+        """A pump moved bytes before the response time was settled: stamp the client's
+        first bytes, or time the backend's first bytes after them (see the top of this
+        file): request_at was stamped before this pump."""
+        if self.resp_phase == RESP_AWAIT_REQUEST:
+            if nin == 0:
+                self.resp_phase = RESP_NONE      # the backend's bytes came first
+                return
+            self.resp_phase = RESP_AWAIT_REPLY
+            if nout == 0:
+                return
+            # Else the backend answered within this very pump: its bytes were not
+            # readable before the client's went out (pump_both checked).
+        elif nout == 0:
+            return                               # more of the request, no answer yet
+        self.resp_time = _now() - self.request_at
+        self.resp_phase = RESP_MEASURED
+        target_observe_response(self.target, self.resp_time)
 
     # --- closing ----------------------------------------------------------------------
 
@@ -796,6 +834,12 @@ cdef class Relay:
     @property
     def pool_name(self):
         return None if self.pool is None else self.pool.name
+
+    @property
+    def response_time(self):
+        """Seconds from the client's first bytes passed on to the backend's first bytes
+        back, or None: the backend spoke first, or the relay closed before it answered."""
+        return self.resp_time if self.resp_phase == RESP_MEASURED else None
 
     @property
     def state_name(self):

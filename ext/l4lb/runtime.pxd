@@ -23,6 +23,9 @@ cdef class Target:
     cdef public int64_t failed        # connect failures and connect timeouts
     cdef public int64_t bytes_in      # client -> backend bytes
     cdef public int64_t bytes_out     # backend -> client bytes
+    cdef double resp_ewma             # response-time EWMA in seconds; -1 before the first
+    cdef readonly int64_t responses   # connections that gave a response time (the relay's
+                                      # only writer: target_observe_response)
     cdef public object on_connect_failed   # callable(Target, reason) or None: passive health
     cdef public object on_idle        # callable(Target) or None: called when active drops to 0
 

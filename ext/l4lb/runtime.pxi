@@ -70,9 +70,29 @@ cdef class Target:
         self.slot = slot
         self.on_connect_failed = None
         self.on_idle = None
+        self.resp_ewma = -1.0
+
+    @property
+    def response_time_average(self):
+        """The EWMA (alpha EWMA_ALPHA, as the connect time's) of the response times of
+        this backend's connections in seconds, or None before the first one (see
+        Relay.response_time)."""
+        return None if self.resp_ewma < 0 else self.resp_ewma
 
     def __repr__(self):
         return f"<Target {self.pool}/{self.name} {self.host}:{self.port} active={self.active}>"
+
+
+cdef inline void target_observe_response(Target t, double seconds) noexcept:
+    """Feed one connection's response time into its backend's EWMA and count it; the
+    only writer of Target.resp_ewma and Target.responses."""
+    if not seconds >= 0.0:          # negative or NaN: a clock step, not a measurement
+        seconds = 0.0
+    if t.resp_ewma < 0:
+        t.resp_ewma = seconds
+    else:
+        t.resp_ewma += EWMA_ALPHA * (seconds - t.resp_ewma)
+    t.responses += 1
 
 
 cdef class PoolRuntime:

@@ -189,7 +189,7 @@ COMMANDS: tuple[CommandSpec, ...] = (
         "backends with state, health, weight and counters; all pools or one",
         reply=("backends",),
         rows=("pool", "name", "address", "state", "health", "checked", "weight", "active",
-              "total", "failed", "bytes_in", "bytes_out", "rt_ms", "last_check",
+              "total", "failed", "bytes_in", "bytes_out", "rt_ms", "resp_ms", "responses", "last_check",
               "last_error", "check_duration_ms", "check_failures", "connect_failures",
               "set_by", "backup", "check_address"),
     ),
