@@ -247,6 +247,7 @@ async def apply_reload(balancer: "Balancer", plan: ReloadPlan) -> None:
     configure_logging(new.log.level, new.log.format)
     balancer.set_access_log(new.log.access)
     balancer.hub.max_connections = new.global_.max_connections
+    balancer.resolver.configure(new.resolvers)
     for pp in plan.pools:
         if pp.action == "add":
             balancer.pools[pp.cfg.name] = balancer.create_pool(pp.cfg)

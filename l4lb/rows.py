@@ -39,6 +39,10 @@ def backend_row(b) -> dict:
         "check_failures": b.check_failures,
         "connect_failures": dict(b.connect_failures),
         "set_by": b.set_by,
+        # hostname addresses only (None otherwise, and before a first DNS answer): the IPs
+        # new connections try in order, and the error while lookups fail (last answer kept)
+        "resolved": None if t.resolved is None else [ip for _, ip, _ in t.resolved],
+        "resolve_error": b.resolve_error,
     }
 
 
