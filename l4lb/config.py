@@ -682,14 +682,18 @@ RESOLVERS = Table(ResolversConfig, {
 }, doc="How hostname backends are resolved (HAProxy `resolvers`, nginx `resolve`): by a "
        "control-plane task, again when the answer's TTL runs out (bounded by min_ttl and "
        "max_ttl); every A and AAAA address of the name is tried in order by each connection "
-       "(A first), which never waits on DNS. Before a name's first answer, a connection "
+       "(A first), which never waits on DNS. A host named `_SERVICE._tcp.DOMAIN` is asked "
+       "for SRV records: their targets' addresses with the records' ports, by priority "
+       "then weight (the address's own port is then unused). Before a name's first answer, a connection "
        "resolves it itself (getaddrinfo, which also reads /etc/hosts).", check=check_resolvers)
 
 BACKEND = Table(BackendConfig, {
     "name": Key(Name(), REQUIRED,
         "The backend's name, unique in its pool; control commands call it POOL/NAME."),
     "address": Key(AddressRule(), REQUIRED,
-        "host:port the balancer connects to (IPv6 as \"[::1]:9001\")."),
+        "host:port the balancer connects to (IPv6 as \"[::1]:9001\"). A hostname is "
+        "resolved by [resolvers] (every address, by TTL; `_SERVICE._tcp.DOMAIN:PORT` by SRV "
+        "records, which give the port)."),
     "weight": Key(Integer(vocab.WEIGHT_MIN, vocab.WEIGHT_MAX), vocab.WEIGHT_DEFAULT,
         "Share of new connections relative to the pool's other backends; 0 = none."),
     "max_connections": Key(Integer(), 0,

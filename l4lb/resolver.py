@@ -8,6 +8,14 @@ answer has run out; an answer is used for its TTL, bounded by `[resolvers] min_t
 Target as `resolved`, [(family, ip, port)] in the order to try (A records first), and the
 relay connects to those IP literals in order without a lookup of its own.
 
+An address whose host is an SRV name (`_SERVICE._tcp.DOMAIN:PORT`, the first two labels
+starting with '_', the second `_tcp`) is asked for SRV records instead: their targets,
+by priority and then weight (heaviest first), each resolved to its A and AAAA
+addresses, give the (ip, port) pairs to try, so the records say the port; the address's
+own PORT is only the fallback for the answers that carry none (and for getaddrinfo
+before a first answer, which finds no SRV name anyway). The answer lives as long as the
+shortest TTL among the SRV and address records.
+
 One backend keeps the whole address list (rather than one backend per address, HAProxy's
 server-template): the backend an operator declared stays the one thing that has a name,
 a state, a weight, health checks and a place in the state file; DNS changes only where
@@ -37,7 +45,7 @@ import dns.resolver
 
 from .config import ResolversConfig
 
-__all__ = ["NameState", "Resolver"]
+__all__ = ["NameState", "Resolver", "is_srv_name"]
 
 _SCAN_INTERVAL = 1.0     # seconds between two walks of the backends (new names, reloads)
 
@@ -46,7 +54,8 @@ _SCAN_INTERVAL = 1.0     # seconds between two walks of the backends (new names,
 class NameState:
     """What is known of one hostname: the last good answer and the current failure."""
     name: str
-    addresses: list[tuple[int, str]] = field(default_factory=list)   # (family, ip)
+    # (family, ip, port): port 0 = the backend's own (A/AAAA), else the SRV record's
+    addresses: list[tuple[int, str, int]] = field(default_factory=list)
     due: float = 0.0                  # monotonic time of the next lookup
     ttl: float | None = None          # the last good answer's TTL, as DNS gave it
     error: str | None = None          # set while the lookups fail (one episode)
@@ -136,7 +145,7 @@ class Resolver:
         if state is None or not state.addresses or target.host != backend.address.host:
             return
         port = backend.address.port
-        resolved = [(family, ip, port) for family, ip in state.addresses]
+        resolved = [(family, ip, srv_port or port) for family, ip, srv_port in state.addresses]
         if target.resolved != resolved:
             target.resolved = resolved
 
@@ -146,22 +155,24 @@ class Resolver:
         state.lookups += 1
         try:
             resolver = self.dns_client()
-            found = await asyncio.wait_for(self._query_all(resolver, state.name), cfg.timeout)
+            query = self._query_srv if is_srv_name(state.name) else self._query_all
+            found = await asyncio.wait_for(query(resolver, state.name), cfg.timeout)
         except (dns.exception.DNSException, asyncio.TimeoutError, OSError, ValueError) as exc:
             self._failed(state, _describe(exc))
             return
         addresses, ttl = found
         if not addresses:
-            self._failed(state, "no A or AAAA record")
+            self._failed(state, "no SRV record with an address" if is_srv_name(state.name)
+                         else "no A or AAAA record")
             return
         if state.error is not None:
             self.log.info("resolve_recovered", name=state.name, failed_for=state.error,
-                          addresses=[ip for _, ip in addresses])
+                          addresses=_shown(addresses))
             state.error = None
         elif addresses != state.addresses:
             self.log.info("resolve_changed", name=state.name, ttl=ttl,
-                          addresses=[ip for _, ip in addresses],
-                          previous=[ip for _, ip in state.addresses])
+                          addresses=_shown(addresses),
+                          previous=_shown(state.addresses))
         state.addresses = addresses
         state.ttl = ttl
         state.due = self.clock() + min(max(ttl, cfg.min_ttl), cfg.max_ttl)
@@ -173,7 +184,7 @@ class Resolver:
             resolver.resolve(name, "AAAA", search=not self.config.nameservers,
                              raise_on_no_answer=False),
             return_exceptions=True)
-        addresses: list[tuple[int, str]] = []
+        addresses: list[tuple[int, str, int]] = []
         ttls: list[float] = []
         errors = []
         for family, answer in zip((socket.AF_INET, socket.AF_INET6), answers):
@@ -185,17 +196,38 @@ class Resolver:
             if answer.rrset is None:
                 continue
             ttls.append(float(answer.rrset.ttl))
-            addresses.extend((family, rr.address) for rr in answer.rrset)
+            addresses.extend((family, rr.address, 0) for rr in answer.rrset)
         if not addresses and errors:
             raise errors[0]
         return addresses, min(ttls) if ttls else 0.0
+
+    async def _query_srv(self, resolver, name: str):
+        """SRV records of `name`, each target's addresses with the record's port."""
+        answer = await resolver.resolve(name, "SRV", search=not self.config.nameservers,
+                                        raise_on_no_answer=False)
+        if answer.rrset is None:
+            return [], 0.0
+        ttls = [float(answer.rrset.ttl)]
+        addresses: list[tuple[int, str, int]] = []
+        for rr in sorted(answer.rrset, key=lambda r: (r.priority, -r.weight)):
+            target = rr.target.to_text(omit_final_dot=True)
+            if not target or target == ".":       # "." = no such service here (RFC 2782)
+                continue
+            try:
+                found, ttl = await self._query_all(resolver, target)
+            except (dns.exception.DNSException, OSError):
+                continue                         # one dead target; the others still count
+            if found:
+                ttls.append(ttl)
+            addresses.extend((family, ip, rr.port) for family, ip, _ in found)
+        return addresses, min(ttls)
 
     def _failed(self, state: NameState, error: str) -> None:
         state.failures += 1
         state.due = self.clock() + self.config.retry
         if state.error is None:       # once per episode
             self.log.warning("resolve_failed", name=state.name, error=error,
-                             kept=[ip for _, ip in state.addresses])
+                             kept=_shown(state.addresses))
         state.error = error
 
     def dns_client(self):
@@ -212,6 +244,18 @@ class Resolver:
             client.cache = None         # TTLs are ours to honour, per name
             self._dns = client
         return self._dns
+
+
+def is_srv_name(host: str) -> bool:
+    """`_SERVICE._tcp.DOMAIN`: a name to ask SRV records of (RFC 2782)."""
+    labels = host.split(".")
+    return len(labels) >= 3 and labels[0].startswith("_") and labels[1] == "_tcp"
+
+
+def _shown(addresses) -> list[str]:
+    """Addresses for a log line: IPs, "ip:port" (IPv6 bracketed) when an SRV gave the port."""
+    return [ip if not port else (f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}")
+            for _, ip, port in addresses]
 
 
 def _describe(exc: BaseException) -> str:

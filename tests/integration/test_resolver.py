@@ -23,19 +23,32 @@ NAME = "svc.test"
 class Dnsmasq:
     """dnsmasq on 127.0.0.1:random UDP/TCP port, answering *.test from `hosts` only."""
 
-    def __init__(self, tmp_path, lines, ttl: int = 1):
+    def __init__(self, tmp_path, lines, ttl: int = 1, extra=()):
         self.hosts = tmp_path / "dns-hosts"
         self.write(lines)
-        self.port = _free_port()
         self.log_path = tmp_path / "dnsmasq.log"
+        for _ in range(5):     # dnsmasq binds UDP and TCP: a port taken meanwhile, try another
+            self.start(ttl, extra)
+            try:
+                wait_until(lambda: self.proc.poll() is not None or (
+                    self.log_path.exists() and "read " in self.log_path.read_text()),
+                    timeout=10, what="dnsmasq to read its hosts file")
+            except TimeoutError:
+                self.stop()
+                raise
+            if self.proc.poll() is None:
+                return
+        raise RuntimeError("dnsmasq did not start: " + self.proc.stderr.read().decode())
+
+    def start(self, ttl, extra) -> None:
+        self.port = _free_port()
+        self.log_path.unlink(missing_ok=True)
         self.proc = subprocess.Popen(
             ["dnsmasq", "--no-resolv", "--no-hosts", f"--addn-hosts={self.hosts}",
              f"--local-ttl={ttl}", f"--port={self.port}", "--listen-address=127.0.0.1",
              "--bind-interfaces", "-k", "--local=/test/", "--log-queries",
-             f"--log-facility={self.log_path}", "--pid-file=", "--user=root"],
+             f"--log-facility={self.log_path}", "--pid-file=", "--user=root", *extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        wait_until(lambda: self.log_path.exists() and "read " in self.log_path.read_text(),
-                   timeout=10, what="dnsmasq to read its hosts file")
 
     def write(self, lines) -> None:
         self.hosts.write_text("".join(f"{ip} {NAME}\n" for ip in lines))
@@ -55,11 +68,20 @@ class Dnsmasq:
 
 
 def _free_port() -> int:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+    """A port free for UDP and, at this moment, for TCP too (dnsmasq binds both)."""
+    while True:
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        u.bind(("127.0.0.1", 0))
+        port = u.getsockname()[1]
+        t = socket.socket()
+        try:
+            t.bind(("127.0.0.1", port))
+            return port
+        except OSError:
+            continue
+        finally:
+            t.close()
+            u.close()
 
 
 class NameServer:
@@ -102,8 +124,8 @@ def dns_world(tmp_path):
     a = NameServer("a", "127.0.0.2")
     b = NameServer("b", "127.0.0.3", a.port)
 
-    def start_dns(lines, ttl=1):
-        d = Dnsmasq(tmp_path, lines, ttl)
+    def start_dns(lines, ttl=1, extra=()):
+        d = Dnsmasq(tmp_path, lines, ttl, extra)
         started.append(d)
         return d
 
@@ -114,8 +136,8 @@ def dns_world(tmp_path):
     b.close()
 
 
-def resolver_config(dns, port: int) -> str:
-    return simple_config([("svc", f"{NAME}:{port}")]) + f"""
+def resolver_config(dns, port: int, host: str = NAME) -> str:
+    return simple_config([("svc", f"{host}:{port}")]) + f"""
 [resolvers]
 nameservers = ["127.0.0.1:{dns.port}"]
 min_ttl = 0.2
@@ -174,3 +196,34 @@ def test_every_address_of_the_name_is_tried_in_order(dns_world, l4lb):
     wait_until(lambda: sorted(backend_row(lb)["resolved"] or []) == ["127.0.0.2", "127.0.0.4"],
                what="both addresses")
     assert {hello(port) for _ in range(6)} == {"a"}
+
+
+@pytest.mark.timeout(60)
+def test_an_srv_name_connects_to_the_port_its_records_give(dns_world, l4lb):
+    start_dns, (a, _) = dns_world
+    srv = "_echo._tcp.svc.test"
+    dns = start_dns(["127.0.0.2"], extra=[f"--srv-host={srv},{NAME},{a.port},0,10"])
+    # The address's own port (1) is wrong on purpose: the SRV record's port must win.
+    lb = l4lb(resolver_config(dns, 1, host=srv))
+    port = lb.port()
+    wait_until(lambda: backend_row(lb)["resolved"] == [f"127.0.0.2:{a.port}"],
+               what="the SRV answer")
+    assert {hello(port) for _ in range(3)} == {"a"}
+
+
+@pytest.mark.timeout(60)
+def test_health_checks_probe_the_resolved_address(dns_world, l4lb):
+    start_dns, (a, _) = dns_world
+    dns = start_dns(["127.0.0.2"])
+    # svc.test is known to this dnsmasq only: a probe resolving it through the system's
+    # resolver would fail and mark the backend down.
+    config = resolver_config(dns, a.port) + """
+[pools.main.health]
+interval = 0.2
+timeout = 1.0
+rise = 1
+fall = 1
+"""
+    lb = l4lb(config)
+    wait_until(lambda: backend_row(lb)["health"] == "passing", what="a passing check")
+    assert backend_row(lb)["state"] == "up"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import dns.name
 import dns.resolver
 import pytest
 
@@ -120,3 +121,40 @@ def test_a_changed_address_drops_the_old_names_answer_at_once():
     asyncio.run(resolver.resolve_due())
     backend.pool.update_backend(BackendConfig("svc", parse_address("other.internal:8080")))
     assert backend.target.resolved is None
+
+
+class FakeSrv:
+    def __init__(self, priority, weight, port, target):
+        self.priority, self.weight, self.port = priority, weight, port
+        self.target = dns.name.from_text(target)
+
+
+class FakeSrvDns(FakeDns):
+    """SRV records for the service, A records per target name."""
+
+    def __init__(self, records, hosts):
+        super().__init__()
+        self.records, self.hosts = records, hosts
+
+    async def resolve(self, name, rdtype, **kw):
+        if rdtype == "SRV":
+            answer = FakeAnswer([])
+            answer.rrset = FakeRRset(self.records)
+            return answer
+        return FakeAnswer(self.hosts.get(name, []) if rdtype == "A" else [])
+
+
+def test_an_srv_name_resolves_to_its_targets_by_priority_then_weight_with_their_ports():
+    now = [0.0]
+    pool = Pool(parse_config(BASE, "c.toml").pools["blue"])
+    pool.add_backend(BackendConfig("svc", parse_address("_db._tcp.svc.internal:1")))
+    resolver = Resolver(ResolversConfig(), lambda: [pool], Log(), clock=lambda: now[0])
+    resolver._dns = FakeSrvDns(
+        [FakeSrv(20, 5, 7000, "late.internal."), FakeSrv(10, 1, 6001, "light.internal."),
+         FakeSrv(10, 9, 6002, "heavy.internal."), FakeSrv(10, 9, 6003, ".")],
+        {"late.internal": ["10.0.0.3"], "light.internal": ["10.0.0.1"],
+         "heavy.internal": ["10.0.0.2"]})
+    asyncio.run(resolver.resolve_due())
+    assert pool.backends["svc"].target.resolved == [
+        (socket.AF_INET, "10.0.0.2", 6002), (socket.AF_INET, "10.0.0.1", 6001),
+        (socket.AF_INET, "10.0.0.3", 7000)]
