@@ -124,10 +124,11 @@ class Resolver:
         wanted = {b.address.host for b in backends}
         for name in [n for n in self.names if n not in wanted]:
             del self.names[name]          # no backend names it any more
-        for name in wanted:
-            state = self.names.setdefault(name, NameState(name))
-            if state.due <= self.clock():
-                await self.lookup(state)
+        now = self.clock()
+        due = [state for state in (self.names.setdefault(n, NameState(n)) for n in wanted)
+               if state.due <= now]
+        if due:          # at once: one slow or dead name does not hold the others up
+            await asyncio.gather(*(self.lookup(state) for state in due))
         for backend in backends:
             self.push(backend)
 
