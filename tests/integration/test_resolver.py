@@ -124,8 +124,8 @@ def dns_world(tmp_path):
     a = NameServer("a", "127.0.0.2")
     b = NameServer("b", "127.0.0.3", a.port)
 
-    def start_dns(lines, ttl=1, extra=()):
-        d = Dnsmasq(tmp_path, lines, ttl, extra)
+    def start_dns(lines, ttl=1, extra=(), folder=None):
+        d = Dnsmasq(folder or tmp_path, lines, ttl, extra)
         started.append(d)
         return d
 
@@ -227,3 +227,19 @@ fall = 1
     lb = l4lb(config)
     wait_until(lambda: backend_row(lb)["health"] == "passing", what="a passing check")
     assert backend_row(lb)["state"] == "up"
+
+
+@pytest.mark.timeout(60)
+def test_a_reload_to_other_nameservers_asks_them_at_once(dns_world, l4lb, tmp_path):
+    start_dns, (a, b) = dns_world
+    first = start_dns(["127.0.0.2"], ttl=300)
+    lb = l4lb(resolver_config(first, a.port))
+    port = lb.port()
+    wait_until(lambda: backend_row(lb)["resolved"] == ["127.0.0.2"], what="the first answer")
+    (tmp_path / "second").mkdir()
+    second = start_dns(["127.0.0.3"], ttl=300, folder=tmp_path / "second")
+    lb.path.write_text(resolver_config(second, a.port))
+    reply = ask(lb, "reload")
+    assert f"resolvers nameservers [127.0.0.1:{second.port}]" in reply["changes"]
+    # The first answer's TTL (300 s) has not run out: only the reload makes it ask again.
+    wait_until(lambda: hello(port) == "b", what="connections to follow the new nameserver")
