@@ -110,6 +110,7 @@ class Target:
     def name(self) -> str: ...
     host: Any
     port: Any
+    resolved: list[tuple[int, str, int]] | None
     slot: int
     active: int
     total: int

@@ -27,6 +27,7 @@ from .listen import Listening
 from .log import get_logger
 from .model import Backend, BackendState, Listener, Pool
 from .persist import StateWriter
+from .resolver import Resolver
 from .reload import reload_from_file
 from .state import RuntimeState, StateFileError, load_state, state_path_for
 
@@ -54,6 +55,7 @@ class Balancer:
         self.listening = Listening(self.loop, self.hub, self.listeners, self.log)
         self.set_access_log(config.log.access)
         self.health = HealthMonitor(self.hub, self.log)
+        self.resolver = Resolver(config.resolvers, lambda: self.pools.values(), self.log)
         for pcfg in config.pools.values():
             self.pools[pcfg.name] = self.create_pool(pcfg)
         for lcfg in config.listeners.values():
@@ -131,6 +133,7 @@ class Balancer:
             raise
         self._sweeper = self.loop.create_task(self.sweep_forever())
         self.health.start()
+        self.resolver.start()
 
     async def sweep_forever(self) -> None:
         """The one periodic timer of the data path: timeouts and slow-start ramps."""
@@ -161,6 +164,7 @@ class Balancer:
         self.log.info("shutdown_started", active=self.hub.active, timeout=timeout)
         self.listening.close_all()
         await self.health.stop()
+        await self.resolver.stop()
         deadline = self.loop.time() + timeout
         while self.hub.active > 0 and self.loop.time() < deadline:
             await asyncio.sleep(0.05)

@@ -20,6 +20,7 @@ import ipaddress
 import json
 import math
 import re
+import socket
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,6 +105,15 @@ class MetricsConfig:
 
 
 @dataclass
+class ResolversConfig:
+    nameservers: list[Address] = field(default_factory=list)
+    min_ttl: float = 1.0
+    max_ttl: float = 300.0
+    retry: float = 1.0
+    timeout: float = 2.0
+
+
+@dataclass
 class BackendConfig:
     name: str
     address: Address
@@ -172,6 +182,7 @@ class Config:
     metrics: MetricsConfig
     listeners: dict[str, ListenerConfig]
     pools: dict[str, PoolConfig]
+    resolvers: ResolversConfig = field(default_factory=ResolversConfig)
     # `FILE:LINE key: message` lines for keys that still work but are deprecated; the
     # caller logs them (the config is valid).
     warnings: list[str] = field(default_factory=list, compare=False)
@@ -539,6 +550,16 @@ def check_pool(pool: PoolConfig, path: KeyPath, report: Report) -> None:
             first_index[backend.name] = i
 
 
+def check_resolvers(resolvers: ResolversConfig, path: KeyPath, report: Report) -> None:
+    for i, server in enumerate(resolvers.nameservers or []):
+        if isinstance(server, Address) and server.family == socket.AF_UNSPEC:
+            report(path + ("nameservers", i),
+                   f"a nameserver must be an IP address, got the hostname {server.host!r}")
+    if (isinstance(resolvers.min_ttl, float) and isinstance(resolvers.max_ttl, float)
+            and resolvers.min_ttl > resolvers.max_ttl):
+        report(path + ("min_ttl",), f"must not exceed max_ttl ({resolvers.max_ttl:g})")
+
+
 def check_references(config: Config, report: Report) -> None:
     """At least one listener; pools named by listeners exist; no address is bound twice
     (listeners and metrics)."""
@@ -643,11 +664,36 @@ METRICS = Table(MetricsConfig, {
         "metrics off."),
 }, doc="The Prometheus endpoint.")
 
+RESOLVERS = Table(ResolversConfig, {
+    "nameservers": Key(ListOf(AddressRule(), expects="an array of 'host:port' strings"), [],
+        "DNS servers asked for hostname backends, as IP:port strings such as "
+        "[\"10.0.0.2:53\"] (HAProxy `nameserver`, nginx `resolver`), tried in order; "
+        "empty = the system's, from /etc/resolv.conf."),
+    "min_ttl": Key(Number(0, above=True), 1.0,
+        "Seconds an answer is used at least before it is asked again, whatever its TTL."),
+    "max_ttl": Key(Number(0, above=True), 300.0,
+        "Seconds an answer is used at most, however long its TTL (nginx `valid=`)."),
+    "retry": Key(Number(0, above=True), 1.0,
+        "Seconds between two lookups of a name whose last lookup failed (NXDOMAIN, "
+        "SERVFAIL, no answer, timeout); meanwhile its last good answer stays in use "
+        "(HAProxy `hold nx/timeout` without end)."),
+    "timeout": Key(Number(0, above=True), 2.0,
+        "Seconds one lookup (every nameserver, A and AAAA) may take before it counts as failed."),
+}, doc="How hostname backends are resolved (HAProxy `resolvers`, nginx `resolve`): by a "
+       "control-plane task, again when the answer's TTL runs out (bounded by min_ttl and "
+       "max_ttl); every A and AAAA address of the name is tried in order by each connection "
+       "(A first), which never waits on DNS. A host named `_SERVICE._tcp.DOMAIN` is asked "
+       "for SRV records: their targets' addresses with the records' ports, by priority "
+       "then weight (the address's own port is then unused). Before a name's first answer, a connection "
+       "resolves it itself (getaddrinfo, which also reads /etc/hosts).", check=check_resolvers)
+
 BACKEND = Table(BackendConfig, {
     "name": Key(Name(), REQUIRED,
         "The backend's name, unique in its pool; control commands call it POOL/NAME."),
     "address": Key(AddressRule(), REQUIRED,
-        "host:port the balancer connects to (IPv6 as \"[::1]:9001\")."),
+        "host:port the balancer connects to (IPv6 as \"[::1]:9001\"). A hostname is "
+        "resolved by [resolvers] (every address, by TTL; `_SERVICE._tcp.DOMAIN:PORT` by SRV "
+        "records, which give the port)."),
     "weight": Key(Integer(vocab.WEIGHT_MIN, vocab.WEIGHT_MAX), vocab.WEIGHT_DEFAULT,
         "Share of new connections relative to the pool's other backends; 0 = none."),
     "max_connections": Key(Integer(), 0,
@@ -777,6 +823,7 @@ SCHEMA = Table(Config, {
         "file is refused (by `l4lb check` and by a reload) instead of removing every listener."),
     "pools": Key(TableOf(POOL, "pools"), {},
         "[pools.NAME] tables; a pool no listener names is kept ready (blue-green standby)."),
+    "resolvers": Key(RESOLVERS, {}, RESOLVERS.doc),
 }, doc="An l4lb config file.")
 
 

@@ -268,7 +268,14 @@ class BackendCheck:
             self.pause()
             return
         target = probe_address(b, self.cfg)
-        res = await self.monitor.probe(target.host, target.port, self.cfg)
+        host, port = target.host, target.port
+        resolved = b.target.resolved
+        if resolved and b.health_address is None:
+            # A hostname backend: probe the first address its connections try now (the
+            # resolver's answer, which may come from servers getaddrinfo does not ask).
+            _, host, port = resolved[0]
+            port = self.cfg.port or port
+        res = await self.monitor.probe(host, port, self.cfg)
         if res.passed is None:
             return
         b.last_check = self.monitor.wallclock()

@@ -368,6 +368,16 @@ LOG_EVENTS: tuple[LogEvent, ...] = (
     LogEvent("backend_connections_closed", "info", ("pool", "backend", "closed", "reason"),
              "A backend marked down in a pool with on_down = \"close\" had its open "
              "connections closed."),
+    LogEvent("resolve_failed", "warning", ("name", "error", "kept"),
+             "A hostname backend's DNS lookup failed (NXDOMAIN, timeout, SERVFAIL, no "
+             "address); logged once per episode. Its connections keep using the `kept` "
+             "addresses (the last good answer; empty before the first one, when each "
+             "connection resolves the name itself), and it is retried every resolvers.retry."),
+    LogEvent("resolve_recovered", "info", ("name", "failed_for", "addresses"),
+             "A hostname that was failing resolved again (`failed_for`: its last error)."),
+    LogEvent("resolve_changed", "info", ("name", "ttl", "addresses", "previous"),
+             "A hostname backend's DNS answer changed (or came for the first time); new "
+             "connections go to `addresses`, open ones keep theirs."),
     # bugs: these carry the traceback as `exception`
     LogEvent("sweep_failed", "error", ("exception",),
              "The periodic timeout sweep raised; it keeps running. A bug: please report it."),
@@ -377,6 +387,8 @@ LOG_EVENTS: tuple[LogEvent, ...] = (
              "A health checker raised; it keeps checking. A bug: please report it."),
     LogEvent("metrics_scrape_failed", "error", ("exception",),
              "Collecting the metrics raised; the scraper got a 500. A bug: please report it."),
+    LogEvent("resolver_failed", "error", ("exception",),
+             "A round of the DNS resolver raised; it keeps resolving. A bug: please report it."),
 )
 
 LOG_EVENTS_BY_NAME = {e.name: e for e in LOG_EVENTS}

@@ -20,6 +20,7 @@ builds its families from it and docs/REFERENCE.md is generated from it (l4lb.doc
 """
 from __future__ import annotations
 
+import socket
 import time
 from typing import TYPE_CHECKING, Iterator, NamedTuple
 
@@ -146,6 +147,12 @@ METRICS: tuple[MetricSpec, ...] = (
                "1 for a backup backend (used only when no other backend of its pool is up)."),
     MetricSpec("l4lb_backend_weight", "gauge", _BACKEND,
                "The backend's configured weight (0 = no new connections)."),
+    MetricSpec("l4lb_backend_resolved_addresses", "gauge", _BACKEND,
+               "Hostname backends only: addresses in the name's last good DNS answer (the "
+               "ones new connections try); absent before the first answer."),
+    MetricSpec("l4lb_backend_resolve_failing", "gauge", _BACKEND,
+               "Hostname backends only: 1 while the name's DNS lookups fail (the last good "
+               "answer stays in use), else 0."),
     MetricSpec("l4lb_backend_connect_time_average_seconds", "gauge", _BACKEND,
                "Exponentially weighted moving average of the backend's connect time in "
                "seconds; absent until its first connection."),
@@ -268,6 +275,11 @@ class BalancerCollector:
                     put("l4lb_backend_check_timestamp_seconds", labels, row["last_check"])
                 put("l4lb_backend_backup", labels, 1 if row.get("backup") else 0)
                 put("l4lb_backend_weight", labels, row["weight"])
+                if row["resolved"] is not None:
+                    put("l4lb_backend_resolved_addresses", labels, len(row["resolved"]))
+                if backend.address.family == socket.AF_UNSPEC:
+                    put("l4lb_backend_resolve_failing", labels,
+                        0 if row["resolve_error"] is None else 1)
                 if row["rt_ms"] is not None:
                     put("l4lb_backend_connect_time_average_seconds", labels, row["rt_ms"] / 1000.0)
                     put("l4lb_backend_response_time_seconds", labels, row["rt_ms"] / 1000.0)

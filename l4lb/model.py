@@ -71,6 +71,9 @@ class Backend:
         self.check_duration: float | None = None
         self.check_failures = 0
         self.connect_failures: dict[str, int] = {}
+        # Written by l4lb.resolver only: the error of a hostname address's failing DNS
+        # lookups (None while they succeed); its answer is in target.resolved.
+        self.resolve_error: str | None = None
         self.up_since = 0.0              # monotonic time it last entered `up` (slow start)
         self.slot = slot
         self.target = _native.Target(pool.name, cfg.name, cfg.address.host,
@@ -161,6 +164,8 @@ class Pool:
         """A reloaded config's address, weight and max_connections for an existing
         backend (new connections use them; open ones keep their backend socket)."""
         backend = self.backends[cfg.name]
+        if cfg.address != backend.address:
+            backend.target.resolved = None    # the old name's answer; the resolver pushes the new
         backend.address = cfg.address
         backend.target.host = cfg.address.host
         backend.target.port = cfg.address.port

@@ -17,7 +17,8 @@ What a plan promises, and apply keeps:
 - the operator's runtime changes (state file) are applied again on top of the new config,
   and the change lines say so: a weight the file changes while the state file keeps the
   operator's is reported as not applied (issue 21), never as taking effect;
-- `[log]` and `global.max_connections` changes take effect at once and are listed.
+- `[log]`, `global.max_connections` and `[resolvers]` changes take effect at once and are
+  listed (a `[resolvers]` change has every hostname asked again).
 """
 from __future__ import annotations
 
@@ -154,7 +155,8 @@ def plan_reload(current: Config, running: dict[str, dict[str, RunningBackend]],
 
 
 def _global_changes(old: Config, new: Config) -> list[str]:
-    """Change lines of the settings applied at once: [log] and global.max_connections."""
+    """Change lines of the settings applied at once: [log], global.max_connections and
+    [resolvers]."""
     out = []
     for key in ("level", "format", "access"):
         was, now = getattr(old.log, key), getattr(new.log, key)
@@ -163,6 +165,12 @@ def _global_changes(old: Config, new: Config) -> list[str]:
             out.append(f"log {key} {shown}")
     if old.global_.max_connections != new.global_.max_connections:
         out.append(f"global max_connections {new.global_.max_connections}")
+    for key in ("nameservers", "min_ttl", "max_ttl", "retry", "timeout"):
+        was, now = getattr(old.resolvers, key), getattr(new.resolvers, key)
+        if was != now:      # every name is asked again at once (Resolver.configure)
+            shown = ("[" + ", ".join(str(a) for a in now) + "]" if key == "nameservers"
+                     else f"{now:g}")
+            out.append(f"resolvers {key} {shown}")
     return out
 
 
@@ -247,6 +255,7 @@ async def apply_reload(balancer: "Balancer", plan: ReloadPlan) -> None:
     configure_logging(new.log.level, new.log.format)
     balancer.set_access_log(new.log.access)
     balancer.hub.max_connections = new.global_.max_connections
+    balancer.resolver.configure(new.resolvers)
     for pp in plan.pools:
         if pp.action == "add":
             balancer.pools[pp.cfg.name] = balancer.create_pool(pp.cfg)

@@ -9,6 +9,7 @@ connections.
 from __future__ import annotations
 
 from .health import probe_address
+from .resolver import is_srv_name
 
 
 def backend_row(b) -> dict:
@@ -44,7 +45,18 @@ def backend_row(b) -> dict:
         "check_failures": b.check_failures,
         "connect_failures": dict(b.connect_failures),
         "set_by": b.set_by,
+        # hostname addresses only (None otherwise, and before a first DNS answer): the IPs
+        # new connections try in order ("ip:port" for an SRV name, whose records give the
+        # port), and the error while lookups fail (the last answer is kept meanwhile)
+        "resolved": None if t.resolved is None else _resolved(b.address.host, t.resolved),
+        "resolve_error": b.resolve_error,
     }
+
+
+def _resolved(host: str, resolved: list) -> list[str]:
+    if not is_srv_name(host):
+        return [ip for _, ip, _ in resolved]
+    return [f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}" for _, ip, port in resolved]
 
 
 def listener_row(listener) -> dict:

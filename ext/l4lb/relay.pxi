@@ -16,9 +16,11 @@
 #   (max_connections), the client waits in the pool's queue (its listener's queue_timeout). When no
 #   backend is left, the close names why: the last connect failure's reason if backends
 #   were tried and failed, else `no_backend`.
-# - Connect: an IP literal is connected to at once; a hostname is resolved off the loop
-#   (loop.getaddrinfo, per connection as loop.create_connection does) and each of its
-#   addresses is tried in order until one connects, all within connect_timeout (a name
+# - Connect: an IP literal is connected to at once; a hostname uses the addresses the
+#   control plane's resolver last pushed into its Target (l4lb/resolver.py), and only
+#   before a first answer is it resolved off the loop (loop.getaddrinfo, per connection
+#   as loop.create_connection does); each address is tried in order until one connects,
+#   all within connect_timeout (a name
 #   whose first address is dead still connects). Out of descriptors is no backend's
 #   fault: the client is refused as `fd_exhausted`, no backend is blamed.
 # - Before the backend is connected the client is not read at all: its bytes wait in
@@ -484,8 +486,17 @@ cdef class Relay:
         if fill_sockaddr(0, t.host, t.port, &ss):
             self.connect_address(0, t.host, t.port)
             return
-        # A hostname: resolve it off the loop (per connection, as loop.create_connection
-        # does), then try its addresses in order.
+        resolved = t.resolved
+        if resolved:
+            # A hostname the control plane's resolver has an answer for: its addresses in
+            # order, no DNS on this path (a list only when there is a second to fall back on).
+            if len(resolved) > 1:
+                self.addresses = resolved[1:]
+            family, host, port = resolved[0]
+            self.connect_address(family, host, port)
+            return
+        # A hostname with no answer yet: resolve it off the loop (per connection, as
+        # loop.create_connection does), then try its addresses in order.
         fut = asyncio.ensure_future(
             self.hub.loop.getaddrinfo(t.host, t.port, type=_socket.SOCK_STREAM))
         self.resolving = fut

@@ -17,6 +17,8 @@ cdef class Target:
     cdef readonly str name            # backend name
     cdef public object host           # where to connect: IP literal or hostname
     cdef public object port           # the backend's TCP port
+    cdef public object resolved       # a hostname's last DNS answer, [(family, ip, port)] in
+                                      # the order to try, or None; written by l4lb.resolver
     cdef public int slot              # the backend's slot in its pool's Algorithm
     cdef public int64_t active        # relays assigned to this backend and not yet closed
     cdef public int64_t total         # connections that reached the backend

@@ -67,6 +67,7 @@ cdef class Target:
         self.name = name
         self.host = host
         self.port = port
+        self.resolved = None
         self.slot = slot
         self.on_connect_failed = None
         self.on_idle = None

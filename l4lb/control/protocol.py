@@ -191,7 +191,7 @@ COMMANDS: tuple[CommandSpec, ...] = (
         rows=("pool", "name", "address", "state", "health", "checked", "weight", "active",
               "total", "failed", "bytes_in", "bytes_out", "rt_ms", "resp_ms", "responses", "last_check",
               "last_error", "check_duration_ms", "check_failures", "connect_failures",
-              "set_by", "backup", "check_address"),
+              "set_by", "backup", "check_address", "resolved", "resolve_error"),
     ),
     CommandSpec(
         ("show", "conns"),

@@ -149,6 +149,16 @@ def test_log_and_global_max_connections_changes_are_listed():
                                 "global max_connections 500"]
 
 
+def test_resolvers_changes_are_listed():
+    old = cfg()
+    text = BASE.format(algorithm="rr", backends='  { name = "a", address = "127.0.0.1:9001" }',
+                       web_extra="", more_listeners="", more_pools="")
+    new = parse_config(text + '\n[resolvers]\nnameservers = ["127.0.0.1:5353"]\nmax_ttl = 60.0\n',
+                       "l4lb.toml")
+    plan = plan_reload(old, running(old), set(), new)
+    assert plan.changes[:2] == ["resolvers nameservers [127.0.0.1:5353]", "resolvers max_ttl 60"]
+
+
 def test_a_backup_flag_change_is_an_update_with_its_line():
     old = cfg()
     new = cfg(backends=(("a", 9001), ("b", 9002, ", backup = true")))
