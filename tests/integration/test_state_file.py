@@ -2,22 +2,7 @@
 entries are logged and skipped, the rest applies; a planted file is logged and ignored."""
 import os
 
-from ..support import L4LB, ask, backends_toml, name_handler
-
-
-def config(backends):
-    return f"""
-[global]
-shutdown_timeout = 2.0
-[listeners.web]
-bind = ["127.0.0.1:0"]
-pool = "main"
-[pools.main]
-algorithm = "rr"
-backends = [
-{backends_toml(backends)}
-]
-"""
+from ..support import L4LB, ask, name_handler, simple_config
 
 
 def test_out_of_range_state_entries_are_logged_and_skipped_the_rest_applies(backends, tmp_path):
@@ -29,7 +14,7 @@ def test_out_of_range_state_entries_are_logged_and_skipped_the_rest_applies(back
         '[backends."main/b"]\nstate = "maint"\n'
         '[added."main/x y"]\naddress = "127.0.0.1:9"\n'
         '[added."main/c"]\naddress = "127.0.0.1:9"\nweight = 99999\n')
-    lb = L4LB(tmp_path, config([("a", a.address), ("b", b.address)])).wait_ready()
+    lb = L4LB(tmp_path, simple_config([("a", a.address), ("b", b.address)])).wait_ready()
     try:
         rows = {r["name"]: r for r in ask(lb, "show backends")["backends"]}
         assert set(rows) == {"a", "b"}
@@ -45,7 +30,7 @@ def test_a_state_file_another_user_wrote_is_logged_and_ignored(backends, tmp_pat
     planted = tmp_path / "l4lb.state.toml"
     planted.write_text('version = 1\n[backends."main/a"]\nstate = "maint"\n')
     os.chown(planted, 65534, -1)
-    lb = L4LB(tmp_path, config([("a", a.address)])).wait_ready()
+    lb = L4LB(tmp_path, simple_config([("a", a.address)])).wait_ready()
     try:
         ev = lb.wait_event("state_file_ignored")
         assert "owned by uid 65534" in ev["error"]
@@ -59,7 +44,7 @@ def test_a_deploys_maint_is_shown_kept_across_a_restart_and_an_operators_is_not_
         backends, tmp_path):
     a = backends(name_handler, name="a")
     b = backends(name_handler, name="b")
-    cfg = config([("a", a.address), ("b", b.address)])
+    cfg = simple_config([("a", a.address), ("b", b.address)])
     lb = L4LB(tmp_path, cfg).wait_ready()
     try:
         assert ask(lb, "disable main/a by deploy")["ok"]

@@ -10,31 +10,19 @@ from l4lb.balancer import Balancer
 from l4lb.config import parse_config
 from l4lb.control.server import ControlServer
 
-from ..support import ask, backends_toml, name_handler, simple_config
+from ..support import ask, name_handler, simple_config
 
 BACKENDS = 10
 COMMANDS_PER_BACKEND = 20
 
-CONFIG = """
-[control]
-socket = "l4lb.sock"
-[listeners.web]
-bind = ["127.0.0.1:0"]
-pool = "main"
-[pools.main]
-algorithm = "rr"
-backends = [
-{backends}
-]
-"""
 
 
 def test_a_burst_of_weight_commands_is_written_in_far_fewer_writes(tmp_path):
     """200 `weight` commands, pipelined 20 per control connection on 10 connections:
     every reply is ok, the writes are far fewer than the commands (counted at the
     writer, no clock involved), and the file holds each backend's last weight."""
-    text = CONFIG.format(backends=backends_toml(
-        [(f"b{i}", f"127.0.0.1:{9000 + i}") for i in range(BACKENDS)]))
+    text = simple_config([(f"b{i}", f"127.0.0.1:{9000 + i}") for i in range(BACKENDS)],
+                         access=False)
     config = parse_config(text, tmp_path / "l4lb.toml")
     config.control.socket = tmp_path / "l4lb.sock"
 
