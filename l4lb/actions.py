@@ -9,6 +9,11 @@ action awaits its (shared, coalesced) write, which runs off the loop (persist.py
 
 `restore_state` re-applies RuntimeState on top of the config (start and reload), with the
 same primitives and nothing recorded.
+
+The master's Runtime (balancer.Balancer) runs the actions; a worker's runs the same
+primitives when the master tells it what changed the model's shape (`add`, `remove`,
+`route`: workers.py). What picks read — states, weights, limits — reaches the workers
+through the shared table, and `kill` and `wait` reach every worker's connections.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ from .model import Backend, BackendState, Listener, Pool
 from .state import route_key, split_route_key
 
 if TYPE_CHECKING:                      # the balancer owns the operator
-    from .balancer import Balancer
+    from .balancer import Runtime
 
 
 # Causes of backend_state_changed set here (l4lb.health has the health causes).
@@ -38,7 +43,7 @@ class OperationError(Exception):
 class Operator:
     """Carries out operator actions on one balancer's model."""
 
-    def __init__(self, balancer: "Balancer"):
+    def __init__(self, balancer: "Runtime"):
         self.balancer = balancer
         self.log = balancer.log
         self._idle_waiters: dict[object, list[asyncio.Future]] = {}
@@ -108,7 +113,7 @@ class Operator:
     async def kill(self, pool: str, backend: str) -> dict:
         """Close the backend's connections now."""
         b = self.find_backend(pool, backend)
-        closed = self.balancer.hub.close_target(b.target, "killed")
+        closed = await self.balancer.workers.kill(b, "killed")
         return {"pool": pool, "backend": backend, "closed": closed}
 
     async def weight(self, pool: str, backend: str, weight: int) -> dict:
@@ -122,6 +127,9 @@ class Operator:
     async def add(self, pool: str, backend: str, address: Address, weight: int = 1) -> dict:
         b = self.add_backend(pool, backend, address, weight)
         self.state.record_added(b.ref, str(address), weight)
+        self.balancer.workers.broadcast({"op": "add", "pool": pool, "backend": backend,
+                                         "address": str(address), "weight": weight,
+                                         "slot": self.balancer.slots["backends"][b.ref]})
         return await self._saved({"pool": pool, "backend": backend, "address": str(b.address),
                                   "weight": b.weight, "state": str(b.state)})
 
@@ -133,6 +141,7 @@ class Operator:
                                  "connections; drain it and wait first")
         self.drop_backend(b)
         self.state.record_removed(b.ref)
+        self.balancer.workers.broadcast({"op": "remove", "pool": pool, "backend": backend})
         return await self._saved({"pool": pool, "backend": backend})
 
     async def wait(self, pool: str, backend: str, timeout: float | None = None) -> dict:
@@ -145,7 +154,8 @@ class Operator:
         return {"pool": pool, "backend": backend, "waited_s": round(time.monotonic() - t0, 3)}
 
     async def wait_idle(self, backend: Backend, timeout: float | None) -> bool:
-        """True once `backend` has no active connections; False after `timeout` s."""
+        """True once `backend` has no active connections on any worker; False after
+        `timeout` s (the count is global: the shared table's)."""
         if backend.active == 0:
             return True
         fut = self.balancer.loop.create_future()
@@ -159,9 +169,17 @@ class Operator:
             waiters = self._idle_waiters.get(backend.target)
             if waiters and fut in waiters:
                 waiters.remove(fut)
+            if not waiters:
+                self._idle_waiters.pop(backend.target, None)
+
+    def poll_idle(self) -> None:
+        """The master's periodic look (Balancer.poll_shared): wake the `wait`s of every
+        waited-for backend whose connections all ended."""
+        for target in [t for t in self._idle_waiters if t.active == 0]:
+            self.target_idle(target)
 
     def target_idle(self, target) -> None:
-        """Target.on_idle: wake the `wait`s of that backend."""
+        """Wake the `wait`s of that backend."""
         for fut in self._idle_waiters.pop(target, ()):
             if not fut.done():
                 fut.set_result(True)
@@ -188,6 +206,8 @@ class Operator:
         self.find_pool(pool)
         old = lst.route(sni)
         lst.route_pool(pool, self.balancer.pools, sni=sni)
+        self.balancer.workers.broadcast({"op": "route", "listener": listener, "sni": sni,
+                                         "pool": pool})
         self.log.info("listener_switched", listener=listener, sni=sni, pool=pool, previous=old)
         self.state.record_route(route_key(listener, sni), pool=pool)
         return await self._saved({"listener": listener, "sni": sni, "pool": pool,
@@ -204,6 +224,8 @@ class Operator:
             self.find_pool(name)
         old = lst.route(sni)
         lst.route_split(split, self.balancer.pools, sni=sni)
+        self.balancer.workers.broadcast({"op": "route", "listener": listener, "sni": sni,
+                                         "split": split})
         self.log.info("listener_split", listener=listener, sni=sni, split=split, previous=old)
         self.state.record_route(route_key(listener, sni), split=split)
         return await self._saved({"listener": listener, "sni": sni, "split": split,
@@ -225,7 +247,7 @@ class Operator:
     def drop_backend(self, backend: Backend) -> None:
         """Take a backend out (not recorded); its open connections finish on their own."""
         backend.pool.remove_backend(backend.name)
-        self.balancer.health.unwatch(backend)
+        self.balancer.unwire_backend(backend)
         self.log.info("backend_removed", pool=backend.pool.name, backend=backend.name,
                       active=backend.active)
 

@@ -1,24 +1,31 @@
-"""The balancer: one config's pools and listeners running on one event loop.
+"""The balancer: one config's pools and listeners, run by a master and N workers
+(DESIGN.md §9).
 
-It builds the model from a config (pools, listeners, health checks, the runtime state
-restored on top), runs it (binds, the periodic sweep, the metrics endpoint) and stops it
-(graceful shutdown); it writes the access log. The other jobs live in their own rooms,
-which it owns one each of:
+`Runtime` is the model both kinds of process build from the same config and runtime
+state: pools, listeners, the Hub of the compiled data path, the operator's primitives.
+`Balancer` is the master: it owns the listening sockets, the shared table (every
+Target, PoolRuntime, ListenerRuntime and the Hub are attached to a record of it), the
+health checks, the resolver, the metrics endpoint, the state file and the workers
+(workers.py), and it never relays. A worker (worker.py) runs a Runtime of its own whose
+objects are attached to the same records, and relays.
 
-- `listening` (listen.py): the listening sockets, and accept pausing when out of fds;
+The other jobs live in their own rooms, which the master owns one each of:
+
+- `listening` (listen.py): the listening sockets, one per worker per bind;
 - `operator` (actions.py): the operator's actions, recording and persisting them;
 - `state_writer` (persist.py): the state file, written off the loop, coalesced;
+- `workers` (workers.py): starting, restarting and telling the workers;
 - reload (reload.py): a pure plan from two configs, and its apply.
 
-Everything here is control plane: it runs per connection at most (the access log line),
-never per chunk of data.
+Everything here is control plane: it runs per connection at most (the access log line,
+in the workers), never per chunk of data.
 """
 from __future__ import annotations
 
 import asyncio
 import time
 
-from . import _native
+from . import _native, vocab
 from .actions import Operator
 from .config import Config, PoolConfig
 from .health import HealthMonitor
@@ -30,55 +37,86 @@ from .persist import StateWriter
 from .resolver import Resolver
 from .reload import reload_from_file
 from .state import RuntimeState, StateFileError, load_state, state_path_for
+from .workers import Workers
+
+# Seconds between two looks at the shared table for what the workers did that the
+# master acts on: connect failures (passive health) and backends that went idle (`wait`).
+SHARED_POLL_INTERVAL = 0.05
 
 
-class Balancer:
-    """Runs one config's listeners and pools on one event loop."""
+class Runtime:
+    """One config's model on one event loop: what master and workers both build."""
 
-    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop | None = None):
+    publishes = False           # the master writes what picks read into the shared table
+
+    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, log):
         self.config = config
-        self.loop = loop or asyncio.get_event_loop()
-        self.log = get_logger()
+        self.loop = loop
+        self.log = log
         self.hub = _native.Hub(self.loop)
         self.hub.max_connections = config.global_.max_connections
         self.pools: dict[str, Pool] = {}
         self.listeners: dict[str, Listener] = {}
         self.started_at = time.time()
         self.stopping = False
-        self._sweeper: asyncio.Task | None = None
-        self._stopped = asyncio.Event()
-        self.state_path = state_path_for(config.control.socket)
         self.runtime_state = RuntimeState()
-        self.state_writer = StateWriter(self.loop, self.state_path, lambda: self.runtime_state,
-                                        self.log)
         self.operator = Operator(self)
-        self.listening = Listening(self.loop, self.hub, self.listeners, self.log)
-        self.set_access_log(config.log.access)
-        self.health = HealthMonitor(self.hub, self.log)
-        self.resolver = Resolver(config.resolvers, lambda: self.pools.values(), self.log)
-        for pcfg in config.pools.values():
-            self.pools[pcfg.name] = self.create_pool(pcfg)
-        for lcfg in config.listeners.values():
-            self.listeners[lcfg.name] = self.create_listener(lcfg)
-        self.restore_runtime_state()
-        self.metrics = MetricsEndpoint(self)
 
-    # --- construction --------------------------------------------------------------------
+    def build(self) -> None:
+        """Create the config's pools and listeners."""
+        for pcfg in self.config.pools.values():
+            self.pools[pcfg.name] = self.create_pool(pcfg)
+        for lcfg in self.config.listeners.values():
+            self.listeners[lcfg.name] = self.create_listener(lcfg)
+
+    # --- construction hooks (each kind of process attaches the objects its way) ----------
 
     def create_pool(self, cfg: PoolConfig) -> Pool:
-        pool = Pool(cfg, on_state_change=self.log_state_change)
+        pool = Pool(cfg, on_state_change=self.log_state_change, publish=self.publishes)
+        self.attach_pool(pool)
         for backend in pool:
             self.wire_backend(backend)
         return pool
 
     def create_listener(self, cfg) -> Listener:
-        return Listener(cfg, self.hub, self.pools)
+        listener = Listener(cfg, self.hub, self.pools)
+        self.attach_listener(listener)
+        return listener
+
+    def attach_pool(self, pool: Pool) -> None:
+        self.hub.register_pool(pool.runtime)
+
+    def detach_pool(self, pool: Pool) -> None:
+        self.hub.unregister_pool(pool.runtime)
+
+    def attach_listener(self, listener: Listener) -> None:
+        pass
 
     def wire_backend(self, backend: Backend) -> None:
-        """Hook a backend's Target to the control plane: idle waiters, health checks and
-        passive detection."""
-        backend.target.on_idle = self.operator.target_idle
-        self.health.watch(backend)
+        """Hook a new backend's Target to this process's control plane."""
+
+    def unwire_backend(self, backend: Backend) -> None:
+        """Unhook a backend that was taken out."""
+
+    def rewatch_pool(self, pool: Pool) -> None:
+        """A reloaded pool's health config may have changed."""
+
+    def configure_resolvers(self, cfg) -> None:
+        """A reloaded [resolvers] section."""
+
+    def remove_pool(self, pool: Pool) -> None:
+        """A pool a reload dropped (its connections finish on their own)."""
+        self.detach_pool(pool)
+
+    # Binds on reload (reload.apply_plan): the master's BindGroups, a worker's Acceptors.
+    def retune_binds(self, listener: Listener, lcfg, servers: dict) -> None:
+        raise NotImplementedError
+
+    def swap_binds(self, listener: Listener, servers: dict) -> None:
+        raise NotImplementedError
+
+    def close_listener(self, listener: Listener) -> None:
+        raise NotImplementedError
 
     def log_state_change(self, backend: Backend, old: BackendState, new: BackendState,
                          cause: str) -> None:
@@ -86,24 +124,89 @@ class Balancer:
                       old=str(old), new=str(new), cause=cause, last_error=backend.last_error)
 
     def set_access_log(self, enabled: bool) -> None:
-        self.hub.access_log = self.log_connection_closed if enabled else None
+        """The access log is written where connections close: in the workers."""
 
-    def log_connection_closed(self, relay, reason: str) -> None:
-        self.log.info(
-            "connection_closed",
-            client=f"{relay.client_host}:{relay.client_port}",
-            listener=relay.listener.name,
-            pool=relay.pool_name,
-            backend=relay.backend_name,
-            duration_ms=round((_native.monotonic() - relay.started) * 1000.0, 3),
-            bytes_in=relay.bytes_in,
-            bytes_out=relay.bytes_out,
-            response_ms=(None if (rt := relay.response_time) is None
-                         else round(rt * 1000.0, 3)),
-            reason=reason,
-            sni=relay.sni,
-            alpn=None if relay.alpn is None else list(relay.alpn),
-        )
+
+class Balancer(Runtime):
+    """The master: runs one config's listeners and pools through its workers."""
+
+    publishes = True
+
+    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop | None = None):
+        loop = loop or asyncio.get_event_loop()
+        super().__init__(config, loop, get_logger())
+        count = vocab.worker_count(config.global_.workers)
+        self.table = _native.SharedTable(rows=min(2 * count + 2, 2 * vocab.WORKERS_MAX))
+        self.hub.attach(self.table)
+        # Shared-table record of every pool, backend (by Target) and listener (by name).
+        self.slots: dict[str, dict] = {"pools": {}, "backends": {}, "listeners": {}}
+        self._sweeper: asyncio.Task | None = None
+        self._poller: asyncio.Task | None = None
+        self._stopped = asyncio.Event()
+        self.state_path = state_path_for(config.control.socket)
+        self.state_writer = StateWriter(self.loop, self.state_path, lambda: self.runtime_state,
+                                        self.log)
+        self.listening = Listening(self.loop, self.hub, self.listeners, self.log, count)
+        self.workers = Workers(self, count)
+        self.health = HealthMonitor(self.workers.close_open, self.log)
+        self.resolver = Resolver(config.resolvers, lambda: self.pools.values(), self.log,
+                                 on_resolved=self.resolved)
+        self.build()
+        self.restore_runtime_state()
+        self.metrics = MetricsEndpoint(self)
+
+    # --- construction --------------------------------------------------------------------
+
+    def attach_pool(self, pool: Pool) -> None:
+        index = self.table.alloc_pool()
+        pool.runtime.attach(self.table, index)
+        self.slots["pools"][pool.name] = index
+        super().attach_pool(pool)
+
+    def attach_listener(self, listener: Listener) -> None:
+        index = self.table.alloc_listener()
+        listener.runtime.attach(self.table, index)
+        self.slots["listeners"][listener.name] = index
+
+    def wire_backend(self, backend: Backend) -> None:
+        """Give a new backend its shared record, publish what picks read, and hook it
+        to the control plane: health checks and passive detection."""
+        index = self.table.alloc_backend()
+        backend.target.attach(self.table, index)
+        self.slots["backends"][backend.ref] = index
+        backend.pool.push(backend)              # into the shared record, now attached
+        self.health.watch(backend)
+
+    def unwire_backend(self, backend: Backend) -> None:
+        self.health.unwatch(backend)
+        self.slots["backends"].pop(backend.ref, None)
+
+    def rewatch_pool(self, pool: Pool) -> None:
+        self.health.rewatch_pool(pool)
+
+    def remove_pool(self, pool: Pool) -> None:
+        self.health.unwatch_pool(pool)
+        super().remove_pool(pool)
+
+    def configure_resolvers(self, cfg) -> None:
+        self.resolver.configure(cfg)
+
+    def retune_binds(self, listener: Listener, lcfg, servers: dict) -> None:
+        self.listening.retune_binds(listener, lcfg, servers)
+
+    def swap_binds(self, listener: Listener, servers: dict) -> None:
+        self.listening.swap_binds(listener, servers)
+
+    def close_listener(self, listener: Listener) -> None:
+        self.listening.close_listener(listener)
+
+    def resolved(self, backend: Backend) -> None:
+        """Resolver: `backend`'s hostname has a new answer; the workers connect to it."""
+        self.workers.broadcast({"op": "resolved", "pool": backend.pool.name,
+                                "backend": backend.name, "addresses": backend.target.resolved})
+
+    def set_access_log(self, enabled: bool) -> None:
+        pass                            # the workers read config.log.access
 
     def restore_runtime_state(self) -> None:
         """Re-apply the operator's changes from the state file on top of the config.
@@ -119,37 +222,76 @@ class Balancer:
                              error=issue.message)
         self.operator.restore_state()
 
+    # --- what the workers get -------------------------------------------------------------
+
+    def snapshot(self) -> dict:
+        """What a new worker builds its Runtime from: the config's text, the runtime
+        state, every object's shared record, and the hostname answers."""
+        return {
+            "config": {"text": self.config.text, "path": str(self.config.path)},
+            "state": self.runtime_state.to_dict(),
+            "slots": self.slots,
+            "resolved": {b.ref: b.target.resolved for p in self.pools.values() for b in p
+                         if b.target.resolved is not None},
+        }
+
     # --- running -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Bind every listener and start the sweep. OSError if a bind fails (nothing is
-        left listening in that case)."""
+        """Bind every listener, start the workers and the sweep. OSError if a bind fails
+        or the workers cannot start (nothing is left listening in that case)."""
         try:
             for listener in self.listeners.values():
                 await self.listening.open_listener(listener)
             await self.metrics.start(self.config.metrics.listen)
+            await self.workers.start()
         except BaseException:
+            await self.workers.stop(0)
             self.listening.close_all()
+            self.metrics.close()
             raise
         self._sweeper = self.loop.create_task(self.sweep_forever())
+        self._poller = self.loop.create_task(self.poll_shared_forever())
         self.health.start()
         self.resolver.start()
 
     async def sweep_forever(self) -> None:
-        """The one periodic timer of the data path: timeouts and slow-start ramps."""
+        """Slow-start ramps, published to the workers through the shared table."""
         interval = _native.SWEEP_INTERVAL
         while True:
             await asyncio.sleep(interval)
             try:
-                self.hub.sweep()
                 for pool in self.pools.values():
                     pool.refresh_slow_start()
-            except Exception:  # never let one bad relay stop every timeout
+            except Exception:
                 self.log.exception("sweep_failed")
 
+    async def poll_shared_forever(self) -> None:
+        """What the workers did that the master acts on: relay connect failures feed
+        passive health, backends gone idle wake their `wait`s."""
+        while True:
+            await asyncio.sleep(SHARED_POLL_INTERVAL)
+            try:
+                self.poll_shared()
+            except Exception:
+                self.log.exception("sweep_failed")
+
+    def poll_shared(self) -> None:
+        for pool in list(self.pools.values()):
+            for backend in list(pool):
+                failures = backend.target.connect_failures()
+                seen = backend.seen_failures
+                for reason, count in failures.items():
+                    new = count - seen.get(reason, 0)
+                    if new > 0:
+                        seen[reason] = count
+                        self.health.connect_failed(backend, backend.target, reason, new)
+        self.operator.poll_idle()
+
     async def reload(self, cause: str = "command") -> list[str]:
-        """Re-read the config file and apply it in place (reload.py); refused while
-        shutting down. OperationError, with nothing changed, says why it was refused."""
+        """Re-read the config file and apply it in place (reload.py), in the master and
+        then in every worker; refused while shutting down. OperationError, with nothing
+        changed, says why it was refused."""
         return await reload_from_file(self, cause)
 
     async def shutdown(self, timeout: float | None = None) -> None:
@@ -162,18 +304,13 @@ class Balancer:
         if timeout is None:
             timeout = self.config.global_.shutdown_timeout
         self.log.info("shutdown_started", active=self.hub.active, timeout=timeout)
-        self.listening.close_all()
         await self.health.stop()
         await self.resolver.stop()
-        deadline = self.loop.time() + timeout
-        while self.hub.active > 0 and self.loop.time() < deadline:
-            await asyncio.sleep(0.05)
-        left = self.hub.active
-        if left:
-            self.hub.close_all("shutdown")
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-        await asyncio.sleep(0)          # let aborted transports deliver connection_lost
+        left = await self.workers.stop(timeout, close_listeners=self.listening.close_all)
+        self.listening.close_all()
+        for task in (self._sweeper, self._poller):
+            if task is not None:
+                task.cancel()
         await self.state_writer.flush()
         self.metrics.close()            # served until here: the drain can be watched
         self.log.info("shutdown_finished", closed=left)

@@ -84,6 +84,7 @@ _EXAMPLE_ADDRESSES = EXAMPLE_ADDRESSES
 class GlobalConfig:
     max_connections: int = 20000
     shutdown_timeout: float = 30.0
+    workers: int | str = "auto"
 
 
 @dataclass
@@ -186,6 +187,9 @@ class Config:
     # `FILE:LINE key: message` lines for keys that still work but are deprecated; the
     # caller logs them (the config is valid).
     warnings: list[str] = field(default_factory=list, compare=False)
+    # The TOML text it was parsed from: what the master hands its workers, so that every
+    # process builds its model from the same bytes (the file may change meanwhile).
+    text: str = field(default="", compare=False, repr=False)
 
 
 # -- rules: what a valid value is -------------------------------------------------------
@@ -284,6 +288,14 @@ class Integer(Rule):
         if isinstance(raw, bool) or not isinstance(raw, int) or not self.low <= raw <= self.high:
             raise self.reject(raw)
         return raw
+
+
+class Workers(Rule):
+    """global.workers: "auto" or a worker count (vocab.check_workers)."""
+    expects = f"'auto' or an integer from 1 to {vocab.WORKERS_MAX}"
+
+    def check(self, raw):
+        return vocab.check_workers(raw)
 
 
 class FileMode(Integer):
@@ -638,7 +650,13 @@ GLOBAL = Table(GlobalConfig, {
     "shutdown_timeout": Key(Number(), 30.0,
         "Seconds open connections get to finish on SIGTERM/SIGINT before they are closed; "
         "0 closes them at once."),
-}, doc="Process-wide limits.")
+    "workers": Key(Workers(), "auto",
+        "Worker processes that run the data path (accept, pick, relay), each on its own "
+        "event loop; the master process keeps the config, the control socket, health "
+        "checks, metrics and the state file. \"auto\": one per CPU this process may run on "
+        f"(sched_getaffinity); or an integer from 1 to {vocab.WORKERS_MAX}. Limits, "
+        "leastconn and every figure are global across workers (a shared table)."),
+}, doc="Process-wide settings.")
 
 CONTROL = Table(ControlConfig, {
     "socket": Key(SocketPath(), "l4lb.sock",
@@ -893,6 +911,7 @@ def parse_config(text: str, path) -> Config:
     if issues:
         raise ConfigError(issues)
     config.warnings = _deprecations(data, name, locator)
+    config.text = text
     return config
 
 

@@ -313,10 +313,11 @@ class HealthMonitor:
     `l4lb deploy` judges readiness from `show backends`, not from here.
     """
 
-    def __init__(self, hub=None, log=None, *, clock: Callable[[], float] = time.monotonic,
+    def __init__(self, closer: Closer | None = None, log=None, *,
+                 clock: Callable[[], float] = time.monotonic,
                  wallclock: Callable[[], float] = time.time, sleep: Sleep = asyncio.sleep,
                  prober: Prober = probe):
-        self.hub = hub                    # for on_down = "close"
+        self.closer = closer              # for on_down = "close"; None: nothing to close
         self.log = log or get_logger()
         self.clock = clock                # monotonic: probe cadence
         self.wallclock = wallclock        # last_check stamps shown to people
@@ -396,32 +397,52 @@ class HealthMonitor:
 
     # --- passive detection and on_down ----------------------------------------------------
 
-    def connect_failed(self, backend: Backend, target, reason: str) -> None:
-        """Target.on_connect_failed (bound to `backend`): a relay's connect to it failed
-        with `reason` (connect_refused | connect_timeout | connect_error). Called
-        synchronously by the relay before it retries, so a backend taken down here is not
-        picked again."""
-        backend.connect_failures[reason] = backend.connect_failures.get(reason, 0) + 1
+    def connect_failed(self, backend: Backend, target, reason: str, count: int = 1) -> None:
+        """`count` relay connects to `backend` failed with `reason` (connect_refused |
+        connect_timeout | connect_error): Target.on_connect_failed in one process (bound
+        to `backend`, called by the relay before it retries), or what the master read
+        from the workers' shared counters. Each failure counts as a failed check; past
+        `fall` of them in a row the rest change nothing."""
+        backend.connect_failures[reason] = backend.connect_failures.get(reason, 0) + count
         check = self.checks.get(backend)
         if check is None:               # unchecked pool: remember why, never move it
             backend.last_error = reason
             return
-        if backend.state is BackendState.MAINT:
-            return
-        check.record(False, reason, CAUSE_PASSIVE)
+        for _ in range(min(count, check.cfg.fall)):
+            if backend.state is BackendState.MAINT:
+                return
+            check.record(False, reason, CAUSE_PASSIVE)
 
-    def close_connections(self, backend: Backend) -> int:
-        """on_down = "close": abort the backend's open connections. Those still
-        connecting are left alone: their connect fails and the relay retries them
-        elsewhere, which Hub.close_target (it aborts them too) would turn into failed
-        clients."""
-        if self.hub is None:
-            return 0
-        n = 0
-        for relay in self.hub.relays():
-            if relay.target is backend.target and relay.state_name == "open":
-                relay.close(CLOSE_REASON_DOWN)
-                n += 1
+    def close_connections(self, backend: Backend) -> None:
+        """on_down = "close": abort the backend's open connections (wherever they are:
+        `closer`), and log how many."""
+        if self.closer is None:
+            return
+        result = self.closer(backend, CLOSE_REASON_DOWN)
+        if isinstance(result, int):
+            self._closed(backend, result)
+            return
+
+        async def closed():
+            self._closed(backend, await result)
+        asyncio.get_running_loop().create_task(closed())
+
+    def _closed(self, backend: Backend, n: int) -> None:
         self.log.info("backend_connections_closed", pool=backend.pool.name,
                       backend=backend.name, closed=n, reason=CLOSE_REASON_DOWN)
-        return n
+
+
+def close_open_relays(hub, target, reason: str) -> int:
+    """Abort `target`'s open relays on `hub` (on_down = "close"). Those still connecting
+    are left alone: their connect fails and the relay retries them elsewhere, which
+    Hub.close_target (it aborts them too) would turn into failed clients."""
+    n = 0
+    for relay in hub.relays():
+        if relay.target is target and relay.state_name == "open":
+            relay.close(reason)
+            n += 1
+    return n
+
+
+# on_down = "close": (backend, reason) -> how many connections were closed, now or later.
+Closer = Callable[[Backend, str], "int | Awaitable[int]"]

@@ -1,10 +1,16 @@
-"""The listening sockets of every listener and accept pausing.
+"""The listening sockets of every listener, and accepting on them.
 
-What it owns: opening a listener's binds (`open_listening_socket`, `serve_socket`), the
-Acceptors that accept on them (accept4 in C, ext/l4lb/acceptor.pxi), retuning
-and closing them, and pausing every listener's accepts when the process runs out of
-descriptors. Reload asks it to open a new config's binds before anything else changes
+The master owns the sockets (DESIGN.md §9): per bind it opens one SO_REUSEPORT socket per
+worker (a BindGroup, listen()ed in worker order), hands socket i to worker i and keeps its
+own reference, so a worker that dies leaves its socket open and the connections queued
+on it wait for the worker that replaces it instead of being reset. The kernel spreads
+new connections over the group by their 4-tuple hash. `Listening` is the master's room:
+opening a listener's binds, and a reload's new binds before anything else changes
 (`open_binds`), so a bind that fails leaves the running listeners as they were.
+
+A worker runs `Accepting`: an Acceptor (accept4 in C, ext/l4lb/acceptor.pxi) on its
+socket of each bind, retuned and swapped on reload, and paused for every listener when
+the process runs out of descriptors.
 """
 from __future__ import annotations
 
@@ -25,9 +31,11 @@ FD_EXHAUSTED_LOG_INTERVAL = 10.0
 ACCEPT_PAUSE = _native.ACCEPT_PAUSE
 
 
-def open_listening_socket(addr: Address, rcvbuf: int = 0, sndbuf: int = 0) -> socket.socket:
-    """A bound, listening, non-blocking socket for `addr`. OSError (e.g. EADDRINUSE)
-    propagates with the address in its message."""
+def open_listening_socket(addr: Address, rcvbuf: int = 0, sndbuf: int = 0, *,
+                          reuse_port: bool = False, port: int | None = None) -> socket.socket:
+    """A bound, listening, non-blocking socket for `addr` (on `port` instead of addr's
+    when given: the port a group's first socket got for port 0). OSError (e.g.
+    EADDRINUSE) propagates with the address in its message."""
     family = addr.family
     host = addr.host
     if family == socket.AF_UNSPEC:               # a hostname: listen on its first address
@@ -39,6 +47,8 @@ def open_listening_socket(addr: Address, rcvbuf: int = 0, sndbuf: int = 0) -> so
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         # Accepted sockets inherit the listener's buffer sizes; set before listen() so
@@ -47,13 +57,43 @@ def open_listening_socket(addr: Address, rcvbuf: int = 0, sndbuf: int = 0) -> so
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         if sndbuf:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
-        sock.bind((host, addr.port))
+        sock.bind((host, addr.port if port is None else port))
         sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
         raise OSError(exc.errno, f"cannot listen on {addr}: {exc.strerror}") from None
     return sock
+
+
+class BindGroup:
+    """The sockets of one bind: one SO_REUSEPORT socket per worker, in worker order (the
+    master's; worker i accepts on sockets[i])."""
+
+    def __init__(self, addr: Address, sockets: list[socket.socket]):
+        self.addr = addr
+        self.sockets = sockets
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        self.sockets = []
+
+
+def open_bind_group(addr: Address, count: int, rcvbuf: int = 0, sndbuf: int = 0) -> BindGroup:
+    """`count` listening sockets on `addr` sharing it with SO_REUSEPORT (port 0: the port
+    the first one got). OSError when one cannot be opened (none is left open then)."""
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            port = sockets[0].getsockname()[1] if sockets else None
+            sockets.append(open_listening_socket(addr, rcvbuf, sndbuf, reuse_port=True,
+                                                 port=port))
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return BindGroup(addr, sockets)
 
 
 def serve_socket(sock: socket.socket, runtime=None) -> _native.Acceptor:
@@ -71,11 +111,118 @@ def bound_port(server, addr=None):
 
 
 class Listening:
-    """The binds of every listener of one balancer, and accept pausing.
+    """The master's binds of every listener: a BindGroup per bind (one socket per worker).
 
     `listeners` is the balancer's own name -> Listener table (read here, written by the
-    balancer and by reload); each Listener's `servers` (bind -> server) is written only
-    here."""
+    balancer and by reload); each Listener's `servers` (bind -> BindGroup) is written only
+    here. `count` is the number of workers: the sockets per bind."""
+
+    def __init__(self, loop, hub, listeners: dict[str, Listener], log, count: int = 1):
+        self.loop = loop
+        self.hub = hub
+        self.listeners = listeners
+        self.log = log
+        self.count = count
+
+    def open_group(self, addr: Address, lcfg: ListenerConfig) -> BindGroup:
+        return open_bind_group(addr, self.count, lcfg.rcvbuf, lcfg.sndbuf)
+
+    async def open_listener(self, listener: Listener) -> None:
+        """Bind every address of `listener` (start). OSError if one fails; the binds
+        opened before it stay in `listener.servers` for close_all."""
+        for addr in listener.config.bind:
+            group = self.open_group(addr, listener.config)
+            listener.servers[str(addr)] = group
+            self.log.info("listener_started", listener=listener.name, bind=str(addr),
+                          port=bound_port(group, addr), **listener.route())
+
+    def close_all(self) -> None:
+        """Close every listening socket (shutdown, once the workers stopped accepting,
+        or a failed start)."""
+        for listener in self.listeners.values():
+            self.close_listener(listener)
+
+    @staticmethod
+    def close_listener(listener: Listener) -> None:
+        for server in listener.servers.values():
+            server.close()
+        listener.servers.clear()
+
+    def sockets_of(self, index: int) -> list[tuple[str, str, socket.socket]]:
+        """(listener, bind, socket) of worker `index`, for every bind of every listener."""
+        return [(name, bind, group.sockets[index])
+                for name, listener in self.listeners.items()
+                for bind, group in listener.servers.items()]
+
+    # --- reload -------------------------------------------------------------------------
+
+    async def open_binds(self, new: Config) -> dict[str, dict]:
+        """Per listener of `new`: {bind: BindGroup} after the reload, the groups of binds
+        kept and new binds opened. Opens every new bind before anything changes; on
+        failure closes what it opened and re-raises (OSError)."""
+        result = {}
+        opened = []
+        try:
+            for name, lcfg in new.listeners.items():
+                listener = self.listeners.get(name)
+                current = listener.servers if listener is not None else {}
+                servers = {}
+                for addr in lcfg.bind:
+                    group = current.get(str(addr))
+                    if group is None:
+                        group = self.open_group(addr, lcfg)
+                        opened.append(group)
+                    servers[str(addr)] = group
+                result[name] = servers
+        except BaseException:
+            for group in opened:
+                group.close()
+            raise
+        return result
+
+    @staticmethod
+    def close_binds(servers) -> None:
+        """Close the groups a reload opened but does not use (it was refused)."""
+        for per_listener in servers.values():
+            for server in per_listener.values():
+                server.close()
+
+    def swap_binds(self, listener: Listener, servers: dict) -> None:
+        """After a reload: `listener` has the groups `servers` (bind -> BindGroup, from
+        open_binds); the binds it no longer has are closed here (the workers close their
+        copies when they apply the reload), the new ones logged."""
+        for addr, server in listener.servers.items():
+            if servers.get(addr) is not server:
+                server.close()
+        for addr, server in servers.items():
+            if listener.servers.get(addr) is not server:
+                self.log.info("listener_started", listener=listener.name, bind=addr,
+                              port=bound_port(server), **listener.route())
+        listener.servers = servers
+
+    @staticmethod
+    def retune_binds(listener: Listener, lcfg: ListenerConfig, servers: dict) -> None:
+        """A reload that changes a listener's rcvbuf or sndbuf: client sockets inherit the
+        listening socket's sizes, so the new size is set on each bind the reload keeps
+        (new binds are opened with it; backend sockets follow the ListenerRuntime). A
+        size set back to 0 cannot give an open socket its autotuning back: the binds kept
+        keep the old size until they are reopened (the reload's change line says so).
+        The workers' descriptors are the same sockets: setting it here sets it for all."""
+        kept = [server for addr, server in listener.servers.items()
+                if servers.get(addr) is server]
+        for key, option in (("rcvbuf", socket.SO_RCVBUF), ("sndbuf", socket.SO_SNDBUF)):
+            now = getattr(lcfg, key)
+            if now and now != getattr(listener.config, key):
+                for server in kept:
+                    for sock in server.sockets:
+                        sock.setsockopt(socket.SOL_SOCKET, option, now)
+
+
+class Accepting:
+    """A worker's Acceptors: one per bind of every listener, on the socket the master
+    gave it, and accept pausing when the process runs out of descriptors.
+
+    Each Listener's `servers` (bind -> Acceptor) is written only here."""
 
     def __init__(self, loop, hub, listeners: dict[str, Listener], log):
         self.loop = loop
@@ -85,18 +232,11 @@ class Listening:
         self._fd_exhausted_logged_at = -1e9
         hub.on_overload = self.pause_accepting
 
-    async def open_listener(self, listener: Listener) -> None:
-        """Bind every address of `listener` (start). OSError if one fails; the binds
-        opened before it stay in `listener.servers` for close_all."""
-        for addr in listener.config.bind:
-            sock = open_listening_socket(addr, listener.config.rcvbuf, listener.config.sndbuf)
-            server = serve_socket(sock, listener.runtime)
-            listener.servers[str(addr)] = server
-            self.log.info("listener_started", listener=listener.name, bind=str(addr),
-                          port=bound_port(server, addr), **listener.route())
+    def serve(self, listener: Listener, bind: str, sock: socket.socket) -> None:
+        listener.servers[bind] = serve_socket(sock, listener.runtime)
 
     def close_all(self) -> None:
-        """Stop accepting on every listener (shutdown, or a failed start)."""
+        """Stop accepting on every listener (the master's sockets stay open)."""
         for listener in self.listeners.values():
             self.close_listener(listener)
 
@@ -121,67 +261,27 @@ class Listening:
                              pause_s=ACCEPT_PAUSE,
                              hint="raise LimitNOFILE / ulimit -n, or lower max_connections")
 
-    # --- reload -------------------------------------------------------------------------
-
-    async def open_binds(self, new: Config) -> dict[str, dict]:
-        """Per listener of `new`: {bind: server} after the reload, the servers of binds
-        kept and new binds opened. Opens every new bind before anything changes; on
-        failure closes what it opened and re-raises (OSError)."""
-        result = {}
-        opened = []
-        try:
-            for name, lcfg in new.listeners.items():
-                listener = self.listeners.get(name)
-                current = listener.servers if listener is not None else {}
-                servers = {}
-                for addr in lcfg.bind:
-                    server = current.get(str(addr))
-                    if server is None:
-                        sock = open_listening_socket(addr, lcfg.rcvbuf, lcfg.sndbuf)
-                        server = serve_socket(sock, listener.runtime if listener else None)
-                        opened.append(server)
-                    servers[str(addr)] = server
-                result[name] = servers
-        except BaseException:
-            for server in opened:
-                server.close()
-            raise
+    def new_binds(self, sockets: list[tuple[str, str, socket.socket]]) -> dict[str, dict]:
+        """Per listener: {bind: Acceptor} after a reload, from the Acceptors of binds
+        kept and the new sockets the master sent ((listener, bind, socket))."""
+        fresh = {(name, bind): sock for name, bind, sock in sockets}
+        result: dict[str, dict] = {}
+        for name, listener in self.listeners.items():
+            result[name] = dict(listener.servers)
+        for (name, bind), sock in fresh.items():
+            listener = self.listeners.get(name)
+            result.setdefault(name, {})[bind] = serve_socket(
+                sock, listener.runtime if listener is not None else None)
         return result
 
     @staticmethod
-    def close_binds(servers) -> None:
-        """Close the servers a reload opened but does not use (it was refused)."""
-        for per_listener in servers.values():
-            for server in per_listener.values():
-                server.close()
-
-    def swap_binds(self, listener: Listener, servers: dict) -> None:
-        """After a reload: `listener` accepts on `servers` (bind -> server, from
-        open_binds); the binds it no longer has are closed, the new ones logged."""
-        for server in servers.values():
-            if isinstance(server, _native.Acceptor):
-                server.attach(listener.runtime)       # no-op once attached
+    def swap_binds(listener: Listener, servers: dict, binds: list[str]) -> None:
+        """After a reload: `listener` accepts on `servers` for its `binds`; the Acceptors
+        of binds it no longer has are closed."""
+        keep = {bind: servers[bind] for bind in binds if bind in servers}
+        for server in keep.values():
+            server.attach(listener.runtime)       # no-op once attached
         for addr, server in listener.servers.items():
-            if servers.get(addr) is not server:
+            if keep.get(addr) is not server:
                 server.close()
-        for addr, server in servers.items():
-            if listener.servers.get(addr) is not server:
-                self.log.info("listener_started", listener=listener.name, bind=addr,
-                              port=bound_port(server), **listener.route())
-        listener.servers = servers
-
-    @staticmethod
-    def retune_binds(listener: Listener, lcfg: ListenerConfig, servers: dict) -> None:
-        """A reload that changes a listener's rcvbuf or sndbuf: client sockets inherit the
-        listening socket's sizes, so the new size is set on each bind the reload keeps
-        (new binds are opened with it; backend sockets follow the ListenerRuntime). A
-        size set back to 0 cannot give an open socket its autotuning back: the binds kept
-        keep the old size until they are reopened (the reload's change line says so)."""
-        kept = [server for addr, server in listener.servers.items()
-                if servers.get(addr) is server]
-        for key, option in (("rcvbuf", socket.SO_RCVBUF), ("sndbuf", socket.SO_SNDBUF)):
-            now = getattr(lcfg, key)
-            if now and now != getattr(listener.config, key):
-                for server in kept:
-                    for sock in server.sockets:
-                        sock.setsockopt(socket.SOL_SOCKET, option, now)
+        listener.servers = keep

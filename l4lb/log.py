@@ -52,8 +52,11 @@ LEVELS = {"debug": logging.DEBUG, "info": logging.INFO,
 # dropped. 256 KiB is about 1,000 access lines: minutes of a busy balancer's log when the
 # reader only hiccups, a bounded cost when it is gone for good.
 LOG_QUEUE_MAX = 256 * 1024
-# Bytes handed to one write(2) when flushing the queue (a pipe takes 64 KiB at most).
-FLUSH_CHUNK = 64 * 1024
+# Bytes handed to one write(2) when flushing the queue: whole lines, at most PIPE_BUF
+# bytes, which a pipe writes all at once or not at all. The master and its workers share
+# stderr, so a bigger write that the pipe takes in part could put another process's line
+# in the middle of one of ours. (The first try of a line is one write of that line.)
+FLUSH_CHUNK = select.PIPE_BUF
 # Seconds the exit flush may wait for a slow reader before the rest is lost.
 EXIT_FLUSH_TIMEOUT = 1.0
 

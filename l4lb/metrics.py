@@ -79,6 +79,10 @@ METRICS: tuple[MetricSpec, ...] = (
                "connection holds two."),
     MetricSpec("l4lb_connections_active", "gauge", (), "Client connections open now, all listeners."),
     MetricSpec("l4lb_connections_total", "counter", (), "Client connections admitted since start, all listeners."),
+    MetricSpec("l4lb_worker_active_connections", "gauge", ("worker",),
+               "Client connections open now on one worker process."),
+    MetricSpec("l4lb_worker_accepted_total", "counter", ("worker",),
+               "Client connections one worker accepted and admitted, since it last started."),
     MetricSpec("l4lb_log_lines_dropped_total", "counter", (),
                "Log lines dropped because stderr did not take them (its reader stalled)."),
     MetricSpec("l4lb_metrics_scrape_duration_seconds", "gauge", (),
@@ -219,6 +223,9 @@ class BalancerCollector:
         put("process_max_fds", [], proc.fd_soft)
         put("l4lb_connections_active", [], b.hub.active)
         put("l4lb_connections_total", [], b.hub.total)
+        for row in b.workers.rows():
+            put("l4lb_worker_active_connections", [str(row["worker"])], row["active"])
+            put("l4lb_worker_accepted_total", [str(row["worker"])], row["accepted"])
         put("l4lb_log_lines_dropped_total", [], dropped_lines())
         put("l4lb_metrics_scrape_duration_seconds", [], self.last_duration)
 

@@ -71,6 +71,9 @@ class Backend:
         self.check_duration: float | None = None
         self.check_failures = 0
         self.connect_failures: dict[str, int] = {}
+        # The master's last look at the Target's shared connect failure counts (by
+        # reason): what the workers reported since is new (Balancer.poll_shared).
+        self.seen_failures: dict[str, int] = {}
         # Written by l4lb.resolver only: the error of a hostname address's failing DNS
         # lookups (None while they succeed); its answer is in target.resolved.
         self.resolve_error: str | None = None
@@ -110,8 +113,11 @@ class Pool:
     """A named group of backends behind one algorithm."""
 
     def __init__(self, cfg: PoolConfig, on_state_change: StateListener | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, publish: bool = True):
         self.name = cfg.name
+        # Whether pushes are also published to the backends' shared records (the master;
+        # a worker's algorithms follow those records instead, Hub.follow).
+        self.publish = publish
         self.config = cfg
         self.slow_start = cfg.slow_start
         self.on_down = cfg.on_down
@@ -210,13 +216,17 @@ class Pool:
         """Tell the algorithm again whether each backup backend may be picked."""
         for b in self.backends.values():
             if b.backup:
-                self.algo.set_up(b.slot, self.serving(b))
+                self._push_one(b)
 
     def _push_one(self, backend: Backend) -> None:
         slot = backend.slot
-        self.algo.set_weight(slot, backend.effective_weight(self.clock()))
+        weight = backend.effective_weight(self.clock())
+        up = self.serving(backend)
+        self.algo.set_weight(slot, weight)
         self.algo.set_max_connections(slot, backend.max_connections)
-        self.algo.set_up(slot, self.serving(backend))
+        self.algo.set_up(slot, up)
+        if self.publish:
+            backend.target.publish(up, weight, backend.max_connections)
 
     def serving(self, backend: Backend) -> bool:
         """Whether the algorithm may pick `backend`: it is up, and when it is a backup,

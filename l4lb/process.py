@@ -324,27 +324,36 @@ def uptime(balancer) -> float:
     return time.time() - balancer.started_at
 
 
-def show_info_fields(balancer) -> dict:
-    """The fields of the `show info` reply: the process figures, the connection counts
-    and the descriptor report. Answers even out of descriptors (see ProcessProbe.read)."""
+def show_info_fields(balancer, workers: list[dict] = ()) -> dict:
+    """The fields of the `show info` reply: the figures of the whole balancer (the
+    master's plus those each worker in `workers` reported: Workers.stats), the
+    connection counts and the descriptor report. Answers even out of descriptors (see
+    ProcessProbe.read)."""
     from .log import dropped_lines
 
     b = balancer
     figures = process_probe().read(cpu_percent=True)
-    poller = b.hub.splice_poller
+    pipes = {"used": 0, "free": 0, "max": 0, "created": 0}
+    cpu, rss, fds = figures.cpu_seconds, figures.rss_bytes, figures.open_fds
+    for w in workers:
+        for key in pipes:
+            pipes[key] += w["pipes"][key]
+        cpu += w["cpu_seconds"]
+        rss += w["rss_bytes"]
+        fds += w["open_fds"]
     info = {
         "version": __version__,
         "pid": os.getpid(),
         "uptime_s": round(uptime(b), 3),
         "cpu_percent": figures.cpu_percent,
-        "cpu_seconds": round(figures.cpu_seconds, 3),
-        "rss_bytes": figures.rss_bytes,
-        "open_fds": figures.open_fds,
+        "cpu_seconds": round(cpu, 3),
+        "rss_bytes": rss,
+        "open_fds": fds,
         "conns_active": b.hub.active,
         "conns_total": b.hub.total,
-        "pipes": (poller.pipe_stats if poller is not None
-                  else {"used": 0, "free": 0, "max": 0, "created": 0}),
+        "pipes": pipes,
         "log_lines_dropped": dropped_lines(),
+        "workers": len(workers),
     }
     info.update(fd_limit_report(b.config.global_.max_connections))
     return info

@@ -234,9 +234,9 @@ async def reload_from_file(balancer: "Balancer", cause: str) -> list[str]:
 
 
 async def apply_reload(balancer: "Balancer", plan: ReloadPlan) -> None:
-    """Carry `plan` out. Opens the new binds (and the metrics address) first: OSError
-    when one fails, and nothing has changed. OperationError when a shutdown began while they
-    were opening."""
+    """Carry `plan` out in the master, then have every worker carry out the same plan.
+    Opens the new binds (and the metrics address) first: OSError when one fails, and
+    nothing has changed. OperationError when a shutdown began while they were opening."""
     new = plan.config
     await balancer.metrics.prepare(new.metrics.listen)
     try:
@@ -251,36 +251,49 @@ async def apply_reload(balancer: "Balancer", plan: ReloadPlan) -> None:
                            errors=["shutting down"])
         raise OperationError("shutting down: reload refused")
     balancer.metrics.commit()
-    balancer.config = new
+    opened = [(name, bind, group) for name, per in servers.items()
+              for bind, group in per.items()
+              if name not in balancer.listeners
+              or balancer.listeners[name].servers.get(bind) is not group]
+    apply_plan(balancer, plan, servers)
+    balancer.workers.reload(opened)
+
+
+def apply_plan(rt: "Runtime", plan: ReloadPlan, servers: dict) -> None:
+    """The model's part of a reload, the same in the master and in each worker:
+    `servers` holds, per listener of the new config, its binds' servers (the master's
+    BindGroups, a worker's Acceptors)."""
+    new = plan.config
+    rt.config = new
     configure_logging(new.log.level, new.log.format)
-    balancer.set_access_log(new.log.access)
-    balancer.hub.max_connections = new.global_.max_connections
-    balancer.resolver.configure(new.resolvers)
+    rt.set_access_log(new.log.access)
+    rt.hub.max_connections = new.global_.max_connections
+    rt.configure_resolvers(new.resolvers)
     for pp in plan.pools:
         if pp.action == "add":
-            balancer.pools[pp.cfg.name] = balancer.create_pool(pp.cfg)
+            rt.pools[pp.cfg.name] = rt.create_pool(pp.cfg)
             continue
-        pool = balancer.pools[pp.cfg.name]
+        pool = rt.pools[pp.cfg.name]
         pool.reconfigure(pp.cfg)
         for name in pp.remove:
-            balancer.operator.drop_backend(pool.backends[name])
+            rt.operator.drop_backend(pool.backends[name])
         for bcfg in pp.add:
-            balancer.wire_backend(pool.add_backend(bcfg))
+            rt.wire_backend(pool.add_backend(bcfg))
         for bcfg in pp.update:
             pool.update_backend(bcfg)
-        balancer.health.rewatch_pool(pool)
-    listeners = balancer.listeners
+        rt.rewatch_pool(pool)
+    listeners = rt.listeners
     for lp in plan.listeners:
         name = lp.cfg.name
         listener = listeners.get(name)
         if listener is None:
-            listener = listeners[name] = balancer.create_listener(lp.cfg)
+            listener = listeners[name] = rt.create_listener(lp.cfg)
         else:
-            balancer.listening.retune_binds(listener, lp.cfg, servers[name])
-            listener.configure(lp.cfg, balancer.pools)
-        balancer.listening.swap_binds(listener, servers[name])
+            rt.retune_binds(listener, lp.cfg, servers[name])
+            listener.configure(lp.cfg, rt.pools)
+        rt.swap_binds(listener, servers[name])
     for name in plan.listeners_removed:
-        balancer.listening.close_listener(listeners.pop(name))
+        rt.close_listener(listeners.pop(name))
     for name in plan.pools_removed:
-        balancer.health.unwatch_pool(balancer.pools.pop(name))
-    balancer.operator.restore_state()
+        rt.remove_pool(rt.pools.pop(name))
+    rt.operator.restore_state()

@@ -68,9 +68,11 @@ class Resolver:
     pools) and pushes the answers into their Targets."""
 
     def __init__(self, config: ResolversConfig, pools: Callable[[], Iterable], log,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 on_resolved: Callable[[object], None] | None = None):
         self.config = config
         self.pools = pools
+        self.on_resolved = on_resolved    # (backend): its Target got a new answer
         self.log = log
         self.clock = clock
         self.names: dict[str, NameState] = {}
@@ -149,6 +151,8 @@ class Resolver:
         resolved = [(family, ip, srv_port or port) for family, ip, srv_port in state.addresses]
         if target.resolved != resolved:
             target.resolved = resolved
+            if self.on_resolved is not None:
+                self.on_resolved(backend)
 
     async def lookup(self, state: NameState) -> None:
         """Ask DNS for `state.name` (A and AAAA at once); keep the last good answer on failure."""

@@ -53,6 +53,24 @@ def backend_row(b) -> dict:
     }
 
 
+def conn_row(r, now: float) -> dict:
+    """One `show conns` row of relay `r` (in the worker that holds it; `now` is
+    _native.monotonic())."""
+    return {
+        "id": r.id,
+        "client": f"{r.client_host}:{r.client_port}",
+        "listener": r.listener.name,
+        "pool": r.pool_name,
+        "backend": r.backend_name,
+        "state": r.state_name,
+        "sni": r.sni,
+        "route": r.route,
+        "age_s": round(now - r.started, 3),
+        "bytes_in": r.bytes_in,
+        "bytes_out": r.bytes_out,
+    }
+
+
 def _resolved(host: str, resolved: list) -> list[str]:
     if not is_srv_name(host):
         return [ip for _, ip, _ in resolved]

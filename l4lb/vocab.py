@@ -19,7 +19,7 @@ __all__ = [
     "NAME_PATTERN", "NAME_RE", "ON_DOWN_WORDS", "SEND_PROXY_CODES", "SEND_PROXY_WORDS",
     "SET_BY_DEFAULT", "SET_BY_WORDS",
     "SPLIT_TOTAL", "WEIGHT_DEFAULT", "WEIGHT_MAX", "WEIGHT_MIN", "check_name", "check_split",
-    "check_weight",
+    "check_weight", "WORKERS_AUTO", "WORKERS_MAX", "check_workers", "worker_count",
 ]
 
 # A backend's weight as the operator writes it (DESIGN.md §4): 0 takes no new connections.
@@ -27,6 +27,11 @@ __all__ = [
 WEIGHT_MIN = 0
 WEIGHT_MAX = 10_000
 WEIGHT_DEFAULT = 1
+
+# Worker processes (DESIGN.md §9): "auto" is one per CPU this process may run on.
+# WORKERS_MAX bounds the shared table's rows (two generations of workers may overlap).
+WORKERS_AUTO = "auto"
+WORKERS_MAX = 64
 
 # Names of listeners, pools and backends. Control commands write `POOL/BACKEND`,
 # `POOL=PCT` and split tokens on spaces, so '/', '=' and whitespace are kept out; the
@@ -102,3 +107,24 @@ def show_briefly(value) -> str:
         return "a huge integer"
     text = repr(value)
     return text if len(text) <= 40 else text[:40] + "..."
+
+
+def check_workers(value) -> int | str:
+    """`value` if it is "auto" or an integer worker count in 1..WORKERS_MAX; ValueError
+    otherwise (the config's rule)."""
+    if value == WORKERS_AUTO:
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= WORKERS_MAX:
+        raise ValueError(f"must be {WORKERS_AUTO!r} or an integer from 1 to {WORKERS_MAX}, "
+                         f"got {show_briefly(value)}")
+    return value
+
+
+def worker_count(value) -> int:
+    """The number of workers `global.workers` asks for: "auto" is one per CPU this
+    process may run on (os.sched_getaffinity, so taskset and cpusets count), capped at
+    WORKERS_MAX."""
+    if value == WORKERS_AUTO:
+        import os
+        return max(1, min(WORKERS_MAX, len(os.sched_getaffinity(0))))
+    return int(value)

@@ -9,8 +9,6 @@ which finds, acts, records and persists.
 """
 from __future__ import annotations
 
-
-from .. import _native
 from ..actions import OperationError
 from ..config import Address
 from ..process import show_info_fields
@@ -59,7 +57,7 @@ class CommandHandlers:
 
     @handles("show info")
     async def show_info(self):
-        return show_info_fields(self.balancer)
+        return show_info_fields(self.balancer, await self.balancer.workers.stats())
 
     @handles("show listeners")
     async def show_listeners(self):
@@ -77,27 +75,13 @@ class CommandHandlers:
             self.operator.find_pool(pool)
         if backend is not None:
             self.operator.find_backend(pool, backend)
-        now = _native.monotonic()
-        rows = []
-        for r in self.balancer.hub.relays():
-            if pool is not None and r.pool_name != pool:
-                continue
-            if backend is not None and r.backend_name != backend:
-                continue
-            rows.append({
-                "id": r.id,
-                "client": f"{r.client_host}:{r.client_port}",
-                "listener": r.listener.name,
-                "pool": r.pool_name,
-                "backend": r.backend_name,
-                "state": r.state_name,
-                "sni": r.sni,
-                "route": r.route,
-                "age_s": round(now - r.started, 3),
-                "bytes_in": r.bytes_in,
-                "bytes_out": r.bytes_out,
-            })
+        rows = await self.balancer.workers.conns(pool, backend)
+        rows.sort(key=lambda row: (row["age_s"], row["worker"], row["id"]))
         return {"conns": rows}
+
+    @handles("show workers")
+    async def show_workers(self):
+        return {"workers": self.balancer.workers.rows()}
 
     # --- backends -----------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ import pytest
 
 from l4lb.config import Address, BackendConfig, HealthConfig, PoolConfig
 from l4lb.health import (CAUSE_ACTIVE, CAUSE_PASSIVE, HealthMonitor, HealthState,
-                         ProbeResult, start_offset)
+                         ProbeResult, close_open_relays, start_offset)
 from l4lb.model import BackendState, Pool
 
 UP, DOWN, DRAINING, MAINT = (BackendState.UP, BackendState.DOWN, BackendState.DRAINING,
@@ -159,13 +159,20 @@ def make_pool(clock, health=None, n=2, on_down="keep"):
     return pool, changes
 
 
+def closer_of(hub):
+    """on_down = "close" over the relays of `hub`, as a worker does it."""
+    if hub is None:
+        return None
+    return lambda backend, reason: close_open_relays(hub, backend.target, reason)
+
+
 def run_loop(pool, scripts, *, hub=None, clock=None, until=None):
     """Run the monitor over `pool` until every script is spent; return (monitor, prober)."""
     clock = clock or FakeClock()
     prober = ScriptedProber(clock, scripts)
 
     async def main():
-        mon = HealthMonitor(hub, clock=clock, wallclock=lambda: 1.7e9 + clock(),
+        mon = HealthMonitor(closer_of(hub), clock=clock, wallclock=lambda: 1.7e9 + clock(),
                             sleep=clock.sleep, prober=prober)
         for b in pool:
             mon.watch(b)
@@ -317,7 +324,7 @@ def test_on_down_close_aborts_open_connections_but_leaves_connecting_ones(on_dow
     b0, b1 = pool.backends["b0"], pool.backends["b1"]
     hub.live = [FakeRelay(b0.target, "open"), FakeRelay(b0.target, "connecting"),
                 FakeRelay(b1.target, "open")]
-    mon = HealthMonitor(hub, clock=clock)
+    mon = HealthMonitor(closer_of(hub), clock=clock)
     for b in pool:
         mon.watch(b)
     b0.target.on_connect_failed(b0.target, "connect_refused")
