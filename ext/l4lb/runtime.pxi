@@ -542,6 +542,11 @@ cdef class Hub:
         if pool in self.pools:
             self.pools.remove(pool)
 
+    def resync(self, PoolRuntime pool):
+        """What a following worker does before a pick in `pool` (follow_pool), callable
+        from Python for tests and tools whatever `follow` says."""
+        self.follow_pool(pool)
+
     cdef int follow_pool(self, PoolRuntime pool) except -1:
         """A worker, before a pick in `pool`: when the master published since the last
         look, resync every registered pool's (up, weight, max_connections) and serve
