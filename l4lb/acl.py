@@ -51,6 +51,16 @@ one bucket-refill time (about one second), or that many addresses holding connec
 Failure: nothing here raises for any address text; an address that does not parse matches
 no CIDR and is counted under its literal text.
 
+Shared limits (several workers, issue 15): given a shared table and the listener's record
+index, configure_gate makes the limits an ``l4lb._native.SharedSourceLimits`` instead,
+with this class's API and semantics, kept in the table under process-shared robust
+mutexes so that ``per_source_max_connections = 10`` admits exactly 10 from one address
+across every worker. Its keys are the relay's 64-bit address keys (``address_key``: every
+spelling of an address is one source); its entries are ordered by their stamp, which
+with a rate is the last-use order, so it prunes the same entries; its cap counts this
+listener's entries in the table (whose size is fixed when the master creates it). The
+tests drive both with one random sequence and expect the same verdicts.
+
 Cost: the gate parses the address once per connection (one ``inet_pton``) for both the
 access lists and the per-source key.
 """
@@ -59,6 +69,8 @@ from __future__ import annotations
 import socket
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+
+from l4lb._native import SharedSourceLimits
 
 __all__ = [
     "DENIED",
@@ -233,6 +245,10 @@ class SourceLimits:
         self.next_prune = 0.0
         self.configure(max_connections, rate)
 
+    def key_of(self, host, parsed):
+        """The table key of a client address (`parsed`: its _parse_address)."""
+        return _key_of(parsed, host)
+
     def configure(self, max_connections: int, rate: float) -> None:
         """Change the limits in place (reload); the table and its counts are kept."""
         self.max_connections = max_connections
@@ -315,20 +331,28 @@ class Gate:
             reason = self.access.check_parsed(parsed)
             if reason is not None:
                 return reason
-        if self.limits is not None:
-            return self.limits.admit(_key_of(parsed, host), self.clock())
+        limits = self.limits
+        if limits is not None:
+            return limits.admit(limits.key_of(host, parsed), self.clock())
         return None
 
     def release(self, relay) -> None:
         """`relay`, admitted by this gate, has closed (called by the relay)."""
-        if self.limits is not None:
-            self.limits.release(source_key(relay.client_host))
+        limits = self.limits
+        if limits is not None:
+            host = relay.client_host
+            limits.release(limits.key_of(host, _parse_address(host)))
 
 
-def configure_gate(previous: Gate | None, cfg, clock: Callable[[], float]) -> Gate | None:
+def configure_gate(previous: Gate | None, cfg, clock: Callable[[], float],
+                   table=None, index: int | None = None) -> Gate | None:
     """The gate for a listener config (``allow``, ``deny``, ``per_source_*``), or None when
     it sets none of them. Reuses `previous` in place on reload, so the per-source counts of
-    open connections carry over (relays release to the gate that admitted them)."""
+    open connections carry over (relays release to the gate that admitted them). With a
+    shared table (``l4lb._native.SharedTable``) and the listener's record `index`, the
+    per-source limits are the shared ones (SharedSourceLimits), global across workers;
+    `clock` must then be one every process shares (CLOCK_MONOTONIC: loop.time or
+    _native.monotonic)."""
     access = AccessList(cfg.allow, cfg.deny) if (cfg.allow or cfg.deny) else None
     wants_limits = cfg.per_source_max_connections > 0 or cfg.per_source_rate > 0
     if access is None and not wants_limits:
@@ -336,10 +360,16 @@ def configure_gate(previous: Gate | None, cfg, clock: Callable[[], float]) -> Ga
     gate = previous if previous is not None else Gate(None, None, clock)
     gate.access = access
     gate.clock = clock
+    shared = table is not None and index is not None
     if not wants_limits:
         gate.limits = None
-    elif gate.limits is None:
-        gate.limits = SourceLimits(cfg.per_source_max_connections, cfg.per_source_rate)
+    elif gate.limits is None or shared != isinstance(gate.limits, SharedSourceLimits):
+        if shared:
+            gate.limits = SharedSourceLimits(
+                table, index, cfg.per_source_max_connections, cfg.per_source_rate,
+                prune_interval=PRUNE_INTERVAL)
+        else:
+            gate.limits = SourceLimits(cfg.per_source_max_connections, cfg.per_source_rate)
     else:
         gate.limits.configure(cfg.per_source_max_connections, cfg.per_source_rate)
     return gate

@@ -3,7 +3,8 @@
 
 This file only includes the parts; each part opens with its theory of operation:
 hashing and the algorithms (backend selection), runtime (what the control plane
-configures: Target, PoolRuntime, ListenerRuntime, Hub), pump (bytes of one direction:
+configures: Target, PoolRuntime, ListenerRuntime, Hub; shared: the table in shared
+memory that makes their counters and limits global across workers), pump (bytes of one direction:
 copy and splice, the pipe pool), sni (the TLS ClientHello parser, sans-IO), relay (one
 client and its backend: the state machine),
 poller (the epoll every relay socket is in) and acceptor (accept4 on a listening socket).
@@ -23,6 +24,7 @@ include "leastconn.pxi"
 include "lrt.pxi"
 include "hash.pxi"
 include "p2c.pxi"
+include "shared.pxi"
 include "runtime.pxi"
 include "pump.pxi"
 include "sni.pxi"

@@ -55,7 +55,7 @@
 #   a second and applies connect, queue, header and idle deadlines from coarse stamps.
 from libc.errno cimport (errno, EAGAIN, EINTR, EINPROGRESS, ECONNREFUSED, ECONNRESET,
                          ETIMEDOUT)
-from libc.string cimport memset
+from libc.string cimport memset, memcpy
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from l4lb.includes.system cimport (
     sockaddr, sockaddr_storage, sockaddr_in, sockaddr_in6, socklen_t, linger, c_socket,
@@ -193,10 +193,12 @@ cdef int relay_serve_queue(PoolRuntime pool) except -1:
             pool.queue.popleft()
             continue
         if not any_eligible(pool.algo, r):
-            return 0
+            break
         pool.queue.popleft()
+        pool_note_queue(pool)
         relay_set_state(r, RELAY_CONNECTING)
         r.start_connect()
+    pool_note_queue(pool)
     return 0
 
 
@@ -219,6 +221,31 @@ cdef bint any_full(Algorithm algo, Relay r) except -1:
     return False
 
 
+cdef int pick_after_race(Relay r, Algorithm algo, int slot) except? -2:
+    """The pick chose `slot` but another worker took its last free slot meanwhile: load
+    that backend's global count into the view, avoid it and pick again (bounded by
+    ALGO_MAX_AVOID); the new slot, taken, or -1 (queue or close as for no pick)."""
+    cdef int avoid[ALGO_MAX_AVOID]
+    cdef int navoid = r.navoid
+    cdef Target t
+    cdef int64_t a
+    memcpy(avoid, r.avoid, navoid * sizeof(int))
+    while slot >= 0:
+        t = <Target>r.pool.targets[slot]
+        a = shared_ld(&t.g.active)
+        if algo.active[slot] != a:
+            algo.active[slot] = a
+            algo.load_changed(slot)
+        if navoid >= ALGO_MAX_AVOID:
+            return -1
+        avoid[navoid] = slot
+        navoid += 1
+        slot = algo.pick_c(r.key, avoid, navoid)
+        if slot >= 0 and target_take(<Target>r.pool.targets[slot], algo.max_conns[slot]):
+            return slot
+    return -1
+
+
 cdef void drop_closed_queue_heads(PoolRuntime pool):
     """Pop relays that left the queue (timed out, gone) off its head. Without this a
     pool whose backends stay full keeps every timed-out client in its deque until a slot
@@ -226,6 +253,7 @@ cdef void drop_closed_queue_heads(PoolRuntime pool):
     q = pool.queue
     while q and (<Relay>q[0]).state != RELAY_QUEUED:
         q.popleft()
+    pool_note_queue(pool)
 
 
 # --- the relay ------------------------------------------------------------------------
@@ -264,17 +292,17 @@ cdef class Relay:
         self.started = _now()
         self.last_active = self.started
         self.client_host, self.client_port = sockaddr_host_port(ss)
-        if hub.max_connections > 0 and hub.active >= hub.max_connections:   # 0 = unlimited
+        # Both limits are taken atomically (exact across workers); 0 = unlimited.
+        if not hub_take(hub):
             self.reject("global_max_connections")
             return
-        if lst.max_connections > 0 and lst.active >= lst.max_connections:
+        if not listener_take(lst):
+            hub_give(hub)
             self.reject("max_connections")
             return
         self.id = hub.next_id
         hub.next_id += 1
-        hub.active += 1
-        hub.total += 1
-        lst.active += 1
+        shared_bump(&hub.r.total, 1)
         hub.link(self)
         # Readable and writable until a read or write says EAGAIN: whatever arrived
         # before the registration is then read without waiting for an edge.
@@ -315,7 +343,7 @@ cdef class Relay:
                 self.close_both(reason, True)
                 return
             self.gate = lst.gate             # so finish() releases to the gate that admitted
-        lst.accepted += 1
+        shared_bump(&lst.r.accepted, 1)
         if lst.sni_routes is not None:
             relay_set_state(self, RELAY_INSPECT)
             self.deadline = _now() + lst.inspect_timeout
@@ -400,7 +428,7 @@ cdef class Relay:
         finally:
             sni_scan_release(&scan)
         if self.sni is not None:
-            lst.inspected[INSPECT_SNI_FOUND] += 1
+            shared_bump(&lst.r.inspected[INSPECT_SNI_FOUND], 1)
         routes = lst.sni_routes          # None if a reload dropped the table meanwhile
         self.end_inspection(SNI_FOUND, None if routes is None else routes.route(self.sni))
 
@@ -408,7 +436,7 @@ cdef class Relay:
         """Count the inspection's `outcome` and route the client: by `route`, the
         RouteRuntime its name matched, or the listener's default route when None."""
         cdef ListenerRuntime lst = self.listener
-        lst.inspected[outcome] += 1
+        shared_bump(&lst.r.inspected[outcome], 1)
         self.c_readable = True           # the peeked bytes wait for the pump
         if route is None:
             self.route_client(lst.route)
@@ -460,20 +488,28 @@ cdef class Relay:
         `no_backend`."""
         cdef PoolRuntime pool = self.pool
         cdef Algorithm algo = pool.algo
-        cdef int slot = algo.pick_c(self.key, self.avoid, self.navoid)
+        cdef int slot
         cdef Target t
+        if self.hub.follow:
+            self.hub.follow_pool(pool)
+        slot = algo.pick_c(self.key, self.avoid, self.navoid)
+        if slot >= 0:
+            t = <Target>pool.targets[slot]
+            if not target_take(t, algo.max_conns[slot]):
+                slot = pick_after_race(self, algo, slot)
+                if slot >= 0:
+                    t = <Target>pool.targets[slot]
         if slot < 0:
             if any_full(algo, self):
                 relay_set_state(self, RELAY_QUEUED)
                 self.deadline = _now() + self.listener.queue_timeout
                 pool.queue.append(self)
+                pool_note_queue(pool)
                 return
             self.close_both(self.last_failure or "no_backend", True)
             return
-        t = <Target>pool.targets[slot]
         self.target = t
         algo.conn_opened(slot)
-        t.active += 1
         self.open_backend_connection(t)
 
     cdef void open_backend_connection(self, Target t):
@@ -587,7 +623,7 @@ cdef class Relay:
         if self.state == RELAY_CLOSED:
             return
         self.release_target()
-        t.failed += 1
+        target_count_failure(t, reason)
         if self.navoid < ALGO_MAX_AVOID:
             self.avoid[self.navoid] = t.slot
             self.navoid += 1
@@ -599,7 +635,7 @@ cdef class Relay:
         if self.navoid > lst.retries:
             self.close_both(reason, True)
             return
-        self.pool.retried += 1
+        shared_bump(&self.pool.r.retried, 1)
         self.start_connect()
 
     cdef void refuse_overloaded(self):
@@ -619,8 +655,7 @@ cdef class Relay:
             return
         self.target = None
         pool.algo.conn_closed(t.slot)
-        t.active -= 1
-        if t.active == 0 and t.on_idle is not None:
+        if target_give(t) == 0 and t.on_idle is not None:
             t.on_idle(t)
         if pool.queue:
             relay_serve_queue(pool)
@@ -644,7 +679,7 @@ cdef class Relay:
         self.up.dst = self.bfd
         self.down.src = self.bfd
         self.down.dst = self.cfd
-        t.total += 1
+        shared_bump(&t.r.total, 1)
         self.pool.algo.observe_rt(t.slot, now - self.connect_started)
         if lst.send_proxy:
             if self.local_addr is None:
@@ -725,8 +760,8 @@ cdef class Relay:
         if nin or nout:
             self.bytes_in += nin
             self.bytes_out += nout
-            t.bytes_in += nin
-            t.bytes_out += nout
+            shared_bump(&t.r.bytes_in, nin)
+            shared_bump(&t.r.bytes_out, nout)
             self.last_active = self.hub.now
             if self.resp_phase < RESP_MEASURED:
                 self.note_first_bytes(nin, nout)
@@ -785,8 +820,8 @@ cdef class Relay:
         cdef Hub hub = self.hub
         self.close_reason = reason
         hub.unlink(self)
-        hub.active -= 1
-        self.listener.active -= 1
+        hub_give(hub)
+        listener_give(self.listener)
         if hub.access_log is not None:
             hub.access_log(self, reason)
         if self.gate is not None:
@@ -824,7 +859,7 @@ cdef class Relay:
         elif self.state == RELAY_QUEUED:
             if now >= self.deadline:
                 lst.count_rejected("queue_timeout")
-                self.pool.queue_timeouts += 1
+                shared_bump(&self.pool.r.queue_timeouts, 1)
                 self.close_both("queue_timeout", True)
         elif self.state == RELAY_HEADER:
             if now >= self.deadline:

@@ -20,14 +20,13 @@ cdef class Target:
     cdef public object resolved       # a hostname's last DNS answer, [(family, ip, port)] in
                                       # the order to try, or None; written by l4lb.resolver
     cdef public int slot              # the backend's slot in its pool's Algorithm
-    cdef public int64_t active        # relays assigned to this backend and not yet closed
-    cdef public int64_t total         # connections that reached the backend
-    cdef public int64_t failed        # connect failures and connect timeouts
-    cdef public int64_t bytes_in      # client -> backend bytes
-    cdef public int64_t bytes_out     # backend -> client bytes
-    cdef double resp_ewma             # response-time EWMA in seconds; -1 before the first
-    cdef readonly int64_t responses   # connections that gave a response time (the relay's
-                                      # only writer: target_observe_response)
+    # The counters live in a record (shared.pxd backend_glob + rows): a private one of
+    # one row until attach() points them into a SharedTable. Python reads sum the rows.
+    cdef SharedTable table            # the table holding the record; None: private
+    cdef backend_glob* g              # the record's global part (active: atomic)
+    cdef backend_row* rows            # its first row
+    cdef backend_row* r               # the row this process writes
+    cdef int nrows                    # rows summed by readers (1 private; rows + 1 shared)
     cdef public object on_connect_failed   # callable(Target, reason) or None: passive health
     cdef public object on_idle        # callable(Target) or None: called when active drops to 0
 
@@ -39,8 +38,12 @@ cdef class PoolRuntime:
     cdef public int hash_key          # HASH_KEY_*: what the routing key hashes
     cdef public bint needs_key        # the algorithm reads the routing key (hash)
     cdef public object queue          # collections.deque of Relays waiting for a slot
-    cdef public int64_t retried       # connects tried again on another backend after a failure
-    cdef public int64_t queue_timeouts  # queued clients closed by their queue_timeout
+    cdef SharedTable table            # counters' record (retried, queue_timeouts, queued)
+    cdef pool_row* rows               # its first row (a private one before attach)
+    cdef pool_row* r                  # the row this process writes
+    cdef int nrows                    # rows summed by readers
+
+    cdef int64_t row_sum(self, Py_ssize_t field) noexcept
 
 
 # Outcomes of a ClientHello inspection, counted per listener: the parser's SNI_FOUND,
@@ -67,16 +70,19 @@ cdef class ListenerRuntime:
     cdef public object sni_routes     # l4lb.sni.SniRoutes of RouteRuntime, or None: no inspection
     cdef public double inspect_timeout  # seconds to wait for a decisive ClientHello
     cdef public int max_client_hello  # bytes of the stream the ClientHello must fit in
-    cdef int64_t inspected[INSPECT_OUTCOMES]  # inspections ended, by outcome (SNI_*, INSPECT_*)
     cdef public bint sticky_split     # a client IP always lands on the same side
     cdef public double connect_timeout  # seconds for one backend connect (all its addresses)
     cdef public double idle_timeout   # seconds without a byte either way before a close
     cdef public double queue_timeout  # seconds a client of this listener may wait queued
     cdef public int retries           # other backends tried after a failed connect
     cdef public int64_t max_connections  # relays of this listener open at once; 0 = unlimited
-    cdef public int64_t active        # relays of this listener not yet closed
-    cdef public int64_t accepted      # connections accepted and admitted
-    cdef public object rejected       # dict reason -> count (rare path, Python is fine)
+    cdef SharedTable table            # counters' record (active, accepted, rejected,
+                                      # inspected by outcome SNI_*/INSPECT_*); None: private
+    cdef listener_glob* g             # its global part (active: atomic)
+    cdef listener_row* rows           # its first row
+    cdef listener_row* r              # the row this process writes
+    cdef int nrows                    # rows summed by readers
+    cdef object rejected_other        # dict reason -> count for words without a slot
     cdef public object gate           # optional admission object (ACL, per-source limits)
     cdef public int send_proxy        # 0 off, 1 v1, 2 v2
     cdef public bint accept_proxy     # expect a PROXY header first
@@ -90,8 +96,14 @@ cdef class ListenerRuntime:
 cdef class Hub:
     cdef public object loop           # the event loop every relay of this hub runs on
     cdef public double now            # loop.time() as of the last sweep: coarse clock for stamps
-    cdef public int64_t active        # relays not yet closed, all listeners
-    cdef public int64_t total         # relays ever admitted
+    cdef SharedTable table            # counters' record (active, total); None: private
+    cdef hub_glob* g                  # its global part (active: atomic)
+    cdef hub_row* rows                # its first row
+    cdef hub_row* r                   # the row this process writes
+    cdef int nrows                    # rows summed by readers
+    cdef public bint follow           # a worker: resync pools from the table before picks
+    cdef int64_t seen_epoch           # the table epoch the pools were last resynced at
+    cdef list pools                   # PoolRuntimes resynced on a new epoch (register_pool)
     cdef public int64_t max_connections  # relays open at once, all listeners; 0 = unlimited
     cdef public object access_log     # callable(Relay, reason) or None
     cdef public object on_overload    # callable() when a connect finds no free descriptor
@@ -101,3 +113,4 @@ cdef class Hub:
     cdef uint64_t rng                 # splitmix64 state for non-sticky splits
     cdef void link(self, Relay r) noexcept
     cdef void unlink(self, Relay r) noexcept
+    cdef int follow_pool(self, PoolRuntime pool) except -1

@@ -119,3 +119,25 @@ cdef extern from "<netinet/tcp.h>" nogil:
 cdef extern from "<arpa/inet.h>" nogil:
     int inet_pton(int af, const char* src, void* dst)
     const char* inet_ntop(int af, const void* src, char* dst, socklen_t size)
+
+cdef extern from "<sys/mman.h>" nogil:
+    void* mmap(void* addr, size_t length, int prot, int flags, int fd, long offset)
+    int munmap(void* addr, size_t length)
+    int memfd_create(const char* name, unsigned int flags)
+    enum: PROT_READ
+    enum: PROT_WRITE
+    enum: MAP_SHARED
+    void* MAP_FAILED
+
+cdef extern from "<sys/stat.h>" nogil:
+    cdef struct stat_t "stat":
+        long st_size
+    int c_fstat "fstat" (int fd, stat_t* st)
+
+cdef extern from "<unistd.h>" nogil:
+    int ftruncate(int fd, long length)
+    int c_dup "dup" (int fd)
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
