@@ -23,6 +23,7 @@ cdef class Target:
     # The counters live in a record (shared.pxd backend_glob + rows): a private one of
     # one row until attach() points them into a SharedTable. Python reads sum the rows.
     cdef SharedTable table            # the table holding the record; None: private
+    cdef void* own                    # the private record (malloc), NULL once attached
     cdef backend_glob* g              # the record's global part (active: atomic)
     cdef backend_row* rows            # its first row
     cdef backend_row* r               # the row this process writes
@@ -39,6 +40,7 @@ cdef class PoolRuntime:
     cdef public bint needs_key        # the algorithm reads the routing key (hash)
     cdef public object queue          # collections.deque of Relays waiting for a slot
     cdef SharedTable table            # counters' record (retried, queue_timeouts, queued)
+    cdef void* own                    # the private record (malloc), NULL once attached
     cdef pool_row* rows               # its first row (a private one before attach)
     cdef pool_row* r                  # the row this process writes
     cdef int nrows                    # rows summed by readers
@@ -78,6 +80,7 @@ cdef class ListenerRuntime:
     cdef public int64_t max_connections  # relays of this listener open at once; 0 = unlimited
     cdef SharedTable table            # counters' record (active, accepted, rejected,
                                       # inspected by outcome SNI_*/INSPECT_*); None: private
+    cdef void* own                    # the private record (malloc), NULL once attached
     cdef listener_glob* g             # its global part (active: atomic)
     cdef listener_row* rows           # its first row
     cdef listener_row* r              # the row this process writes
@@ -97,6 +100,7 @@ cdef class Hub:
     cdef public object loop           # the event loop every relay of this hub runs on
     cdef public double now            # loop.time() as of the last sweep: coarse clock for stamps
     cdef SharedTable table            # counters' record (active, total); None: private
+    cdef void* own                    # the private record (malloc), NULL once attached
     cdef hub_glob* g                  # its global part (active: atomic)
     cdef hub_row* rows                # its first row
     cdef hub_row* r                   # the row this process writes

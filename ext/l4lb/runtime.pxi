@@ -68,14 +68,14 @@ cdef class Target:
         cdef char* rec = <char*>calloc(1, SHARED_LINE + sizeof(backend_row))
         if rec == NULL:
             raise MemoryError()
+        self.own = rec
         self.g = <backend_glob*>rec
         self.rows = self.r = <backend_row*>(rec + SHARED_LINE)
         self.r.resp_ewma = -1.0
         self.nrows = 1
 
     def __dealloc__(self):
-        if self.table is None:
-            free(self.g)
+        free(self.own)
 
     def __init__(self, str pool, str name, host, port, int slot):
         self.pool = pool
@@ -96,8 +96,8 @@ cdef class Target:
             raise ValueError(f"shared table: backend record {index} is not allocated")
         rec = table.record(table.backend_off, table.backend_size, index,
                            table.hdr.backends, "backend")
-        if self.table is None:
-            free(self.g)
+        free(self.own)
+        self.own = NULL
         self.table = table
         self.g = <backend_glob*>rec
         self.rows = <backend_row*>(rec + SHARED_LINE)
@@ -263,14 +263,13 @@ cdef class PoolRuntime:
     """A pool on the data path: its algorithm and its targets by slot."""
 
     def __cinit__(self, *args, **kwargs):
-        self.rows = self.r = <pool_row*>calloc(1, sizeof(pool_row))
+        self.own = self.rows = self.r = <pool_row*>calloc(1, sizeof(pool_row))
         if self.rows == NULL:
             raise MemoryError()
         self.nrows = 1
 
     def __dealloc__(self):
-        if self.table is None:
-            free(self.rows)
+        free(self.own)
 
     def __init__(self, str name, Algorithm algo, int hash_key=HASH_KEY_SRC_IP,
                  bint needs_key=False):
@@ -298,8 +297,8 @@ cdef class PoolRuntime:
             raise ValueError(f"shared table: pool record {index} is not allocated")
         cdef char* rec = table.record(table.pool_off, table.pool_size, index,
                                       table.hdr.pools, "pool")
-        if self.table is None:
-            free(self.rows)
+        free(self.own)
+        self.own = NULL
         self.table = table
         self.rows = <pool_row*>(rec + SHARED_LINE)
         self.r = self.rows + table.write_row()
@@ -383,13 +382,13 @@ cdef class ListenerRuntime:
         cdef char* rec = <char*>calloc(1, SHARED_LINE + sizeof(listener_row))
         if rec == NULL:
             raise MemoryError()
+        self.own = rec
         self.g = <listener_glob*>rec
         self.rows = self.r = <listener_row*>(rec + SHARED_LINE)
         self.nrows = 1
 
     def __dealloc__(self):
-        if self.table is None:
-            free(self.g)
+        free(self.own)
 
     def __init__(self, str name, Hub hub):
         self.name = name
@@ -419,8 +418,8 @@ cdef class ListenerRuntime:
             raise ValueError(f"shared table: listener record {index} is not allocated")
         cdef char* rec = table.record(table.listener_off, table.listener_size, index,
                                       table.hdr.listeners, "listener")
-        if self.table is None:
-            free(self.g)
+        free(self.own)
+        self.own = NULL
         self.table = table
         self.g = <listener_glob*>rec
         self.rows = <listener_row*>(rec + SHARED_LINE)
@@ -486,6 +485,7 @@ cdef class Hub:
         cdef char* rec = <char*>calloc(1, SHARED_LINE + sizeof(hub_row))
         if rec == NULL:
             raise MemoryError()
+        self.own = rec
         self.g = <hub_glob*>rec
         self.rows = self.r = <hub_row*>(rec + SHARED_LINE)
         self.nrows = 1
@@ -502,15 +502,14 @@ cdef class Hub:
         self.rng = 0x5EED
 
     def __dealloc__(self):
-        if self.table is None:
-            free(self.g)
+        free(self.own)
 
     def attach(self, SharedTable table):
         """Keep the hub's counters in the table's hub record from now on (right after
         creation); a worker's relay ids start at its row's base (row << 40 | 1), so ids
         are unique across workers."""
-        if self.table is None:
-            free(self.g)
+        free(self.own)
+        self.own = NULL
         self.table = table
         self.g = <hub_glob*>(table.base + table.hub_off)
         self.rows = <hub_row*>(table.base + table.hub_off + SHARED_LINE)
