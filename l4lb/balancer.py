@@ -79,9 +79,8 @@ class Runtime:
         return pool
 
     def create_listener(self, cfg) -> Listener:
-        listener = Listener(cfg, self.hub, self.pools)
-        self.attach_listener(listener)
-        return listener
+        table, index = self.listener_record(cfg.name)
+        return Listener(cfg, self.hub, self.pools, table, index)
 
     def attach_pool(self, pool: Pool) -> None:
         self.hub.register_pool(pool.runtime)
@@ -89,8 +88,9 @@ class Runtime:
     def detach_pool(self, pool: Pool) -> None:
         self.hub.unregister_pool(pool.runtime)
 
-    def attach_listener(self, listener: Listener) -> None:
-        pass
+    def listener_record(self, name: str) -> tuple:
+        """(table, index) of a new listener's shared record; (None, None): private."""
+        return None, None
 
     def wire_backend(self, backend: Backend) -> None:
         """Hook a new backend's Target to this process's control plane."""
@@ -163,10 +163,9 @@ class Balancer(Runtime):
         self.slots["pools"][pool.name] = index
         super().attach_pool(pool)
 
-    def attach_listener(self, listener: Listener) -> None:
-        index = self.table.alloc_listener()
-        listener.runtime.attach(self.table, index)
-        self.slots["listeners"][listener.name] = index
+    def listener_record(self, name: str) -> tuple:
+        index = self.slots["listeners"][name] = self.table.alloc_listener()
+        return self.table, index
 
     def wire_backend(self, backend: Backend) -> None:
         """Give a new backend its shared record, publish what picks read, and hook it

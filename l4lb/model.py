@@ -277,10 +277,16 @@ class Listener:
     table, each server-name pattern is a route of its own (its own pool or split) and
     the listener's pool/split is the default route."""
 
-    def __init__(self, cfg: ListenerConfig, hub, pools: dict[str, Pool]):
+    def __init__(self, cfg: ListenerConfig, hub, pools: dict[str, Pool], table=None,
+                 index: int | None = None):
         self.name = cfg.name
         self.config = cfg
         self.runtime = _native.ListenerRuntime(cfg.name, hub)
+        # The listener's record in the shared table (None: a private one): its counters,
+        # limits and per-source table are global across the processes that attach it.
+        self.table, self.index = table, index
+        if table is not None:
+            self.runtime.attach(table, index)
         self.servers: dict = {}           # bind (str) -> asyncio server
         self.pool_name: str | None = None
         self.split: dict[str, int] | None = None
@@ -311,7 +317,11 @@ class Listener:
         # reload that turns accept_proxy off cannot strand a client mid-header.
         rt.header_hook = proxyhooks.read_client_header
         rt.proxy_encoder = proxyhooks.encode_backend_header
-        rt.gate = acl.configure_gate(rt.gate, cfg, rt.hub.loop.time)   # None: no ACL/limits
+        if self.table is not None:       # shared per-source counts: one clock for all
+            rt.gate = acl.configure_gate(rt.gate, cfg, _native.monotonic, self.table,
+                                         self.index)
+        else:
+            rt.gate = acl.configure_gate(rt.gate, cfg, rt.hub.loop.time)   # None: no ACL/limits
         if cfg.split:
             self.route_split(dict(cfg.split), pools)
         else:

@@ -71,8 +71,8 @@ class WorkerRuntime(Runtime):
         pool.runtime.attach(self.table, self.slots["pools"][pool.name])
         super().attach_pool(pool)
 
-    def attach_listener(self, listener: Listener) -> None:
-        listener.runtime.attach(self.table, self.slots["listeners"][listener.name])
+    def listener_record(self, name: str) -> tuple:
+        return self.table, self.slots["listeners"][name]
 
     def wire_backend(self, backend: Backend) -> None:
         backend.target.attach(self.table, self.slots["backends"][backend.ref])

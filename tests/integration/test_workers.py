@@ -314,13 +314,15 @@ def test_drain_and_wait_cover_the_connections_of_every_worker(holders, l4lb):
         wait_until(lambda: sum(h.open for h in hs) == 40, what="40 open")
         b1 = [c for c in ask(lb, "show conns")["conns"] if c["backend"] == "b1"]
         assert {c["worker"] for c in b1} == {0, 1}
+        on_b1 = len(b1)
         assert ask(lb, "drain main/b1")["ok"]
         # new connections all go to b2, from both workers
         more = [connect(lb.port()) for _ in range(20)]
         socks += more
-        wait_until(lambda: hs[1].open == 20 + 20 and hs[0].open == 20, what="drained")
+        wait_until(lambda: hs[1].open == 40 - on_b1 + 20 and hs[0].open == on_b1,
+                   what="new connections on b2 only")
         reply = ask(lb, "wait main/b1 0.3")
-        assert not reply["ok"] and "20 active" in reply["error"]
+        assert not reply["ok"] and f"{on_b1} active" in reply["error"]
         waiter = threading.Thread(target=lambda: results.append(ask(lb, "wait main/b1 30")))
         results: list = []
         waiter.start()
