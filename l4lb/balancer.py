@@ -132,7 +132,8 @@ class Balancer(Runtime):
 
     publishes = True
 
-    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop | None = None):
+    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop | None = None,
+                 zygote=None):
         loop = loop or asyncio.get_event_loop()
         super().__init__(config, loop, get_logger())
         count = vocab.worker_count(config.global_.workers)
@@ -147,7 +148,7 @@ class Balancer(Runtime):
         self.state_writer = StateWriter(self.loop, self.state_path, lambda: self.runtime_state,
                                         self.log)
         self.listening = Listening(self.loop, self.hub, self.listeners, self.log, count)
-        self.workers = Workers(self, count)
+        self.workers = Workers(self, count, zygote)
         self.health = HealthMonitor(self.workers.close_open, self.log)
         self.resolver = Resolver(config.resolvers, lambda: self.pools.values(), self.log,
                                  on_resolved=self.resolved)

@@ -165,6 +165,9 @@ def _global_changes(old: Config, new: Config) -> list[str]:
             out.append(f"log {key} {shown}")
     if old.global_.max_connections != new.global_.max_connections:
         out.append(f"global max_connections {new.global_.max_connections}")
+    if old.global_.workers != new.global_.workers:
+        out.append(f"global workers {new.global_.workers}: applies at the next start "
+                   "(a reload keeps the running workers)")
     for key in ("nameservers", "min_ttl", "max_ttl", "retry", "timeout"):
         was, now = getattr(old.resolvers, key), getattr(new.resolvers, key)
         if was != now:      # every name is asked again at once (Resolver.configure)

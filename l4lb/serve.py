@@ -14,7 +14,7 @@ import os
 import resource
 import signal
 
-from . import __version__
+from . import __version__, zygote
 from .actions import OperationError
 from .balancer import Balancer
 from .config import Config
@@ -79,6 +79,8 @@ async def serve(config: Config, ready=None, early: EarlySignals | None = None) -
     """Run a balancer for `config` until SIGTERM/SIGINT (graceful) — the body of `run`.
     `ready(balancer)` is called once it listens. OSError / ControlSocketError when it
     cannot start."""
+    # First, while the process has no thread: the fork server the workers come from.
+    fork_server = zygote.start()
     loop = asyncio.get_running_loop()
     signals = SignalRouter(loop, early)
     log = get_logger()
@@ -88,7 +90,7 @@ async def serve(config: Config, ready=None, early: EarlySignals | None = None) -
         log.warning("fd_limit_low", soft=soft, hard=hard, warning=warning)
     for warning in config.warnings:             # deprecated keys (FILE:LINE key: message)
         log.warning("config_deprecated", warning=warning)
-    balancer = Balancer(config, loop)
+    balancer = Balancer(config, loop, fork_server)
     control = ControlServer(balancer, config.control.socket, config.control.mode)
     await control.start()
     try:

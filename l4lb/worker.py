@@ -119,7 +119,7 @@ class Worker:
         self.index = index
         self.generation = generation
         self.runtime: WorkerRuntime | None = None
-        self.initialized = loop.create_future()
+        self.failed = False             # the init message could not be carried out
         self.stopped = asyncio.Event()
         self.stopping = False
         self.channel = Channel(channel_sock, loop, self.on_message, self.on_master_gone)
@@ -144,8 +144,9 @@ class Worker:
             get_logger(worker=self.index).exception("worker_op_failed", op=op)
             if "id" in msg:
                 self.channel.reply(msg, error=str(exc))
-            if op == "init" and not self.initialized.done():
-                self.initialized.set_exception(exc)
+            if op == "init":
+                self.failed = True
+                self.stopped.set()
 
     async def _answer(self, msg: dict, coro) -> None:
         try:
@@ -171,7 +172,6 @@ class Worker:
         self.runtime = rt
         self.loop.create_task(self.sweep_forever())
         self.channel.send({"event": "ready"})
-        self.initialized.set_result(True)
 
     @staticmethod
     def set_resolved(rt: WorkerRuntime, resolved: dict) -> None:
@@ -295,9 +295,9 @@ class Worker:
                 timeout = rt.config.global_.shutdown_timeout
             rt.accepting.close_all()
             deadline = self.loop.time() + timeout
-            while rt.hub.active_here > 0 and self.loop.time() < deadline:
+            while rt.hub.relays() and self.loop.time() < deadline:   # this worker's own
                 await asyncio.sleep(0.05)
-            left = rt.hub.active_here
+            left = len(rt.hub.relays())
             if left:
                 rt.hub.close_all("shutdown")
             await asyncio.sleep(0)      # let aborted sockets settle
@@ -310,13 +310,10 @@ async def main(channel_sock: socket.socket, index: int, generation: int) -> None
     worker = Worker(loop, channel_sock, index, generation)
     loop.add_signal_handler(signal.SIGTERM,
                             lambda: loop.create_task(worker.shutdown(None)))
-    try:
-        await worker.initialized
-    except Exception:
-        return
     await worker.stopped.wait()
-    await asyncio.sleep(0.05)           # the shutdown reply goes out before the exit
+    await asyncio.sleep(0)              # the shutdown reply goes out before the exit
     worker.channel.close()
+    return 1 if worker.failed else 0
 
 
 def run(channel_sock: socket.socket, index: int, generation: int) -> None:
@@ -327,8 +324,10 @@ def run(channel_sock: socket.socket, index: int, generation: int) -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     import uvloop
     try:
-        uvloop.run(main(channel_sock, index, generation))
+        status = uvloop.run(main(channel_sock, index, generation))
     finally:
         # A multiprocessing child ends with os._exit: no atexit handler runs, so the
         # lines still queued for stderr are written here.
         stderr_writer().flush_at_exit()
+    if status:
+        raise SystemExit(status)

@@ -1,10 +1,9 @@
 """The master's workers: starting them, restarting the ones that die, telling them what
 changed and asking them what only they know (DESIGN.md §9).
 
-A worker is a process forked from a fork server (multiprocessing's "forkserver": a
-clean single-threaded process that imported l4lb once), so a restart costs a fork and a
-model build, not an interpreter start, and nothing of the master's threads or event
-loop leaks into it. Each worker gets, over its channel (channel.py), an `init` message
+A worker is a process forked from the zygote (zygote.py: a fork server the master forked
+before it had a thread), so a start costs a fork and a model build, not an interpreter
+start, and nothing of the master's threads or event loop leaks into it. Each worker gets, over its channel (channel.py), an `init` message
 with the master's snapshot (the config's text, the runtime state, every object's record
 in the shared table, hostname answers) and its descriptors: the shared table's memfd and
 its socket of every bind. It replies `ready` once it accepts.
@@ -25,13 +24,13 @@ total goes down and no limit stays held by connections that died with it.
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
 import os
 import signal
 import socket
 import time
 from typing import TYPE_CHECKING
 
+from . import zygote as zygote_module
 from .channel import Channel, ChannelClosed
 
 if TYPE_CHECKING:
@@ -47,19 +46,6 @@ EXIT_GRACE = 5.0
 # restarting it (a worker that dies at start would otherwise loop forever).
 RESTART_BURST = 20
 RESTART_WINDOW = 10.0
-
-_context = None
-
-
-def forkserver():
-    """The multiprocessing context workers are forked from (started on first use)."""
-    global _context
-    if _context is None:
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["l4lb.worker"])
-        _context = ctx
-    return _context
-
 
 def describe_status(exitcode: int | None) -> str:
     """A process exit status in words: `exit 0`, `killed by SIGKILL`."""
@@ -80,7 +66,6 @@ class Worker:
         self.index = index              # its place: sockets[index] of each bind
         self.row = index                # its row of the shared table
         self.generation = generation
-        self.process = None
         self.channel: Channel | None = None
         self.pid: int | None = None
         self.started_at = 0.0           # wall clock
@@ -98,66 +83,86 @@ class Worker:
 class Workers:
     """The master's N workers."""
 
-    def __init__(self, balancer: "Balancer", count: int):
+    def __init__(self, balancer: "Balancer", count: int, zygote=None):
         self.balancer = balancer
         self.loop = balancer.loop
         self.log = balancer.log
         self.count = count
         self.generation = 1
         self.workers: list[Worker] = []
+        self.by_pid: dict[int, Worker] = {}
         self.stopping = False
+        self.zygote = zygote            # zygote.ZygoteHandle, or None: forked at start
+        self.zygote_channel: Channel | None = None
 
     # --- starting ---------------------------------------------------------------------
 
     async def start(self) -> None:
         """Start every worker and wait until each accepts. OSError when one fails."""
+        if self.zygote is None:
+            self.zygote = zygote_module.start()
+        self.zygote_channel = Channel(self.zygote.sock, self.loop, self.on_zygote_event,
+                                      self.on_zygote_gone)
         self.workers = [Worker(i, self.generation) for i in range(self.count)]
-        for worker in self.workers:
-            self.spawn(worker)
         try:
+            for worker in self.workers:
+                await self.spawn(worker)
             await asyncio.wait_for(asyncio.gather(*(w.ready for w in self.workers)),
                                    READY_TIMEOUT)
         except (asyncio.TimeoutError, ChannelClosed) as exc:
             raise OSError(f"workers did not start: {exc or 'timed out'}") from None
 
-    def spawn(self, worker: Worker) -> None:
-        """Fork worker `worker` and send it its init message."""
+    async def spawn(self, worker: Worker) -> None:
+        """Have the zygote fork worker `worker`, and send it its init message.
+        ChannelClosed when the zygote is gone."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        from . import worker as worker_main        # imported by the fork server too
-        process = forkserver().Process(
-            target=worker_main.run, args=(theirs, worker.index, worker.generation),
-            name=f"l4lb worker {worker.index}", daemon=False)
-        process.start()
-        theirs.close()
-        worker.process = process
-        worker.pid = process.pid
-        worker.started_at = time.time()
         worker.ready = self.loop.create_future()
         worker.exited = self.loop.create_future()
+        try:
+            reply = await self.zygote_channel.request(
+                {"index": worker.index, "generation": worker.generation}, [theirs.fileno()],
+                REQUEST_TIMEOUT)
+        except (ChannelClosed, asyncio.TimeoutError):
+            ours.close()
+            raise ChannelClosed("the fork server is gone") from None
+        finally:
+            theirs.close()
+        worker.pid = reply["pid"]
+        self.by_pid[worker.pid] = worker
+        worker.started_at = time.time()
         worker.channel = Channel(ours, self.loop,
                                  lambda msg, fds, w=worker: self.on_message(w, msg, fds))
-        self.loop.add_reader(process.sentinel, self._reap, worker)
         b = self.balancer
         sockets = b.listening.sockets_of(worker.index)
         init = dict(b.snapshot(), op="init", index=worker.index, row=worker.row,
                     generation=worker.generation,
                     binds=[[name, bind] for name, bind, _ in sockets])
         worker.channel.send(init, [b.table.fd] + [sock.fileno() for _, _, sock in sockets])
-        self.log.info("worker_started", worker=worker.index, pid=worker.pid,
-                      generation=worker.generation, restarts=worker.restarts)
 
     def on_message(self, worker: Worker, msg: dict, fds: list[int]) -> None:
         for fd in fds:                  # workers send none
             os.close(fd)
         if msg.get("event") == "ready" and worker.ready is not None and not worker.ready.done():
             worker.ready.set_result(True)
+            self.log.info("worker_started", worker=worker.index, pid=worker.pid,
+                          generation=worker.generation, restarts=worker.restarts,
+                          startup_ms=round((time.time() - worker.started_at) * 1000.0, 1))
 
-    def _reap(self, worker: Worker) -> None:
+    def on_zygote_event(self, msg: dict, fds: list[int]) -> None:
+        for fd in fds:
+            os.close(fd)
+        if msg.get("event") == "exited":
+            worker = self.by_pid.pop(msg["pid"], None)
+            if worker is not None:
+                self._reap(worker, msg["status"])
+
+    def on_zygote_gone(self) -> None:
+        if not self.stopping:
+            self.log.error("worker_not_restarted", worker=None,
+                           reason="the fork server exited: workers that die are not replaced")
+
+    def _reap(self, worker: Worker, status: int) -> None:
         """The worker's process ended: fold its row, log it, start it again."""
-        process = worker.process
-        self.loop.remove_reader(process.sentinel)
-        process.join(0)
-        status = process.exitcode
         if worker.channel is not None:
             worker.channel.close()
         table = self.balancer.table
@@ -181,9 +186,12 @@ class Workers:
                            reason=f"{len(worker.exits)} exits in {RESTART_WINDOW:g} s")
             return
         worker.restarts += 1
+        self.loop.create_task(self._restart(worker))
+
+    async def _restart(self, worker: Worker) -> None:
         try:
-            self.spawn(worker)
-        except OSError as exc:
+            await self.spawn(worker)
+        except (ChannelClosed, OSError) as exc:
             self.log.error("worker_not_restarted", worker=worker.index, reason=str(exc))
 
     # --- telling and asking -----------------------------------------------------------
@@ -268,15 +276,16 @@ class Workers:
         their connections for up to `timeout` s, close the rest and exit. Returns the
         connections closed at the deadline."""
         self.stopping = True
-        workers = [w for w in self.workers if w.process is not None and w.exited is not None
-                   and not w.exited.done()]
+        workers = [w for w in self.workers if w.exited is not None and not w.exited.done()]
         for w in workers:
             w.stopping = True
         await self.ask({"op": "stop_accepting"})
         if close_listeners is not None:
             close_listeners()
-        replies = await asyncio.gather(*(self._finish(w, timeout) for w in workers))
-        return sum(replies)
+        closed = sum(await asyncio.gather(*(self._finish(w, timeout) for w in workers)))
+        if self.zygote_channel is not None:
+            self.zygote_channel.close()          # the zygote exits on EOF
+        return closed
 
     async def _finish(self, worker: Worker, timeout: float) -> int:
         closed = 0
@@ -290,6 +299,12 @@ class Workers:
         try:
             await asyncio.wait_for(asyncio.shield(worker.exited), EXIT_GRACE)
         except asyncio.TimeoutError:
-            worker.process.kill()
-            await worker.exited
+            try:
+                os.kill(worker.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                await asyncio.wait_for(asyncio.shield(worker.exited), EXIT_GRACE)
+            except asyncio.TimeoutError:
+                pass
         return closed

@@ -161,9 +161,11 @@ def test_per_source_rate_admits_the_rate_per_second_from_a_flooding_source(backe
 
 @pytest.mark.timeout(30)
 def test_full_backend_queues_clients_in_order_and_times_out_the_last(backends, l4lb):
+    # One worker: the queue is per worker, in arrival order within each (a slot another
+    # worker frees serves that worker's queue; test_workers covers the global limit).
     a = backends(name_handler, name="alpha")
     lb = l4lb(simple_config([("alpha", a.address, {"max_connections": 2})],
-                            listener_extra="queue_timeout = 2.0"))
+                            listener_extra="queue_timeout = 2.0", global_extra="workers = 1"))
     port = lb.port()
     clients = []
     for _ in range(6):
