@@ -303,11 +303,12 @@ class Balancer(Runtime):
         self.stopping = True
         if timeout is None:
             timeout = self.config.global_.shutdown_timeout
+        await self.workers.stop_accepting()
+        self.listening.close_all()
         self.log.info("shutdown_started", active=self.hub.active, timeout=timeout)
         await self.health.stop()
         await self.resolver.stop()
-        left = await self.workers.stop(timeout, close_listeners=self.listening.close_all)
-        self.listening.close_all()
+        left = await self.workers.stop(timeout)
         for task in (self._sweeper, self._poller):
             if task is not None:
                 task.cancel()

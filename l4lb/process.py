@@ -335,7 +335,9 @@ def show_info_fields(balancer, workers: list[dict] = ()) -> dict:
     figures = process_probe().read(cpu_percent=True)
     pipes = {"used": 0, "free": 0, "max": 0, "created": 0}
     cpu, rss, fds = figures.cpu_seconds, figures.rss_bytes, figures.open_fds
+    dropped = dropped_lines()
     for w in workers:
+        dropped += w["log_lines_dropped"]
         for key in pipes:
             pipes[key] += w["pipes"][key]
         cpu += w["cpu_seconds"]
@@ -352,7 +354,7 @@ def show_info_fields(balancer, workers: list[dict] = ()) -> dict:
         "conns_active": b.hub.active,
         "conns_total": b.hub.total,
         "pipes": pipes,
-        "log_lines_dropped": dropped_lines(),
+        "log_lines_dropped": dropped,
         "workers": len(workers),
     }
     info.update(fd_limit_report(b.config.global_.max_connections))

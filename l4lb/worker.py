@@ -24,7 +24,7 @@ from .channel import Channel
 from .config import parse_address, parse_config
 from .health import close_open_relays
 from .listen import Accepting
-from .log import configure_logging, get_logger, stderr_writer
+from .log import configure_logging, dropped_lines, get_logger, stderr_writer
 from .model import Backend, Listener, Pool
 from .process import process_probe
 from .reload import apply_plan, plan_reload, running_backends
@@ -253,7 +253,7 @@ class Worker:
         return {"pipes": (poller.pipe_stats if poller is not None
                           else {"used": 0, "free": 0, "max": 0, "created": 0}),
                 "cpu_seconds": figures.cpu_seconds, "rss_bytes": figures.rss_bytes,
-                "open_fds": figures.open_fds}
+                "open_fds": figures.open_fds, "log_lines_dropped": dropped_lines()}
 
     def op_stop_accepting(self, msg, fds):
         if self.runtime is not None:

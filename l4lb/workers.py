@@ -270,18 +270,22 @@ class Workers:
 
     # --- stopping -----------------------------------------------------------------------
 
-    async def stop(self, timeout: float, close_listeners=None) -> int:
-        """Graceful stop: every worker stops accepting, then `close_listeners()` (the
-        master's sockets; nothing accepts on them any more), then the workers finish
-        their connections for up to `timeout` s, close the rest and exit. Returns the
-        connections closed at the deadline."""
+    async def stop_accepting(self) -> None:
+        """First step of a graceful stop: every worker closes its Acceptors (the master
+        then closes its sockets, and nothing accepts on them any more)."""
+        self.stopping = True
+        for w in self.workers:
+            w.stopping = True
+        await self.ask({"op": "stop_accepting"})
+
+    async def stop(self, timeout: float) -> int:
+        """Then the workers finish their connections for up to `timeout` s, close the
+        rest and exit; the zygote goes too. Returns the connections closed at the
+        deadline."""
         self.stopping = True
         workers = [w for w in self.workers if w.exited is not None and not w.exited.done()]
         for w in workers:
             w.stopping = True
-        await self.ask({"op": "stop_accepting"})
-        if close_listeners is not None:
-            close_listeners()
         closed = sum(await asyncio.gather(*(self._finish(w, timeout) for w in workers)))
         if self.zygote_channel is not None:
             self.zygote_channel.close()          # the zygote exits on EOF

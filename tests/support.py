@@ -198,7 +198,18 @@ class L4LB:
 
     @property
     def ps(self) -> psutil.Process:
+        """The master process (control socket, health checks, metrics)."""
         return psutil.Process(self.proc.pid)
+
+    @property
+    def worker_ps(self) -> psutil.Process:
+        """Worker 0, where the data path's descriptors and memory are (a test that
+        measures one data-path process runs `workers = 1`)."""
+        return psutil.Process(ask(self, "show workers")["workers"][0]["pid"])
+
+    def processes(self) -> list[psutil.Process]:
+        """The master and every process under it (the fork server, the workers)."""
+        return [self.ps] + self.ps.children(recursive=True)
 
     def stop(self, timeout: float = 10.0) -> int:
         if self.proc.poll() is None:
@@ -253,9 +264,11 @@ backends = [
 
 
 def fds_in_use(lb) -> int:
-    """The balancer's open descriptors, less the empty pipes its pool keeps for reuse
-    (`show info` pipes.free, two descriptors each): what a leak would grow."""
-    return lb.ps.num_fds() - 2 * ask(lb, "show info")["pipes"]["free"]
+    """The balancer's open descriptors (every process of it), less the empty pipes its
+    workers keep for reuse (`show info` pipes.free, two descriptors each): what a leak
+    would grow."""
+    free = ask(lb, "show info")["pipes"]["free"]
+    return sum(p.num_fds() for p in lb.processes()) - 2 * free
 
 
 def two_pool_config(blue, green, route: str = 'pool = "blue"', access: bool = True,

@@ -101,6 +101,8 @@ def test_fd_exhaustion_refuses_cleanly_and_serves_again(backends, l4lb):
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
 
     lb = l4lb(f"""
+[global]
+workers = 1
 [listeners.web]
 bind = ["127.0.0.1:0"]
 pool = "p"
@@ -108,6 +110,7 @@ pool = "p"
 algorithm = "rr"
 backends = [{backends_toml([("alpha", a.address)], indent="")}]
 """, preexec_fn=low_fd_limit)
+    worker = lb.worker_ps                                # the workers inherit the limit
     held = []
     for _ in range(1000):
         try:
@@ -117,7 +120,7 @@ backends = [{backends_toml([("alpha", a.address)], indent="")}]
             pass
     # The flood is taken in (or dropped) once l4lb's descriptors and backend connects stop
     # changing; then nothing it did may have crashed it or blamed the backend.
-    wait_steady(lambda: (lb.ps.num_fds(), a.accepted), what="the flood taken in")
+    wait_steady(lambda: (worker.num_fds(), a.accepted), what="the flood taken in")
     assert lb.proc.poll() is None
     # Which runs out first is a race: an accept (libuv then accepts and closes with its
     # reserved descriptor, unseen by l4lb) or a backend connect (l4lb refuses that client,

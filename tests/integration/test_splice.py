@@ -20,10 +20,12 @@ from ..support import (ask, connect, echo_handler, name_handler, recv_all,
                        wait_until)
 
 MiB = 1024 * 1024
+# One worker: these tests count the descriptors and CPU of the one process that relays.
+ONE = "workers = 1"
 
 
 def pipe_fds(lb) -> int:
-    folder = f"/proc/{lb.proc.pid}/fd"
+    folder = f"/proc/{lb.worker_ps.pid}/fd"
     n = 0
     for name in os.listdir(folder):
         try:
@@ -35,7 +37,7 @@ def pipe_fds(lb) -> int:
 
 def test_splice_listener_copies_short_exchanges_splices_bulk_and_shows_in_show_conns(backends, l4lb):
     b = backends(echo_handler)
-    lb = l4lb(simple_config([("a", b.address)]))
+    lb = l4lb(simple_config([("a", b.address)], global_extra=ONE))
     pipes_idle = pipe_fds(lb)
     s = connect(lb.port())
     s.sendall(b"ping")
@@ -65,7 +67,7 @@ def test_splice_listener_copies_short_exchanges_splices_bulk_and_shows_in_show_c
 
 def test_kill_drain_and_wait_through_the_control_socket(backends, l4lb):
     b1, b2 = backends(name_handler, name="one"), backends(name_handler, name="two")
-    lb = l4lb(simple_config([("one", b1.address), ("two", b2.address)]))
+    lb = l4lb(simple_config([("one", b1.address), ("two", b2.address)], global_extra=ONE))
     clients = []
     for _ in range(4):
         s = connect(lb.port())
@@ -95,7 +97,8 @@ def test_send_proxy_header_is_written_before_the_spliced_bytes(backends, l4lb):
         got.append(recv_all(conn))
 
     b = backends(record)
-    lb = l4lb(simple_config([("a", b.address)], listener_extra='send_proxy = "v1"'))
+    lb = l4lb(simple_config([("a", b.address)], listener_extra='send_proxy = "v1"',
+                            global_extra=ONE))
     s = connect(lb.port())
     port = s.getsockname()[1]
     s.sendall(b"payload")
@@ -111,7 +114,7 @@ def test_send_proxy_header_is_written_before_the_spliced_bytes(backends, l4lb):
 def test_clients_queue_when_every_backend_is_full_and_are_served_in_turn(backends, l4lb):
     b = backends(echo_handler)
     lb = l4lb(simple_config([("a", b.address, {"max_connections": 1})],
-                            listener_extra="queue_timeout = 5.0"))
+                            listener_extra="queue_timeout = 5.0", global_extra=ONE))
     first = connect(lb.port())
     first.sendall(b"1")
     assert first.recv(1) == b"1"
@@ -131,7 +134,8 @@ def test_accept_pauses_on_emfile_and_resumes_without_spinning(backends, l4lb):
     def low_nofile():
         resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 
-    lb = l4lb(simple_config([("a", b.address)]), preexec_fn=low_nofile)
+    lb = l4lb(simple_config([("a", b.address)], global_extra=ONE), preexec_fn=low_nofile)
+    worker = lb.worker_ps
     held = []
     try:
         for _ in range(40):                          # 6 fds per relay: far past the limit
@@ -140,9 +144,9 @@ def test_accept_pauses_on_emfile_and_resumes_without_spinning(backends, l4lb):
             except OSError:
                 break
         lb.wait_event("fd_exhausted")                # accepting is paused from here on
-        cpu = lb.ps.cpu_times()
+        cpu = worker.cpu_times()
         time.sleep(1.0)                              # the window a spinning loop would burn
-        cpu2 = lb.ps.cpu_times()
+        cpu2 = worker.cpu_times()
         assert (cpu2.user + cpu2.system) - (cpu.user + cpu.system) < 0.5   # no spin
         lb.wait_event("fd_exhausted")                # logged once per episode
         assert len(lb.events_named("fd_exhausted")) == 1
@@ -151,7 +155,7 @@ def test_accept_pauses_on_emfile_and_resumes_without_spinning(backends, l4lb):
             s.close()
     # Once the clients are gone, the listener serves again (the control socket too: it
     # shares the descriptor limit).
-    assert wait_until(lambda: lb.ps.num_fds() < limit - 10, timeout=10)
+    assert wait_until(lambda: worker.num_fds() < limit - 10, timeout=10)
     rejected = ask(lb, "show listeners")["listeners"][0]["rejected"]
     assert rejected.get("accept_paused", 0) > 0
     s = connect(lb.port())
@@ -176,15 +180,14 @@ def test_bytes_of_a_short_send_are_kept_when_no_pipe_can_be_made(backends, l4lb)
         conn.sendall(h.hexdigest().encode())
 
     b = backends(read_when_told)
-    lb = l4lb(simple_config([("a", b.address)]))
+    lb = l4lb(simple_config([("a", b.address)], global_extra=ONE))
     s = connect(lb.port(), timeout=30)
     assert wait_until(lambda: b.accepted == 1)
-    fds = lb.ps.num_fds()
+    worker = lb.worker_ps
     wait_until(lambda: [c["state"] for c in ask(lb, "show conns")["conns"]] == ["open"],
                what="the relay open")
-    wait_until(lambda: lb.ps.num_fds() <= fds, what="the control connection closed")
-    _, hard = lb.ps.rlimit(psutil.RLIMIT_NOFILE)
-    lb.ps.rlimit(psutil.RLIMIT_NOFILE, (lb.ps.num_fds(), hard))   # no new descriptor
+    _, hard = worker.rlimit(psutil.RLIMIT_NOFILE)
+    worker.rlimit(psutil.RLIMIT_NOFILE, (worker.num_fds(), hard))   # no new descriptor
     payload = os.urandom(16 * MiB)
     progress = [0]
 
@@ -211,7 +214,7 @@ def test_bytes_of_a_short_send_are_kept_when_no_pipe_can_be_made(backends, l4lb)
     s.shutdown(socket.SHUT_WR)
     assert recv_all(s) == hashlib.sha256(payload).hexdigest().encode()
     s.close()
-    lb.ps.rlimit(psutil.RLIMIT_NOFILE, (hard, hard))
+    worker.rlimit(psutil.RLIMIT_NOFILE, (hard, hard))
     assert ask(lb, "show info")["pipes"]["created"] == 0
     assert lb.proc.poll() is None
 
@@ -239,7 +242,7 @@ def test_pipes_are_reused_and_past_the_cap_bulk_is_copied_intact(backends, l4lb)
         conn.recv(1)
 
     b = backends(firehose)
-    lb = l4lb(simple_config([("a", b.address)], global_extra="max_connections = 4"))
+    lb = l4lb(simple_config([("a", b.address)], global_extra="max_connections = 4\n" + ONE))
     clients = [connect(lb.port(), timeout=30) for _ in range(3)]
     for s in clients:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
@@ -287,7 +290,7 @@ def test_a_reply_and_the_fin_that_came_with_it_leave_in_one_segment(backends, l4
         sent.set()
 
     b = backends(reply_and_close)
-    lb = l4lb(simple_config([("a", b.address)]))
+    lb = l4lb(simple_config([("a", b.address)], global_extra=ONE))
     s = connect(lb.port(), timeout=10)
     s.sendall(b"request")
     assert got.wait(10)
