@@ -113,7 +113,7 @@ class Operator:
     async def kill(self, pool: str, backend: str) -> dict:
         """Close the backend's connections now."""
         b = self.find_backend(pool, backend)
-        closed = await self.balancer.workers.kill(b, "killed")
+        closed = await self.balancer.workers.close_target(b, "killed")
         return {"pool": pool, "backend": backend, "closed": closed}
 
     async def weight(self, pool: str, backend: str, weight: int) -> dict:

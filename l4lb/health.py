@@ -317,7 +317,7 @@ class HealthMonitor:
                  clock: Callable[[], float] = time.monotonic,
                  wallclock: Callable[[], float] = time.time, sleep: Sleep = asyncio.sleep,
                  prober: Prober = probe):
-        self.closer = closer              # for on_down = "close"; None: nothing to close
+        self.close_open = closer          # for on_down = "close"; None: nothing to close
         self.log = log or get_logger()
         self.clock = clock                # monotonic: probe cadence
         self.wallclock = wallclock        # last_check stamps shown to people
@@ -416,9 +416,9 @@ class HealthMonitor:
     def close_connections(self, backend: Backend) -> None:
         """on_down = "close": abort the backend's open connections (wherever they are:
         `closer`), and log how many."""
-        if self.closer is None:
+        if self.close_open is None:
             return
-        result = self.closer(backend, CLOSE_REASON_DOWN)
+        result = self.close_open(backend, CLOSE_REASON_DOWN)
         if isinstance(result, int):
             self._closed(backend, result)
             return

@@ -297,7 +297,21 @@ LOG_EVENTS: tuple[LogEvent, ...] = (
     LogEvent("metrics_stopped", "info", ("listen",),
              "The Prometheus endpoint at `listen` closed (reload moved or removed it)."),
     LogEvent("started", "info", ("pid", "version", "config", "control"),
-             "The balancer runs: every listener is bound."),
+             "The balancer runs: every listener is bound and every worker accepts."),
+    LogEvent("worker_started", "info", ("worker", "pid", "generation", "restarts", "startup_ms"),
+             "A worker process accepts (at start, and after a restart): `startup_ms` from "
+             "its fork to its first accept."),
+    LogEvent("worker_exited", "warning", ("worker", "pid", "status", "lost"),
+             "A worker process died (`status`: `exit N` or `killed by SIGNAL`) with `lost` "
+             "connections open on it; it is started again at once."),
+    LogEvent("worker_stopped", "info", ("worker", "pid", "status"),
+             "A worker process ended as told (shutdown)."),
+    LogEvent("worker_not_restarted", "error", ("worker", "reason"),
+             "A worker that died is not started again: it died too often, or the fork "
+             "server is gone."),
+    LogEvent("worker_op_failed", "error", ("worker", "op"),
+             "A worker could not carry out a message from the master (with its traceback); "
+             "its connections go on."),
     LogEvent("start_failed", "error", ("error",),
              "`l4lb run` could not start (a bind or the control socket failed); it exits 1."),
     LogEvent("shutdown_started", "info", ("active", "timeout"),
@@ -308,9 +322,10 @@ LOG_EVENTS: tuple[LogEvent, ...] = (
              "were closed."),
     # connections
     LogEvent("connection_closed", "info",
-             ("client", "listener", "pool", "backend", "duration_ms", "bytes_in",
+             ("worker", "client", "listener", "pool", "backend", "duration_ms", "bytes_in",
               "bytes_out", "response_ms", "reason", "sni", "alpn"),
-             "The access log (log.access): one line per closed connection; bytes_in is "
+             "The access log (log.access): one line per closed connection, written by the "
+             "worker that held it (`worker`); bytes_in is "
              "client to backend, bytes_out backend to client; `reason` is closed, "
              "client_reset, backend_reset, idle_timeout, connect_refused, connect_timeout, "
              "no_backend, fd_exhausted, shutdown, killed, ...; `response_ms` is the "

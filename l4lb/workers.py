@@ -30,7 +30,6 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
-from . import zygote as zygote_module
 from .channel import Channel, ChannelClosed
 
 if TYPE_CHECKING:
@@ -92,7 +91,7 @@ class Workers:
         self.workers: list[Worker] = []
         self.by_pid: dict[int, Worker] = {}
         self.stopping = False
-        self.zygote = zygote            # zygote.ZygoteHandle, or None: forked at start
+        self.zygote = zygote            # zygote.ZygoteHandle (serve.py forks it first)
         self.zygote_channel: Channel | None = None
 
     # --- starting ---------------------------------------------------------------------
@@ -100,7 +99,7 @@ class Workers:
     async def start(self) -> None:
         """Start every worker and wait until each accepts. OSError when one fails."""
         if self.zygote is None:
-            self.zygote = zygote_module.start()
+            raise OSError("no fork server to start workers from (l4lb.serve makes one)")
         self.zygote_channel = Channel(self.zygote.sock, self.loop, self.on_zygote_event,
                                       self.on_zygote_gone)
         self.workers = [Worker(i, self.generation) for i in range(self.count)]
@@ -173,12 +172,12 @@ class Workers:
                 f"worker {worker.index} exited before it was ready ({describe_status(status)})"))
         if worker.exited is not None and not worker.exited.done():
             worker.exited.set_result(status)
-        planned = worker.stopping or self.stopping
-        (self.log.info if planned else self.log.warning)(
-            "worker_exited", worker=worker.index, pid=worker.pid, status=describe_status(status),
-            lost=lost, planned=planned)
-        if planned:
+        if worker.stopping or self.stopping:
+            self.log.info("worker_stopped", worker=worker.index, pid=worker.pid,
+                          status=describe_status(status))
             return
+        self.log.warning("worker_exited", worker=worker.index, pid=worker.pid,
+                         status=describe_status(status), lost=lost)
         now = time.monotonic()
         worker.exits = [t for t in worker.exits if now - t < RESTART_WINDOW] + [now]
         if len(worker.exits) > RESTART_BURST:
@@ -241,7 +240,7 @@ class Workers:
                                   "backend": backend.name, "reason": reason})
         return sum(reply.get("closed", 0) for _, reply in replies)
 
-    async def kill(self, backend, reason: str = "killed") -> int:
+    async def close_target(self, backend, reason: str) -> int:
         """`kill`: every worker aborts the backend's connections; how many in all."""
         replies = await self.ask({"op": "kill", "pool": backend.pool.name,
                                   "backend": backend.name, "reason": reason})

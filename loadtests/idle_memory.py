@@ -137,6 +137,7 @@ def l4lb_config(backend_port: int, n: int) -> str:
 [global]
 max_connections = %d
 shutdown_timeout = 2.0
+workers = 1
 
 [control]
 socket = "l4lb.sock"
@@ -244,8 +245,11 @@ def main(argv=None) -> int:
         port = next(c.laddr.port for c in lb_proc.net_connections("tcp")
                     if c.status == psutil.CONN_LISTEN)
         info = call(sock, "show info")
-        print("l4lb pid %d, listening on %d; fd limit %s, fds needed for %d connections: %s"
-              % (lb.pid, port, info.get("fd_limit"), n, info.get("fds_needed")))
+        # The connections live in the worker (one: `workers = 1`): measure its memory.
+        worker_pid = call(sock, "show workers")["workers"][0]["pid"]
+        print("l4lb master pid %d, worker pid %d, listening on %d; fd limit %s, fds needed "
+              "for %d connections: %s" % (lb.pid, worker_pid, port, info.get("fd_limit"), n,
+                                          info.get("fds_needed")))
 
         clients = spawn([sys.executable, __file__, "--role", "clients", "-n", str(n),
                          "--port", str(port)], n + 64, stdin=subprocess.PIPE,
@@ -273,7 +277,7 @@ def main(argv=None) -> int:
         wait_active(20)
         clients_do("close")
         wait_active(0)
-        base = settled_rss(lb.pid)
+        base = settled_rss(worker_pid)
         points = [(0, base)]
         print("\n%8s %10s %12s %14s" % ("conns", "RSS MiB", "KiB/conn", "batch KiB/conn"))
         print("%8d %10.1f %12s %14s" % (0, base / KIB / KIB, "-", "-"))
@@ -281,7 +285,7 @@ def main(argv=None) -> int:
         for _ in range(args.steps):
             opened = int(clients_do("open %d" % batch).split()[1])
             wait_active(opened)
-            now = settled_rss(lb.pid)
+            now = settled_rss(worker_pid)
             prev_n, prev_rss = points[-1]
             points.append((opened, now))
             print("%8d %10.1f %12.2f %14.2f" % (
@@ -290,19 +294,19 @@ def main(argv=None) -> int:
         info = call(sock, "show info")
         clients_do("close")
         wait_active(0)
-        after = settled_rss(lb.pid)
+        after = settled_rss(worker_pid)
         per_conn = (points[-1][1] - base) / KIB / n
         print("\nl4lb open fds at N: %s; RSS after closing them all: %.1f MiB (baseline %.1f)"
               % (info.get("open_fds"), after / KIB / KIB, base / KIB / KIB))
         for r in range(2, args.rounds + 1):
             clients_do("open %d" % n)
             wait_active(n)
-            again = settled_rss(lb.pid)
+            again = settled_rss(worker_pid)
             clients_do("close")
             wait_active(0)
             print("round %d: RSS with %d open %.1f MiB (round 1: %.1f), after closing %.1f MiB"
                   % (r, n, again / KIB / KIB, points[-1][1] / KIB / KIB,
-                     settled_rss(lb.pid) / KIB / KIB))
+                     settled_rss(worker_pid) / KIB / KIB))
         print("RESULT: %d idle connections through l4lb: %.2f KiB of RSS each "
               "(target: at most 10)" % (n, per_conn))
         return 0 if per_conn <= 10.0 else 1

@@ -80,7 +80,12 @@ def test_counters_match_the_traffic_sent_during_and_after(l4lb, backends):
         s.sendall(os.urandom(1000))
         assert len(recv_exactly(s, 1000)) == 1000
         held.append(s)
-    during = samples(scrape(port))
+    # The workers count as they relay; the master reads the shared table: wait for the
+    # last echo's count to land rather than race it.
+    during = wait_for(lambda: (lambda p: p if total(p, "l4lb_backend_bytes_total",
+                                                    direction="out") == 2000 else None)(
+        samples(scrape(port))))
+    assert during, "the echoed bytes were never counted"
     assert value(during, "l4lb_listener_active_connections", listener="web") == 2
     assert value(during, "l4lb_connections_active") == 2
     assert total(during, "l4lb_backend_active_connections", pool="main") == 2

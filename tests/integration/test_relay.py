@@ -115,14 +115,15 @@ def test_tcp_urgent_data_ends_no_read_early(backends, l4lb):
         conn.shutdown(socket.SHUT_WR)
 
     b = backends(echo_to_eof)
-    lb = l4lb(simple_config([("a", b.address)]))
+    lb = l4lb(simple_config([("a", b.address)], global_extra="workers = 1"))
+    worker = lb.worker_ps                        # the process that relays
     for stopped in (True, False):
         s = connect(lb.port(), timeout=10)
         wait_until(lambda: [c["state"] for c in ask(lb, "show conns")["conns"]] == ["open"],
                    what="the relay open")        # backend connected, the client read
         if stopped:
             # Stopped, l4lb finds data, urgent mark, more data and FIN in one edge.
-            lb.proc.send_signal(signal.SIGSTOP)
+            worker.send_signal(signal.SIGSTOP)
         try:
             s.sendall(b"a" * 100)
             time.sleep(0 if stopped else 0.05)
@@ -132,7 +133,7 @@ def test_tcp_urgent_data_ends_no_read_early(backends, l4lb):
             s.shutdown(socket.SHUT_WR)
             time.sleep(0.1)
         finally:
-            lb.proc.send_signal(signal.SIGCONT)
+            worker.send_signal(signal.SIGCONT)
         assert recv_all(s) == b"a" * 100 + b"b" * 100, stopped
         s.close()
 
@@ -146,7 +147,7 @@ def test_backend_reset_midstream_closes_client_and_leaks_no_fds(backends, l4lb):
 
     b = backends(reset_after_some)
     lb = l4lb(simple_config([("a", b.address)]))
-    fds_before = lb.ps.num_fds()
+    fds_before = fds_in_use(lb)
     for _ in range(20):
         s = connect(lb.port())
         assert len(recv_exactly(s, 100000)) == 100000
@@ -205,12 +206,13 @@ def test_slow_reader_keeps_balancer_memory_bounded_then_flows_again(backends, l4
         conn.shutdown(socket.SHUT_WR)
 
     b = backends(firehose)
-    lb = l4lb(simple_config([("a", b.address)]))
-    rss_before = lb.ps.memory_info().rss
+    lb = l4lb(simple_config([("a", b.address)], global_extra="workers = 1"))
+    worker = lb.worker_ps                        # where the relay's buffers would grow
+    rss_before = worker.memory_info().rss
     s = connect(lb.port(), timeout=60)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
     wait_stalled(lb, 1)                               # read nothing while the backend pushes
-    rss_stalled = lb.ps.memory_info().rss
+    rss_stalled = worker.memory_info().rss
     received = 0
     while data := s.recv(1 << 20):
         received += len(data)

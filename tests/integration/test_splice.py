@@ -295,14 +295,15 @@ def test_a_reply_and_the_fin_that_came_with_it_leave_in_one_segment(backends, l4
     s.sendall(b"request")
     assert got.wait(10)
     wait_steady(lambda: segments_received(s), what="every ACK in")
-    lb.proc.send_signal(signal.SIGSTOP)
+    worker = lb.worker_ps                        # the process that relays
+    worker.send_signal(signal.SIGSTOP)
     try:
         before = segments_received(s)
         go.set()
         assert sent.wait(10)
         time.sleep(0.2)              # the reply and the FIN wait in l4lb's backend socket
     finally:
-        lb.proc.send_signal(signal.SIGCONT)
+        worker.send_signal(signal.SIGCONT)
     assert recv_all(s) == b"r" * 1000
     assert segments_received(s) - before == 1
     s.close()

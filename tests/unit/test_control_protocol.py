@@ -32,6 +32,7 @@ VALID_COMMANDS = [
     (b"show conns", Command("show conns", {"pool": None, "backend": None})),
     (b"show conns blue", Command("show conns", {"pool": "blue", "backend": None})),
     (b"show conns blue/app1", Command("show conns", {"pool": "blue", "backend": "app1"})),
+    (b"show workers", Command("show workers", {})),
     (b"enable blue/app1", Command("enable", {"pool": "blue", "backend": "app1"})),
     (b"disable blue/app1", Command("disable", {"pool": "blue", "backend": "app1", "by": None})),
     (b"disable blue/app1 by deploy",

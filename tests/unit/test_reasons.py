@@ -10,7 +10,7 @@ from ..support import REPO
 
 # Functions and methods that take a reason word (relay, hub, listener runtime, gate users).
 REASON_CALLS = {"close_both", "reject", "count_rejected", "connect_failed", "close_all",
-                "close_target", "close", "finish", "refuse", "abort_with"}
+                "close_target", "close", "finish", "refuse", "abort_with", "close_open"}
 # Functions whose return value is a reason (the gate's admit/check: None or a reason word).
 REASON_RETURNERS = {"admit", "check", "check_parsed"}
 _WORD = re.compile(r'"([a-z][a-z0-9]*(?:_[a-z0-9]+)*)"')
