@@ -555,13 +555,15 @@ cdef class SharedSourceLimits:
             if i < 0:
                 if shared_ld(&self.meta.count) >= self.cap or empty < 0:
                     return "per_source_table_full"
+                # Counted first and owned last: a worker killed in between leaves
+                # the count one high (a stricter cap), never an entry uncounted.
+                shared_add(&self.meta.count, 1)
                 e = t.entry(s, empty)
                 memset(e, 0, t.entry_size)
-                e.owner = owner
                 e.key = key
                 e.tokens = self.burst
                 e.stamp = now
-                shared_add(&self.meta.count, 1)
+                e.owner = owner
             else:
                 e = t.entry(s, i)
                 if 0 < self.max_connections <= e.active:
