@@ -175,6 +175,8 @@ class Target:
     @property
     def response_time_average(self) -> float | None: ...   # their EWMA, seconds
     @property
+    def connect_time_average(self) -> float | None: ...    # connect times' EWMA, seconds
+    @property
     def published(self) -> tuple[bool, int, int]: ...      # (up, weight, max_conns)
     on_connect_failed: Callable[[Target, str], object] | None
     on_idle: Callable[[Target], object] | None

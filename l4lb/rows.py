@@ -15,7 +15,7 @@ from .resolver import is_srv_name
 def backend_row(b) -> dict:
     """One `show backends` row of backend `b` (an l4lb.model.Backend)."""
     t = b.target
-    rt = b.pool.algo.rt_ewma(b.slot)
+    rt = t.connect_time_average
     resp = t.response_time_average
     health = b.pool.config.health
     return {

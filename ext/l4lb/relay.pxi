@@ -681,6 +681,7 @@ cdef class Relay:
         self.down.dst = self.cfd
         shared_bump(&t.r.total, 1)
         self.pool.algo.observe_rt(t.slot, now - self.connect_started)
+        target_observe_connect(t, now - self.connect_started)
         if lst.send_proxy:
             if self.local_addr is None:
                 if c_getsockname(self.cfd, <sockaddr*>&ss, &slen) == 0:

@@ -72,6 +72,7 @@ cdef class Target:
         self.g = <backend_glob*>rec
         self.rows = self.r = <backend_row*>(rec + SHARED_LINE)
         self.r.resp_ewma = -1.0
+        self.r.connect_ewma = -1.0
         self.nrows = 1
 
     def __dealloc__(self):
@@ -194,6 +195,22 @@ cdef class Target:
                 weight += n
         return None if weight == 0 else acc / weight
 
+    @property
+    def connect_time_average(self):
+        """The EWMA (alpha EWMA_ALPHA) of this backend's connect times in seconds, or
+        None before the first connect; with several rows, weighted by their connects.
+        (lrt balances on its own algorithm's copy, per worker.)"""
+        cdef double acc = 0.0, e
+        cdef int64_t n, weight = 0
+        cdef int i
+        for i in range(self.nrows):
+            n = shared_ld(&self.rows[i].connects)
+            e = shared_ldd(&self.rows[i].connect_ewma)
+            if n > 0 and e >= 0:
+                acc += e * n
+                weight += n
+        return None if weight == 0 else acc / weight
+
     def try_acquire(self, int64_t max_conns):
         """Take one slot of this backend while its global active count is below
         `max_conns` (0 = unlimited), as the relay does after a pick; True when taken.
@@ -245,6 +262,21 @@ cdef inline void target_observe_response(Target t, double seconds) noexcept:
         e += EWMA_ALPHA * (seconds - e)
     shared_std(&r.resp_ewma, e)
     shared_bump(&r.responses, 1)
+
+
+cdef inline void target_observe_connect(Target t, double seconds) noexcept:
+    """Feed one connect time into this row's EWMA of them and count it (the only writer
+    of the rows' connect_ewma and connects; shown as rt_ms)."""
+    cdef backend_row* r = t.r
+    cdef double e = r.connect_ewma
+    if not seconds >= 0.0:
+        seconds = 0.0
+    if r.connects == 0 or e < 0:
+        e = seconds
+    else:
+        e += EWMA_ALPHA * (seconds - e)
+    shared_std(&r.connect_ewma, e)
+    shared_bump(&r.connects, 1)
 
 
 cdef inline void target_count_failure(Target t, str reason) noexcept:

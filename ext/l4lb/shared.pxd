@@ -32,7 +32,9 @@ cdef struct backend_row:
     int64_t bytes_out               # backend -> client
     int64_t responses               # connections that gave a response time
     double resp_ewma                # their EWMA (seconds); < 0 before the first
-    int64_t pad[6]
+    int64_t connects                # connects that completed (timed)
+    double connect_ewma             # their connect time's EWMA (seconds); < 0 before
+    int64_t pad[4]
 
 cdef struct listener_glob:
     int64_t active                  # atomic: relays of this listener not yet closed

@@ -115,6 +115,7 @@ cdef inline Py_ssize_t shared_round(Py_ssize_t n) noexcept:
 cdef inline void backend_row_reset(backend_row* r) noexcept:
     memset(r, 0, sizeof(backend_row))
     r.resp_ewma = -1.0
+    r.connect_ewma = -1.0
 
 
 cdef class SharedTable:
@@ -347,6 +348,12 @@ cdef class SharedTable:
                 shared_std(&bz.resp_ewma, br.resp_ewma if m <= 0 or bz.resp_ewma < 0 else
                            (bz.resp_ewma * m + br.resp_ewma * n) / (m + n))
             shared_bump(&bz.responses, n)
+            n = shared_ld(&br.connects)
+            m = shared_ld(&bz.connects)
+            if n > 0 and br.connect_ewma >= 0:
+                shared_std(&bz.connect_ewma, br.connect_ewma if m <= 0 or bz.connect_ewma < 0
+                           else (bz.connect_ewma * m + br.connect_ewma * n) / (m + n))
+            shared_bump(&bz.connects, n)
             shared_bump(&bz.total, shared_ld(&br.total))
             shared_bump(&bz.failed, shared_ld(&br.failed))
             shared_bump(&bz.connect_refused, shared_ld(&br.connect_refused))
