@@ -15,6 +15,7 @@ from .serve import serve
 DEMO_CONFIG = """\
 [global]
 max_connections = 1000     # a demo: fits the usual open-file limit, so no fd warning
+workers = 1                # one rotation to watch: each new connection, the next app
 
 [log]
 format = "console"

@@ -233,9 +233,16 @@ def backends_toml(backends, indent: str = "  ") -> str:
     return ",\n".join(rows)
 
 
+# Workers of the balancers the tests start (unless a test says otherwise): two, whatever
+# the machine's CPU count, so every contract is checked across processes.
+TEST_WORKERS = 2
+
+
 def simple_config(backends, algorithm: str = "rr", listener_extra: str = "",
                   pool_extra: str = "", global_extra: str = "", access: bool = True,
                   socket_name: str = "l4lb.sock") -> str:
+    if "workers" not in global_extra:
+        global_extra = f"workers = {TEST_WORKERS}\n{global_extra}"
     return f"""
 [global]
 shutdown_timeout = 5.0

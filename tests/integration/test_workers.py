@@ -10,8 +10,11 @@ import socket
 import threading
 import time
 
+import urllib.request
+
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from ..support import (ask, connect, echo_handler, recv_exactly, simple_config,
                        wait_until)
@@ -351,3 +354,87 @@ def test_kill_reaches_the_connections_of_every_worker(holders, l4lb):
         wait_until(lambda: h.open == 0, what="all closed at the backend")
     finally:
         close_all(socks)
+
+
+@pytest.mark.timeout(60)
+def test_per_source_rate_holds_across_workers(holders, l4lb):
+    h = holders("b1")
+    lb = l4lb(workers_config([("b1", h.address)], listener="per_source_rate = 5.0"))
+    socks = []
+    try:
+        t0 = time.monotonic()
+        for _ in range(40):                       # a burst from one address, both workers
+            socks.append(connect(lb.port(), source="127.0.0.8"))
+        elapsed = time.monotonic() - t0
+        refused = wait_until(
+            lambda: (n := sum(r["rejected"].get("per_source_rate", 0)
+                              for r in ask(lb, "show listeners")["listeners"]))
+            and n + h.accepted == 40 and n, what="every attempt decided")
+        # The bucket holds 5 tokens and refills at 5/s, shared by both workers: one
+        # bucket's worth, not one per worker.
+        admitted = 40 - refused
+        assert 5 <= admitted <= 5 + 5 * elapsed + 1, (admitted, elapsed)
+        assert {c["worker"] for c in ask(lb, "show conns")["conns"]} <= {0, 1}
+    finally:
+        close_all(socks)
+
+
+@pytest.mark.timeout(60)
+def test_passive_health_from_any_worker_takes_a_backend_out_of_every_worker(backends, l4lb):
+    """Connect failures seen by the workers reach the master's health state through the
+    shared table; once it marks the backend down, no worker picks it."""
+    good = backends(echo_handler, name="good")
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    dead_address = "%s:%d" % dead.getsockname()
+    dead.close()                                    # nothing listens: connects are refused
+    lb = l4lb(workers_config([("dead", dead_address), ("good", good.address)],
+                             listener="retries = 1")
+              + "\n[pools.main.health]\ninterval = 3600.0\ntimeout = 1.0\nrise = 1\nfall = 3\n")
+    for _ in range(40):                             # every client is served (retried)
+        s = connect(lb.port())
+        s.sendall(b"x")
+        assert recv_exactly(s, 1) == b"x"
+        s.close()
+    down = lb.wait_event("backend_state_changed", backend="dead", new="down")
+    assert down["cause"] == "passive_check"
+    failed = backend_rows(lb)["dead"]["failed"]
+    for _ in range(40):                             # down in both workers: never tried
+        s = connect(lb.port())
+        s.sendall(b"x")
+        assert recv_exactly(s, 1) == b"x"
+        s.close()
+    assert backend_rows(lb)["dead"]["failed"] == failed
+
+
+@pytest.mark.timeout(60)
+def test_metrics_sum_the_workers_and_count_each(backends, l4lb):
+    b = backends(echo_handler)
+    lb = l4lb(workers_config([("b1", b.address)])
+              + '\n[metrics]\nlisten = "127.0.0.1:0"\n')
+    port = lb.wait_event("metrics_started")["port"]
+    for _ in range(100):
+        s = connect(lb.port())
+        s.sendall(b"abc")
+        assert recv_exactly(s, 3) == b"abc"
+        s.close()
+    wait_until(lambda: ask(lb, "show info")["conns_active"] == 0, what="all closed")
+
+    def scrape():
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in text_string_to_metric_families(text) for s in f.samples}
+
+    figures = wait_until(lambda: (f := scrape())[(
+        "l4lb_backend_bytes_total", (("backend", "b1"), ("direction", "out"),
+                                     ("pool", "main")))] == 300 and f,
+        what="the bytes counted")
+    assert figures[("l4lb_connections_total", ())] == 100
+    assert figures[("l4lb_backend_connections_total", (("backend", "b1"), ("pool", "main")))] == 100
+    per_worker = {labels: v for (name, labels), v in figures.items()
+                  if name == "l4lb_worker_accepted_total"}
+    assert sorted(dict(k)["worker"] for k in per_worker) == ["0", "1"]
+    assert sum(per_worker.values()) == 100
+    assert all(v == 0 for (name, _), v in figures.items()
+               if name == "l4lb_worker_active_connections")
