@@ -119,6 +119,11 @@ def stop_process(proc: subprocess.Popen, timeout: float = 5.0, sig=signal.SIGTER
 
 
 @dataclasses.dataclass
+def toml_workers(value: str) -> str:
+    """--workers as a TOML value: a count, or the string "auto"."""
+    return value if value.isdigit() else '"%s"' % value
+
+
 class BackendProcess:
     """One echo backend: `name` (its identity in the l4lb pool), fixed `port`, and the
     `version` its replies are tagged with. Restarting it keeps the name and port."""
@@ -287,6 +292,7 @@ class ScenarioRun:
         return """# written by deploy_under_load.py, scenario %s
 [global]
 shutdown_timeout = 2.0
+workers = %s
 
 [control]
 socket = "l4lb.sock"
@@ -302,7 +308,8 @@ pool = "%s"
 connect_timeout = 1.0
 retries = 2
 
-%s""" % (self.scenario.name, self.scenario.active_pool, "\n".join(pools))
+%s""" % (self.scenario.name, toml_workers(self.args.workers), self.scenario.active_pool,
+         "\n".join(pools))
 
     def start_backends(self) -> None:
         for pool, version in self.scenario.pools.items():
@@ -751,6 +758,9 @@ def main(argv=None) -> int:
                          "200): a canary split is sticky by client IP, so from one address "
                          "every connection would land on the same side")
     ap.add_argument("--algorithm", default="rr", help="pool algorithm (default rr)")
+    ap.add_argument("--workers", default="2",
+                    help='l4lb worker processes, or "auto" (default 2: the deploy moves '
+                         "connections spread over several workers)")
     ap.add_argument("--down-time", type=float, default=1.0,
                     help="restart-backends: seconds a backend stays down (default 1)")
     ap.add_argument("--step-pause", type=float, default=3.0,
