@@ -118,12 +118,12 @@ def stop_process(proc: subprocess.Popen, timeout: float = 5.0, sig=signal.SIGTER
             proc.wait(5)
 
 
-@dataclasses.dataclass
 def toml_workers(value: str) -> str:
     """--workers as a TOML value: a count, or the string "auto"."""
     return value if value.isdigit() else '"%s"' % value
 
 
+@dataclasses.dataclass
 class BackendProcess:
     """One echo backend: `name` (its identity in the l4lb pool), fixed `port`, and the
     `version` its replies are tagged with. Restarting it keeps the name and port."""
