@@ -26,7 +26,7 @@ import asyncio
 import time
 
 from . import _native, vocab
-from .actions import Operator
+from .actions import OperationError, Operator
 from .config import Config, PoolConfig
 from .health import HealthMonitor
 from .endpoint import MetricsEndpoint
@@ -171,7 +171,11 @@ class Balancer(Runtime):
     def wire_backend(self, backend: Backend) -> None:
         """Give a new backend its shared record, publish what picks read, and hook it
         to the control plane: health checks and passive detection."""
-        index = self.table.alloc_backend()
+        try:
+            index = self.table.alloc_backend()
+        except IndexError as exc:           # the table is sized at start (GUIDE: workers)
+            backend.pool.remove_backend(backend.name)
+            raise OperationError(f"cannot add backend '{backend.ref}': {exc}") from None
         backend.target.attach(self.table, index)
         self.slots["backends"][backend.ref] = index
         backend.pool.push(backend)              # into the shared record, now attached

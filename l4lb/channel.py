@@ -148,7 +148,13 @@ class Channel:
             self._dispatch(line)
 
     def _dispatch(self, line: bytes) -> None:
-        msg = json.loads(line)
+        try:
+            msg = json.loads(line)
+            if not isinstance(msg, dict):
+                raise ValueError("not an object")
+        except ValueError:                       # not our peer's: stop listening to it
+            self._lost()
+            return
         fds = [self._fds.popleft() for _ in range(min(msg.get("fds", 0), len(self._fds)))]
         rid = msg.get("reply")
         if rid is not None:

@@ -16,7 +16,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ..support import (ask, connect, echo_handler, recv_exactly, simple_config,
+from ..support import (ask, connect, echo_handler, name_handler, recv_exactly, simple_config,
                        wait_until)
 
 
@@ -438,3 +438,51 @@ def test_metrics_sum_the_workers_and_count_each(backends, l4lb):
     assert sum(per_worker.values()) == 100
     assert all(v == 0 for (name, _), v in figures.items()
                if name == "l4lb_worker_active_connections")
+
+
+@pytest.mark.timeout(90)
+def test_changes_reach_every_worker_and_a_replaced_one_starts_with_them(backends, l4lb):
+    """add, drain and a reload that opens a new bind apply in both workers, and
+    a worker started after them (kill -9) builds its model with all of them."""
+    a = backends(name_handler, name="a")
+    b = backends(name_handler, name="b")
+    lb = l4lb(workers_config([("a", a.address)]))
+
+    def names(port, n=30):
+        out = set()
+        for _ in range(n):
+            s = connect(port)
+            s.sendall(b"hi\n")
+            out.add(s.recv(100).strip().decode())
+            s.close()
+        return out
+
+    assert ask(lb, f"add main b {b.address}")["ok"]
+    assert names(lb.port()) == {"a", "b"}
+    assert ask(lb, "drain main/a")["ok"]
+    assert names(lb.port()) == {"b"}
+    # a reload that adds a listener on a new bind: both workers accept on it
+    lb.path.write_text(lb.path.read_text() + '\n[listeners.more]\nbind = ["127.0.0.1:0"]\n'
+                       'pool = "main"\n')
+    reply = ask(lb, "reload")
+    assert reply["ok"], reply
+    more = lb.wait_event("listener_started", listener="more")["port"]
+    assert names(more) == {"b"}
+    assert {c["worker"] for c in ask(lb, "show conns")["conns"]} <= {0, 1}
+    served_by = set()
+    for _ in range(2):                              # replace each worker in turn
+        for row in worker_rows(lb):
+            old = row["pid"]
+            os.kill(old, signal.SIGKILL)
+            wait_until(lambda: (r := worker_rows(lb)[row["worker"]])["pid"] != old
+                       and r["live"], timeout=20, what="worker replaced")
+        socks = []
+        for _ in range(20):
+            s = connect(more)
+            s.sendall(b"hi\n")
+            assert s.recv(100).strip() == b"b"
+            socks.append(s)
+        served_by |= {c["worker"] for c in ask(lb, "show conns")["conns"]}
+        close_all(socks)
+    assert served_by == {0, 1}
+    assert backend_rows(lb)["a"]["state"] == "draining"
