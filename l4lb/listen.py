@@ -110,18 +110,38 @@ def bound_port(server, addr=None):
     return addr.port if addr is not None else None
 
 
-class Listening:
-    """The master's binds of every listener: a BindGroup per bind (one socket per worker).
+class _Servers:
+    """What both rooms do to every listener's servers (BindGroups in the master,
+    Acceptors in a worker): `listeners` is the process's own name -> Listener table
+    (read here, written by the balancer and by reload)."""
 
-    `listeners` is the balancer's own name -> Listener table (read here, written by the
-    balancer and by reload); each Listener's `servers` (bind -> BindGroup) is written only
-    here. `count` is the number of workers: the sockets per bind."""
-
-    def __init__(self, loop, hub, listeners: dict[str, Listener], log, count: int = 1):
+    def __init__(self, loop, hub, listeners: dict[str, Listener], log):
         self.loop = loop
         self.hub = hub
         self.listeners = listeners
         self.log = log
+
+    def close_all(self) -> None:
+        """Close every listener's servers (shutdown, or a failed start)."""
+        for listener in self.listeners.values():
+            self.close_listener(listener)
+
+    @staticmethod
+    def close_listener(listener: Listener) -> None:
+        for server in listener.servers.values():
+            server.close()
+        listener.servers.clear()
+
+
+class Listening(_Servers):
+    """The master's binds of every listener: a BindGroup per bind (one socket per worker).
+
+    Each Listener's `servers` (bind -> BindGroup) is written only here. `count` is the
+    number of workers: the sockets per bind. The master closes its sockets only once the
+    workers stopped accepting (Balancer.shutdown), or when a reload drops a bind."""
+
+    def __init__(self, loop, hub, listeners: dict[str, Listener], log, count: int = 1):
+        super().__init__(loop, hub, listeners, log)
         self.count = count
 
     def open_group(self, addr: Address, lcfg: ListenerConfig) -> BindGroup:
@@ -135,18 +155,6 @@ class Listening:
             listener.servers[str(addr)] = group
             self.log.info("listener_started", listener=listener.name, bind=str(addr),
                           port=bound_port(group, addr), **listener.route())
-
-    def close_all(self) -> None:
-        """Close every listening socket (shutdown, once the workers stopped accepting,
-        or a failed start)."""
-        for listener in self.listeners.values():
-            self.close_listener(listener)
-
-    @staticmethod
-    def close_listener(listener: Listener) -> None:
-        for server in listener.servers.values():
-            server.close()
-        listener.servers.clear()
 
     def sockets_of(self, index: int) -> list[tuple[str, str, socket.socket]]:
         """(listener, bind, socket) of worker `index`, for every bind of every listener."""
@@ -218,33 +226,20 @@ class Listening:
                         sock.setsockopt(socket.SOL_SOCKET, option, now)
 
 
-class Accepting:
+class Accepting(_Servers):
     """A worker's Acceptors: one per bind of every listener, on the socket the master
     gave it, and accept pausing when the process runs out of descriptors.
 
-    Each Listener's `servers` (bind -> Acceptor) is written only here."""
+    Each Listener's `servers` (bind -> Acceptor) is written only here; closing them
+    (close_all) stops this worker accepting, while the master's sockets stay open."""
 
     def __init__(self, loop, hub, listeners: dict[str, Listener], log):
-        self.loop = loop
-        self.hub = hub
-        self.listeners = listeners
-        self.log = log
+        super().__init__(loop, hub, listeners, log)
         self._fd_exhausted_logged_at = -1e9
         hub.on_overload = self.pause_accepting
 
     def serve(self, listener: Listener, bind: str, sock: socket.socket) -> None:
         listener.servers[bind] = serve_socket(sock, listener.runtime)
-
-    def close_all(self) -> None:
-        """Stop accepting on every listener (the master's sockets stay open)."""
-        for listener in self.listeners.values():
-            self.close_listener(listener)
-
-    @staticmethod
-    def close_listener(listener: Listener) -> None:
-        for server in listener.servers.values():
-            server.close()
-        listener.servers.clear()
 
     def pause_accepting(self) -> None:
         """Hub.on_overload: the process ran out of descriptors. Pause accepting on every
