@@ -32,7 +32,7 @@ from . import __version__
 from .log import dropped_lines
 from .model import BackendState
 from .process import process_probe
-from .rows import backend_row, listener_row
+from .rows import backend_row, listener_row, queue_length
 
 if TYPE_CHECKING:
     from .balancer import Balancer
@@ -174,13 +174,6 @@ ADMIN_STATES = {"up": "enabled", "down": "enabled", "draining": "draining", "mai
 HEALTH_STATUSES = ("passing", "failing", "unchecked")
 
 _STATES = tuple(str(s) for s in BackendState)
-
-
-def queue_length(rt) -> int:
-    """Clients of pool runtime `rt` still queued. The deque may hold relays that left it
-    (timed out, gone) until a freed slot trims them, so they are counted by state; the
-    walk is bounded by the queue, which is bounded by max_connections."""
-    return sum(1 for r in rt.queue if r.state_name == "queued")
 
 
 # --- the collector ---------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 from .. import _native
 from ..actions import OperationError
 from ..config import Address
+from ..live import RateTracker, live_snapshot
 from ..process import show_info_fields
 from ..rows import backend_row, listener_row
 from . import protocol
@@ -43,12 +44,14 @@ class CommandHandlers:
         self.table = {name: getattr(self, method) for name, method in HANDLERS.items()}
 
     async def run(self, command: protocol.Command) -> dict:
-        """Carry out `command`; returns the reply object (ok or error), never raises
-        for an operator mistake."""
+        """Carry out `command`; returns the reply object (ok or error), or the
+        protocol.Stream of a stream command; never raises for an operator mistake."""
         try:
             fields = await self.table[command.name](**command.args)
         except OperationError as exc:
             return protocol.error(str(exc))
+        if isinstance(fields, protocol.Stream):
+            return fields
         return protocol.ok(**fields)
 
     # --- show ---------------------------------------------------------------------------
@@ -146,6 +149,17 @@ class CommandHandlers:
     @handles("reload")
     async def reload(self):
         return {"changes": await self.balancer.reload("command")}
+
+    @handles("subscribe")
+    async def subscribe(self, interval=None):
+        """The live view's frames, each with rates since this subscriber's last one."""
+        if interval is None:
+            interval = protocol.SUBSCRIBE_INTERVAL
+        if interval < protocol.SUBSCRIBE_MIN_INTERVAL:
+            raise OperationError(f"INTERVAL must be at least "
+                                 f"{protocol.SUBSCRIBE_MIN_INTERVAL:g} s, got {interval:g}")
+        tracker = RateTracker()
+        return protocol.Stream(interval, lambda: live_snapshot(self.balancer, tracker))
 
     @handles("shutdown")
     async def shutdown(self, timeout=None):
