@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from . import statuspage
 from .config import Address
-from .live import RateTracker, live_snapshot
+from .live import MIN_RATE_INTERVAL, RateTracker, live_snapshot
 from .log import get_logger
 from .listen import open_listening_socket
 from .metrics import BalancerCollector
@@ -173,7 +173,7 @@ class MetricsEndpoint:
         self.collector = BalancerCollector(balancer)
         # Rates of the status page and /status.json: one tracker for all their viewers
         # (each request samples; see l4lb.live.MIN_RATE_INTERVAL).
-        self.status_rates = RateTracker()
+        self.status_rates = RateTracker(MIN_RATE_INTERVAL)
         self.clients: set[MetricsConnection] = set()
         self.address: Address | None = None
         self.server: ReservedServer | None = None

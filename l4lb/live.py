@@ -12,9 +12,10 @@ docs/status.schema.json.
 Rates need two snapshots. A `RateTracker` keeps the counters of the last sample it took
 and gives each row of the next snapshot its `rates` (per second, over the time between
 the two): new connections, bytes each way and connect failures per backend, accepts per
-listener and worker. A snapshot taken less than MIN_RATE_INTERVAL after the last sample
-reuses the rates of that sample (two status pages polling at once do not make one
-of them measure over a few milliseconds). The first snapshot of a tracker has no rates
+listener and worker. A tracker shared by several viewers (the status page's) is given a
+`min_interval`, MIN_RATE_INTERVAL: a snapshot taken sooner after its last sample reuses
+that sample's rates (two pages polling at once do not make one of them measure over a
+few milliseconds); a subscriber's own tracker samples every frame. The first snapshot of a tracker has no rates
 (`rates` is null).
 
 Drain progress: each backend in state `draining` is listed with its `remaining` (active)
@@ -35,7 +36,8 @@ from .metrics import ADMIN_STATES       # the admin state per state: l4lb_backen
 from .process import show_info_fields
 from .rows import backend_row, listener_row, pool_row, worker_rows
 
-# Seconds below which a new sample would make rates of noise: reuse the last ones.
+# Seconds below which a new sample of a shared tracker would make rates of noise: the
+# last ones are reused.
 MIN_RATE_INTERVAL = 0.25
 # Weight of the newest close rate in a drain's smoothed one (an EWMA): 0.5 forgets a
 # quiet second in two or three samples, yet does not swing with every close.
@@ -94,7 +96,8 @@ class RateTracker:
 
     Not thread-safe; loop thread only, like the rows it reads."""
 
-    def __init__(self):
+    def __init__(self, min_interval: float = 0.0):
+        self.min_interval = min_interval      # seconds a sample's rates are reused for
         self.ts: float | None = None          # when the last sample was taken
         self.counters: dict = {}              # its counters (see _counters)
         self.rates: dict = {}                 # the rates it gave, same keys
@@ -104,7 +107,7 @@ class RateTracker:
     def update(self, snap: dict) -> dict:
         """Give `snap`'s rows their `rates` and fill its `drains`; returns `snap`."""
         now = snap["ts"]
-        if self.ts is None or now - self.ts >= MIN_RATE_INTERVAL:
+        if self.ts is None or now - self.ts >= self.min_interval:
             self._sample(snap, now)
         snap["interval"] = self.interval
         for kind, section in (("backend", "backends"), ("listener", "listeners"),
@@ -191,9 +194,10 @@ def format_count(value) -> str:
     """A rate or a count for a narrow column: 3, 12.5, 1.2k, 3.4M; "-" for none."""
     if value is None:
         return "-"
-    for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e4, "k")):
+    # from 10,000 on in thousands: up to 9999 fits the column as it is
+    for limit, unit, suffix in ((1e9, 1e9, "G"), (1e6, 1e6, "M"), (1e4, 1e3, "k")):
         if abs(value) >= limit:
-            return f"{value / limit:.1f}{suffix}"
+            return f"{value / unit:.1f}{suffix}"
     if isinstance(value, float) and value != int(value):
         return f"{value:.1f}"
     return str(int(value))
