@@ -199,7 +199,7 @@ def format_count(value) -> str:
         if abs(value) >= limit:
             return f"{value / unit:.1f}{suffix}"
     if isinstance(value, float) and value != int(value):
-        return f"{value:.1f}"
+        return f"{value:.2f}" if abs(value) < 0.1 else f"{value:.1f}"
     return str(int(value))
 
 

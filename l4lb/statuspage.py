@@ -43,12 +43,12 @@ const COLUMNS = __COLUMNS__, HISTORY = __HISTORY__, POLL_MS = __POLL_MS__;
 const hist = {};
 function esc(s){return String(s).replace(/[&<>"']/g,c=>({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;',"'":'&#39;'}[c]));}
 function field(row,path){let v=row;for(const p of path.split('.')){if(v===null||typeof v!=='object')return null;v=v[p];if(v===undefined)return null;}return v;}
-function fcount(v){if(v===null)return '-';for(const [l,u,s] of [[1e9,1e9,'G'],[1e6,1e6,'M'],[1e4,1e3,'k']])if(Math.abs(v)>=l)return (v/u).toFixed(1)+s;return Number.isInteger(v)?String(v):v.toFixed(1);}
+function fcount(v){if(v===null)return '-';for(const [l,u,s] of [[1e9,1e9,'G'],[1e6,1e6,'M'],[1e4,1e3,'k']])if(Math.abs(v)>=l)return (v/u).toFixed(1)+s;return Number.isInteger(v)?String(v):v.toFixed(Math.abs(v)<0.1?2:1);}
 function fbytes(v){if(v===null)return '-';for(const [l,s] of [[2**30,'G'],[2**20,'M'],[2**10,'K']])if(v>=l)return (v/l).toFixed(1)+s;return Math.floor(v)+'B';}
 const FORMATS={text:v=>v===null?'-':String(v),count:fcount,bytes:fbytes};
 function feta(d){if(d.drained)return 'done';const e=d.eta_s;if(e===null)return '?';if(e<60)return Math.round(e)+'s';if(e<3600)return Math.floor(e/60)+'m'+String(Math.floor(e%60)).padStart(2,'0')+'s';return (e/3600).toFixed(1)+'h';}
 function spark(points){if(points.length<2)return '';const max=Math.max(...points,1e-9),w=80,h=16;
- const xy=points.map((p,i)=>(i*w/(HISTORY-1)).toFixed(1)+','+(h-1-(p/max)*(h-2)).toFixed(1)).join(' ');
+ const xy=points.map((p,i)=>(i*w/(points.length-1)).toFixed(1)+','+(h-1-(p/max)*(h-2)).toFixed(1)).join(' ');
  return '<svg class="spark" width="'+w+'" height="'+h+'"><polyline fill="none" stroke="#36c" stroke-width="1.2" points="'+xy+'"/></svg>';}
 function backendRow(b){const key=b.pool+'/'+b.name,h=(hist[key]=hist[key]||[]);
  if(b.rates){h.push(b.rates.new_s);if(h.length>HISTORY)h.shift();}

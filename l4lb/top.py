@@ -53,6 +53,9 @@ SORTS = ("name", "active", "new", "bytes", "errors")
 ACTIONS = {"d": "drain", "e": "enable", "m": "disable"}
 # `--once` on a pipe without $COLUMNS: columns to lay the frame out in.
 ONCE_WIDTH = 120
+# Columns left out below FULL_WIDTH, so that 80 columns hold the rest (and the queue).
+NARROW_DROPS = ("address", "total", "failed")
+FULL_WIDTH = 110
 # Width from which each rate column carries its own sparkline.
 WIDE = 130
 KEY_UP = ("\x1b[A", "k")
@@ -249,7 +252,7 @@ class TopView:
                       header_style="bold reverse")
         table.add_column(" ", width=1, no_wrap=True)
         columns = [c for c in BACKEND_COLUMNS
-                   if c.key not in ("address", "failed") or width >= 110]
+                   if c.key not in NARROW_DROPS or width >= FULL_WIDTH]
         for c in columns:
             table.add_column(c.heading.upper(), no_wrap=True, overflow="ellipsis",
                              justify="left" if c.kind == "text" else "right",
