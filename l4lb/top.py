@@ -117,6 +117,10 @@ class TopView:
             self.drain_start[key] = max(self.drain_start.get(key, 0), d["remaining"])
         for key in set(self.drain_start) - seen:
             del self.drain_start[key]
+        self._reselect()
+
+    def _reselect(self) -> None:
+        """Keep the selected backend if it is still shown, else select the first one."""
         rows = self.rows()
         if self.selected not in {(b["pool"], b["name"]) for b in rows}:
             self.selected = (rows[0]["pool"], rows[0]["name"]) if rows else None
@@ -161,8 +165,7 @@ class TopView:
                                   if self.filter in options else 0]
             self.message = f"filter: {self.filter}"
             self.scroll = 0
-            if self.frame is not None:
-                self.add_frame(self.frame)      # reselect within the new filter
+            self._reselect()
         elif k == "s":
             self.sort = SORTS[(SORTS.index(self.sort) + 1) % len(SORTS)]
             self.message = f"sort: {self.sort}"
