@@ -79,6 +79,12 @@ def cmd_deploy(args) -> int:
 def cmd_top(args) -> int:
     from . import top                   # local: rich is needed by `top` only
 
+    from .control.protocol import SUBSCRIBE_MIN_INTERVAL
+
+    if args.interval < SUBSCRIBE_MIN_INTERVAL:
+        print(f"l4lb top: --interval must be at least {SUBSCRIBE_MIN_INTERVAL:g} s",
+              file=sys.stderr)
+        return 2
     path = control_socket_path(args)
     if args.once:
         return top.print_once(path)
@@ -123,7 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("words", nargs="+", metavar="COMMAND", help="e.g. show backends")
     p.set_defaults(func=cmd_ctl)
 
-    p = sub.add_parser("top", help="live full-screen view of pools, backends, workers, drains")
+    p = sub.add_parser("top", help="live full-screen view of pools, backends, workers, drains",
+                       description="Keys: up/down (k/j) select a backend; f filter (all, down, "
+                                   "draining, each pool); s sort; d drain, e enable, m disable "
+                                   "(maint), w weight the selected backend, each after y; q quit.")
     add_socket_options(p)
     p.add_argument("--once", action="store_true", help="print one frame and exit")
     p.add_argument("--interval", type=seconds, default=1.0, metavar="S",
