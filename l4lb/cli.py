@@ -76,6 +76,25 @@ def cmd_deploy(args) -> int:
     return run_deploy(args, control_socket_path(args))
 
 
+def cmd_top(args) -> int:
+    from . import top                   # local: rich is needed by `top` only
+
+    from .control.protocol import SUBSCRIBE_MIN_INTERVAL
+
+    if args.interval < SUBSCRIBE_MIN_INTERVAL:
+        print(f"l4lb top: --interval must be at least {SUBSCRIBE_MIN_INTERVAL:g} s",
+              file=sys.stderr)
+        return 2
+    path = control_socket_path(args)
+    if args.once:
+        return top.print_once(path)
+    if not top.is_terminal():
+        print("l4lb top: needs a terminal (use --once for one frame on a pipe)",
+              file=sys.stderr)
+        return 1
+    return top.run_top(path, args.interval)
+
+
 def cmd_check(args) -> int:
     config = load_or_exit(args.config)
     print(f"{args.config}: ok ({len(config.listeners)} listeners, {len(config.pools)} pools, "
@@ -109,6 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to wait for the reply (default: forever, for `wait`)")
     p.add_argument("words", nargs="+", metavar="COMMAND", help="e.g. show backends")
     p.set_defaults(func=cmd_ctl)
+
+    p = sub.add_parser("top", help="live full-screen view of pools, backends, workers, drains",
+                       description="Keys: up/down (k/j) select a backend; f filter (all, down, "
+                                   "draining, each pool); s sort; d drain, e enable, m disable "
+                                   "(maint), w weight the selected backend, each after y; q quit.")
+    add_socket_options(p)
+    p.add_argument("--once", action="store_true", help="print one frame and exit")
+    p.add_argument("--interval", type=seconds, default=1.0, metavar="S",
+                   help="seconds between two frames (default 1)")
+    p.set_defaults(func=cmd_top)
 
     p = sub.add_parser("demo", help="three demo backends with the balancer in front")
     p.add_argument("--port", type=int, default=8000, help="balancer port (default 8000)")

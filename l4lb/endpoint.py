@@ -1,10 +1,11 @@
-"""The Prometheus endpoint: `[metrics] listen = "HOST:PORT"` serves GET /metrics.
+"""The Prometheus endpoint: `[metrics] listen = "HOST:PORT"` serves GET /metrics, and the
+status page beside it: GET / (l4lb.statuspage) and GET /status.json (l4lb.live).
 
 Theory of operation
 -------------------
 The collector (l4lb.metrics) reads Cython objects that the event loop mutates, so it must
 run on the loop thread: the HTTP side is a small asyncio protocol on the balancer's own
-loop, not prometheus-client's threaded server. It answers GET (and HEAD) /metrics, 404 for
+loop, not prometheus-client's threaded server. It answers GET (and HEAD) on ROUTES, 404 for
 any other path, 405 for any other method, 400 for anything that is not an HTTP request
 line, and closes the connection after each reply. A request head larger than MAX_REQUEST
 bytes or slower than REQUEST_TIMEOUT seconds is cut off, at most MAX_CLIENTS scrapers are
@@ -17,10 +18,14 @@ answered when the process has run out of descriptors (issue 20 item 11).
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from typing import TYPE_CHECKING
 
+
+from . import statuspage
 from .config import Address
+from .live import MIN_RATE_INTERVAL, RateTracker, live_snapshot
 from .log import get_logger
 from .listen import open_listening_socket
 from .metrics import BalancerCollector
@@ -45,6 +50,35 @@ _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
             408: "Request Timeout", 431: "Request Header Fields Too Large",
             500: "Internal Server Error", 503: "Service Unavailable"}
+
+
+def render_metrics(endpoint: "MetricsEndpoint") -> bytes:
+    return endpoint.collector.render()
+
+
+def render_status_json(endpoint: "MetricsEndpoint") -> bytes:
+    snap = live_snapshot(endpoint.balancer, endpoint.status_rates)
+    return json.dumps(snap, separators=(",", ":"), allow_nan=False).encode()
+
+
+def render_status_page(endpoint: "MetricsEndpoint") -> bytes:
+    return statuspage.render_page(live_snapshot(endpoint.balancer, endpoint.status_rates))
+
+
+def _scrape_failed(log) -> None:
+    log.exception("metrics_scrape_failed")
+
+
+def _status_failed(log) -> None:
+    log.exception("status_page_failed")
+
+
+# path -> (body builder, Content-Type, what logs a builder that raised)
+ROUTES = {
+    b"/metrics": (render_metrics, CONTENT_TYPE, _scrape_failed),
+    b"/": (render_status_page, "text/html; charset=utf-8", _status_failed),
+    b"/status.json": (render_status_json, "application/json", _status_failed),
+}
 
 
 class MetricsConnection(asyncio.Protocol):
@@ -96,18 +130,20 @@ class MetricsConnection(asyncio.Protocol):
             return
         method, target = m.group(1), m.group(2)
         path = target.split(b"?", 1)[0]
-        if path != b"/metrics":
-            self.respond(404, b"not found; metrics are at /metrics\n")
+        route = ROUTES.get(path)
+        if route is None:
+            self.respond(404, b"not found; metrics are at /metrics, the status page at /\n")
         elif method not in (b"GET", b"HEAD"):
             self.respond(405, b"only GET and HEAD\n", extra=b"Allow: GET, HEAD\r\n")
         else:
+            build, content_type, log_failure = route
             try:
-                body = self.endpoint.collector.render()
+                body = build(self.endpoint)
             except Exception:
-                self.endpoint.log.exception("metrics_scrape_failed")
-                self.respond(500, b"scrape failed; see the balancer's log\n")
+                log_failure(self.endpoint.log)
+                self.respond(500, b"failed; see the balancer's log\n")
                 return
-            self.respond(200, body, content_type=CONTENT_TYPE, head_only=method == b"HEAD")
+            self.respond(200, body, content_type=content_type, head_only=method == b"HEAD")
 
     def respond(self, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8",
                 extra: bytes = b"", head_only: bool = False) -> None:
@@ -135,6 +171,9 @@ class MetricsEndpoint:
         self.loop = balancer.loop
         self.log = get_logger()
         self.collector = BalancerCollector(balancer)
+        # Rates of the status page and /status.json: one tracker for all their viewers
+        # (each request samples; see l4lb.live.MIN_RATE_INTERVAL).
+        self.status_rates = RateTracker(MIN_RATE_INTERVAL)
         self.clients: set[MetricsConnection] = set()
         self.address: Address | None = None
         self.server: ReservedServer | None = None

@@ -401,6 +401,13 @@ LOG_EVENTS: tuple[LogEvent, ...] = (
              "The periodic timeout sweep raised; it keeps running. A bug: please report it."),
     LogEvent("control_command_failed", "error", ("command", "exception"),
              "A control command raised; its client got an error reply. A bug: please report it."),
+    LogEvent("subscriber_dropped", "warning", ("skipped", "interval"),
+             "A `subscribe` client read none of its frames for `skipped` intervals in a row "
+             "(its unread frames passed 256 KiB): the connection was closed, so a stuck "
+             "viewer costs no memory. Subscribe again to resume."),
+    LogEvent("status_page_failed", "error", ("exception",),
+             "Building the status page or /status.json raised; the client got a 500. A "
+             "bug: please report it."),
     LogEvent("health_check_crashed", "error", ("pool", "backend", "exception"),
              "A health checker raised; it keeps checking. A bug: please report it."),
     LogEvent("metrics_scrape_failed", "error", ("exception",),

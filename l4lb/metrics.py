@@ -32,7 +32,7 @@ from . import __version__
 from .log import dropped_lines
 from .model import BackendState
 from .process import process_probe
-from .rows import backend_row, listener_row
+from .rows import backend_row, listener_row, queue_length, worker_rows
 
 if TYPE_CHECKING:
     from .balancer import Balancer
@@ -180,13 +180,6 @@ HEALTH_STATUSES = ("passing", "failing", "unchecked")
 _STATES = tuple(str(s) for s in BackendState)
 
 
-def queue_length(rt) -> int:
-    """Clients of pool runtime `rt` still queued. The deque may hold relays that left it
-    (timed out, gone) until a freed slot trims them, so they are counted by state; the
-    walk is bounded by the queue, which is bounded by max_connections."""
-    return sum(1 for r in rt.queue if r.state_name == "queued")
-
-
 # --- the collector ---------------------------------------------------------------------------
 
 
@@ -223,7 +216,7 @@ class BalancerCollector:
         put("process_max_fds", [], proc.fd_soft)
         put("l4lb_connections_active", [], b.hub.active)
         put("l4lb_connections_total", [], b.hub.total)
-        for row in b.workers.rows():
+        for row in worker_rows(b):
             put("l4lb_worker_active_connections", [str(row["worker"])], row["active"])
             put("l4lb_worker_accepted_total", [str(row["worker"])], row["accepted"])
         put("l4lb_log_lines_dropped_total", [], dropped_lines())

@@ -2,6 +2,9 @@
 rows, which the metrics collector reads too, so an operator's table and a scrape can never
 disagree on a figure (issue 14 item 5).
 
+`pool_row` and `worker_rows` are read by the live view (l4lb.live: `subscribe`, `l4lb
+top`, /status.json) and `queue_length` by the metrics too.
+
 A row is a plain dict of JSON values, read from the model and the relay's C counters at
 the moment it is built; building one costs a few attribute reads, never a walk of the
 connections.
@@ -95,3 +98,28 @@ def listener_row(listener) -> dict:
         "sni": {p: dict(r) for p, r in listener.sni_routes.items()} if rt.sni_routes else None,
         "inspected": rt.inspection_counts() if rt.sni_routes else None,
     }
+
+
+def queue_length(rt) -> int:
+    """Clients of pool runtime `rt` still queued. The deque may hold relays that left it
+    (timed out, gone) until a freed slot trims them, so they are counted by state; the
+    walk is bounded by the queue, which is bounded by max_connections."""
+    return sum(1 for r in rt.queue if r.state_name == "queued")
+
+
+def pool_row(pool) -> dict:
+    """One pool's own figures (an l4lb.model.Pool): its algorithm and its queue."""
+    rt = pool.runtime
+    return {
+        "name": pool.name,
+        "algorithm": pool.config.algorithm,
+        "backends": len(pool.backends),
+        "queue": queue_length(rt),
+        "queue_timeouts": rt.queue_timeouts,
+        "retries": rt.retried,
+    }
+
+
+def worker_rows(balancer) -> list[dict]:
+    """One `show workers` row per worker process of the data path (workers.Workers)."""
+    return balancer.workers.rows()

@@ -46,11 +46,6 @@ EXIT_GRACE = 5.0
 RESTART_BURST = 20
 RESTART_WINDOW = 10.0
 
-def _iso(stamp: float) -> str:
-    """A wall-clock time as ISO 8601 UTC, to the second (as the log's timestamps)."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp))
-
-
 def describe_status(exitcode: int | None) -> str:
     """A process exit status in words: `exit 0`, `killed by SIGKILL`."""
     if exitcode is None:
@@ -267,7 +262,7 @@ class Workers:
         for w in self.workers:
             figures = table.row_figures(w.row)
             out.append({"worker": w.index, "pid": w.pid, "generation": w.generation,
-                        "started": _iso(w.started_at), "live": w.live,
+                        "started": round(w.started_at, 3), "live": w.live,
                         "active": figures["active"], "accepted": figures["accepted"],
                         "restarts": w.restarts})
         return out

@@ -8,6 +8,8 @@
 # It runs this checkout's code (PYTHONPATH = the repo root, build with
 # `python setup.py build_ext --inplace` first); L4LB_PYTHON picks the interpreter.
 # L4LB_BUFFERS=N sets the listener's rcvbuf and sndbuf to N bytes (unset: autotuning).
+# L4LB_SUBSCRIBE=S keeps one `subscribe S` client reading (and parsing) the live view's
+# frames for as long as the balancer runs: the cost of a watcher (`l4lb top`), issue 19.
 set -euo pipefail
 if [ $# -ne 2 ]; then
     echo "usage: $0 LISTEN_PORT BACKEND_PORT" >&2
@@ -59,4 +61,28 @@ backends = [
   { name = "b1", address = "127.0.0.1:$backend" },
 ]
 TOML
+if [ -n "${L4LB_SUBSCRIBE:-}" ]; then
+    "$py" - "$dir/l4lb-$listen.sock" "$L4LB_SUBSCRIBE" <<'PY' &
+import json, os, socket, sys, time
+path, interval = sys.argv[1], sys.argv[2]
+for _ in range(200):                      # until the balancer has made its socket
+    if os.path.exists(path):
+        break
+    time.sleep(0.05)
+s = socket.socket(socket.AF_UNIX)
+for _ in range(100):
+    try:
+        s.connect(path)
+        break
+    except OSError:
+        time.sleep(0.05)
+s.sendall(f"subscribe {interval}\n".encode())
+buf = b""
+while data := s.recv(1 << 20):             # the balancer's end closes it
+    buf += data
+    *lines, buf = buf.split(b"\n")
+    for line in lines:
+        json.loads(line)
+PY
+fi
 exec "$py" -m l4lb run -c "$conf"

@@ -93,7 +93,7 @@ def format_reply(reply: dict) -> str:
 
 
 # Columns holding a wall-clock time (seconds since the epoch): a person reads an age.
-TIME_COLUMNS = frozenset({"last_check"})
+TIME_COLUMNS = frozenset({"last_check", "started"})
 
 
 def format_table(rows: list[dict], now: float | None = None) -> str:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from ..actions import OperationError
 from ..config import Address
+from ..live import RateTracker, live_snapshot
 from ..process import show_info_fields
-from ..rows import backend_row, listener_row
+from ..rows import backend_row, listener_row, worker_rows
 from . import protocol
 
 # command name ("show backends") -> the CommandHandlers method that carries it out
@@ -41,12 +42,14 @@ class CommandHandlers:
         self.table = {name: getattr(self, method) for name, method in HANDLERS.items()}
 
     async def run(self, command: protocol.Command) -> dict:
-        """Carry out `command`; returns the reply object (ok or error), never raises
-        for an operator mistake."""
+        """Carry out `command`; returns the reply object (ok or error), or the
+        protocol.Stream of a stream command; never raises for an operator mistake."""
         try:
             fields = await self.table[command.name](**command.args)
         except OperationError as exc:
             return protocol.error(str(exc))
+        if isinstance(fields, protocol.Stream):
+            return fields
         return protocol.ok(**fields)
 
     # --- show ---------------------------------------------------------------------------
@@ -81,7 +84,7 @@ class CommandHandlers:
 
     @handles("show workers")
     async def show_workers(self):
-        return {"workers": self.balancer.workers.rows()}
+        return {"workers": worker_rows(self.balancer)}
 
     # --- backends -----------------------------------------------------------------------
 
@@ -130,6 +133,17 @@ class CommandHandlers:
     @handles("reload")
     async def reload(self):
         return {"changes": await self.balancer.reload("command")}
+
+    @handles("subscribe")
+    async def subscribe(self, interval=None):
+        """The live view's frames, each with rates since this subscriber's last one."""
+        if interval is None:
+            interval = protocol.SUBSCRIBE_INTERVAL
+        if interval < protocol.SUBSCRIBE_MIN_INTERVAL:
+            raise OperationError(f"INTERVAL must be at least "
+                                 f"{protocol.SUBSCRIBE_MIN_INTERVAL:g} s, got {interval:g}")
+        tracker = RateTracker()
+        return protocol.Stream(interval, lambda: live_snapshot(self.balancer, tracker))
 
     @handles("shutdown")
     async def shutdown(self, timeout=None):

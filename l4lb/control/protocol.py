@@ -45,6 +45,7 @@ __all__ = [
     "COMMANDS",
     "COMMANDS_BY_NAME",
     "MAX_LINE",
+    "SUBSCRIBE_INTERVAL",
     "NAME_PATTERN",
     "ArgKind",
     "ArgSpec",
@@ -52,6 +53,7 @@ __all__ = [
     "CommandSpec",
     "ControlError",
     "LineReader",
+    "Stream",
     "encode_reply",
     "error",
     "help_text",
@@ -76,6 +78,11 @@ _DECIMAL_RE = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")  # not float(): "inf",
 
 WEIGHT_MAX = vocab.WEIGHT_MAX
 WEIGHT_DEFAULT = vocab.WEIGHT_DEFAULT
+# `subscribe`: seconds between two frames unless given, and the shortest interval taken
+# (a frame is a snapshot of every backend: at 20 a second a viewer costs a little, and
+# no screen or eye needs more).
+SUBSCRIBE_INTERVAL = 1.0
+SUBSCRIBE_MIN_INTERVAL = 0.05
 
 
 class ControlError(Exception):
@@ -145,6 +152,8 @@ class CommandSpec:
     ``reply`` lists the fields of the ok reply besides "ok". When ``rows`` is set, the
     reply holds one field, ``reply[0]``, a list of objects each with the ``rows`` fields
     (``show backends`` -> ``{"ok": true, "backends": [{"pool": ..., ...}, ...]}``).
+    A ``stream`` command is answered by one such reply line per interval, not by one
+    line, until the client closes (its handler returns a ``Stream``).
     """
 
     words: tuple[str, ...]
@@ -152,6 +161,7 @@ class CommandSpec:
     summary: str
     reply: tuple[str, ...] = ()
     rows: tuple[str, ...] = ()
+    stream: bool = False
 
     @property
     def name(self) -> str:
@@ -263,6 +273,15 @@ COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec(("shutdown",), (_TIMEOUT,),
                 "graceful shutdown: stop accepting, close connections after TIMEOUT s",
                 reply=("timeout_s",)),
+    CommandSpec(
+        ("subscribe",), (ArgSpec(ArgKind.TIMEOUT, "interval", "INTERVAL", optional=True),),
+        f"stream one reply line every INTERVAL s (default {SUBSCRIBE_INTERVAL:g}, at least "
+        f"{SUBSCRIBE_MIN_INTERVAL:g}) with the figures of show info, listeners, backends and "
+        "workers, their rates and the drains under way, until the client closes; the "
+        "connection's last command (docs/status.schema.json)",
+        reply=("ts", "interval", "info", "pools", "backends", "listeners", "workers", "drains"),
+        stream=True,
+    ),
 )
 
 COMMANDS_BY_NAME: dict[str, CommandSpec] = {spec.name: spec for spec in COMMANDS}
@@ -508,6 +527,16 @@ def help_text() -> list[str]:
 
 # ---------------------------------------------------------------------------------------
 # Replies
+
+
+@dataclass(frozen=True)
+class Stream:
+    """What a ``stream`` command's handler returns: ``frame()`` builds the fields of the
+    next reply line, due every ``interval`` seconds (the server owns the timing and the
+    flow control)."""
+
+    interval: float
+    frame: Callable[[], dict[str, Any]]
 
 
 def ok(**fields: Any) -> dict[str, Any]:

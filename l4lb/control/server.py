@@ -8,6 +8,11 @@ descriptors, so that an operator still gets answers when the process has run out
 Commands of one connection are carried out in order (a `wait` delays the replies behind
 it, never another connection's). Bad input of any kind gets an error reply; nothing a
 client sends can raise out of here.
+
+A stream command (`subscribe`) is a connection's last: from then on it gets one reply
+line per interval until it closes (lines it sends after are not read beyond QUEUE_MAX),
+paced by its own task, so it holds up no other client; frames it does not read are
+skipped, then it is dropped (STREAM_STALL_FRAMES).
 """
 from __future__ import annotations
 
@@ -86,6 +91,11 @@ QUEUE_MAX = 256
 # Seconds between two checks whether a client that closed its sending side is gone
 # altogether, while a command of its (a `wait`) is still being carried out.
 HANGUP_POLL = 0.5
+# `subscribe`: a frame that falls due while the client's unread frames are past WRITE_HIGH
+# is skipped (the next carries the newest figures, and rates span the gap); after this
+# many skipped in a row the client is closed (logged `subscriber_dropped`). So a stuck
+# subscriber holds at most WRITE_HIGH plus one frame, and for a bounded time.
+STREAM_STALL_FRAMES = 10
 
 
 def peer_hung_up(transport) -> bool:
@@ -209,6 +219,9 @@ class ControlConnection(asyncio.Protocol):
                     reply = await self.answer(item)
                     if self.transport.is_closing():
                         return
+                    if isinstance(reply, protocol.Stream):
+                        await self.stream(reply)
+                        return
                     self.transport.write(protocol.encode_reply(reply))
                 if self.eof:
                     self.transport.close()
@@ -218,7 +231,36 @@ class ControlConnection(asyncio.Protocol):
         except asyncio.CancelledError:
             pass
 
-    async def answer(self, item) -> dict:
+    async def stream(self, stream: protocol.Stream) -> None:
+        """Write stream's frames every stream.interval s until the client goes; skip the
+        ones due while it is not reading, and close it after STREAM_STALL_FRAMES."""
+        loop = asyncio.get_running_loop()
+        due = loop.time()
+        skipped = 0
+        while not self.transport.is_closing():
+            if self.writable.is_set():
+                skipped = 0
+                try:
+                    line = protocol.encode_reply(protocol.ok(**stream.frame()))
+                except Exception as exc:      # a bug must not take the balancer down
+                    self.server.log.exception("control_command_failed", command="subscribe")
+                    self.transport.write(protocol.encode_reply(
+                        protocol.error(f"internal error: {exc!r}")))
+                    self.transport.close()
+                    return
+                self.transport.write(line)
+            else:
+                skipped += 1
+                if skipped >= STREAM_STALL_FRAMES:
+                    self.server.log.warning("subscriber_dropped", skipped=skipped,
+                                            interval=stream.interval)
+                    self.transport.abort()
+                    return
+            now = loop.time()
+            due = max(due + stream.interval, now)     # late (a busy loop): no catching up
+            await asyncio.sleep(due - now)
+
+    async def answer(self, item):
         if isinstance(item, protocol.ControlError):
             return protocol.error(str(item))
         try:

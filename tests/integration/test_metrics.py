@@ -173,7 +173,7 @@ def http_raw(port: int, request: bytes, timeout: float = 5.0) -> bytes:
 @pytest.mark.parametrize("request_bytes, status", [
     (b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc", b"405"),
     (b"DELETE /metrics HTTP/1.0\r\n\r\n", b"405"),
-    (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"404"),
+    (b"GET /nothere HTTP/1.1\r\nHost: x\r\n\r\n", b"404"),   # / is the status page
     (b"GET /metricsx HTTP/1.1\r\n\r\n", b"404"),
     (b"\x00\xff\xfe garbage \x80\r\n\r\n", b"400"),
     (b"GET /metrics\r\n\r\n", b"400"),                 # HTTP/0.9 style: no version

@@ -84,6 +84,8 @@ VALID_COMMANDS = [
     (b"reload", Command("reload", {})),
     (b"shutdown", Command("shutdown", {"timeout": None})),
     (b"shutdown 10", Command("shutdown", {"timeout": 10.0})),
+    (b"subscribe", Command("subscribe", {"interval": None})),
+    (b"subscribe 0.5", Command("subscribe", {"interval": 0.5})),
 ]
 
 
