@@ -8,7 +8,8 @@ which it owns one each of:
 - `listening` (listen.py): the listening sockets, and accept pausing when out of fds;
 - `operator` (actions.py): the operator's actions, recording and persisting them;
 - `state_writer` (persist.py): the state file, written off the loop, coalesced;
-- reload (reload.py): a pure plan from two configs, and its apply.
+- reload (reload.py): a pure plan from two configs, and its apply;
+- `cluster` (cluster.py), with [cluster] only: the etcd session of a fleet's node.
 
 Everything here is control plane: it runs per connection at most (the access log line),
 never per chunk of data.
@@ -20,6 +21,7 @@ import time
 
 from . import _native
 from .actions import Operator
+from .cluster import Cluster
 from .config import Config, PoolConfig
 from .health import HealthMonitor
 from .endpoint import MetricsEndpoint
@@ -61,6 +63,7 @@ class Balancer:
         for lcfg in config.listeners.values():
             self.listeners[lcfg.name] = self.create_listener(lcfg)
         self.restore_runtime_state()
+        self.cluster = Cluster(self, config.cluster) if config.cluster is not None else None
         self.metrics = MetricsEndpoint(self)
 
     # --- construction --------------------------------------------------------------------
@@ -134,6 +137,8 @@ class Balancer:
         self._sweeper = self.loop.create_task(self.sweep_forever())
         self.health.start()
         self.resolver.start()
+        if self.cluster is not None:
+            self.cluster.start()
 
     async def sweep_forever(self) -> None:
         """The one periodic timer of the data path: timeouts and slow-start ramps."""
@@ -174,6 +179,8 @@ class Balancer:
         if self._sweeper is not None:
             self._sweeper.cancel()
         await asyncio.sleep(0)          # let aborted transports deliver connection_lost
+        if self.cluster is not None:
+            await self.cluster.stop()       # leaves the fleet: its record goes at once
         await self.state_writer.flush()
         self.metrics.close()            # served until here: the drain can be watched
         self.log.info("shutdown_finished", closed=left)
