@@ -105,22 +105,20 @@ class Cluster:
         self._task = self.balancer.loop.create_task(self._run())
 
     async def stop(self) -> None:
-        """Leave the fleet: the node record goes at once (its lease revoked)."""
+        """Leave the fleet: the node record goes at once (its lease revoked), then the
+        session ends."""
+        client, lease = self.client, self._lease
+        if client is not None and lease is not None and self.connected:
+            try:
+                await asyncio.wait_for(client.revoke_lease(lease.id), RPC_TIMEOUT)
+            except Exception:
+                pass                                # it expires after lease_ttl instead
         if self._task is not None:
             self._task.cancel()
             try:
                 await self._task
             except (asyncio.CancelledError, Exception):
                 pass
-        client, lease = self.client, self._lease
-        if client is not None:
-            try:
-                if lease is not None:
-                    await asyncio.wait_for(client.revoke_lease(lease.id), RPC_TIMEOUT)
-            except Exception:
-                pass
-            await self._close(client)
-        self.client = None
         self.connected = False
 
     # --- the session --------------------------------------------------------------------
@@ -158,19 +156,17 @@ class Cluster:
         try:
             await client.connect()
             self._lease = await client.lease(max(2, round(self.cfg.lease_ttl)))
-            watch, how = None, "resumed"
-            if self.revision:
-                try:
-                    watch = await client.watch_prefix(self.root.encode(),
-                                                      start_revision=self.revision + 1)
-                except RevisionCompactedError:
-                    how = "compacted"
-            else:
+            if not self.revision:
                 how = "first"
-            if watch is None:
+            elif self._compacted or await self._compacted_past(client):
+                how = "compacted"
+            else:
+                how = "resumed"
+            if how != "resumed":
                 await self._resync(client, how)
-                watch = await client.watch_prefix(self.root.encode(),
-                                                  start_revision=self.revision + 1)
+            self._compacted = False
+            watch = await client.watch_prefix(self.root.encode(),
+                                              start_revision=self.revision + 1)
             self.connected, self.error, self._was_connected = True, None, True
             self.log.info("cluster_connected", node=self.node, endpoint=self.endpoint,
                           revision=self.revision, how=how)
@@ -187,12 +183,31 @@ class Cluster:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
         except RevisionCompactedError:
-            self.revision = 0                       # compacted under a live watch: read again
+            self._compacted = True                  # compacted since the probe: read again
             raise
         finally:
             self.connected = False
             self.client = None
             await self._close(client)
+
+    _compacted = False
+
+    async def _compacted_past(self, client) -> bool:
+        """True when etcd compacted the history past the applied revision: a read at the
+        next revision says so (one that does not exist yet is fine: nothing was missed)."""
+        from aetcd import rpc
+
+        request = rpc.RangeRequest(key=self.root.encode(), revision=self.revision + 1,
+                                   limit=1, keys_only=True)
+        try:
+            await client.kvstub.Range(request, timeout=RPC_TIMEOUT, metadata=client.metadata)
+        except rpc.AioRpcError as exc:
+            if "compacted" in (exc.details() or ""):
+                return True
+            if "future revision" in (exc.details() or ""):
+                return False
+            raise
+        return False
 
     @staticmethod
     async def _close(client) -> None:
