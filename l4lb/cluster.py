@@ -257,6 +257,15 @@ class Cluster:
         (one revision) is queued before this runs."""
         self._flush_scheduled = False
         events, self._pending = self._pending, []
+        try:
+            self._apply_events(events)
+        except Exception:                          # a bug: the next session reads it all
+            self.log.exception("cluster_apply_failed")
+            self._compacted = True
+            if self.client is not None:
+                self.balancer.loop.create_task(self._close(self.client))
+
+    def _apply_events(self, events) -> None:
         state_changed = False
         for event in events:
             key = event.kv.key.decode("utf-8", "replace")
@@ -362,6 +371,9 @@ class Cluster:
         take it (unreachable, or another writer changed the same keys first)."""
         local = self.balancer.runtime_state
         puts, deletes = fleet_keys.difference(self.applied, local)
+        # An entry this node's config cannot hold (restore_state drops those at a reload)
+        # is another node's business: never deleted from here.
+        deletes = [k for k in deletes if self._fits(k)]
         if not puts and not deletes:
             return
         client = self.client
@@ -390,6 +402,13 @@ class Cluster:
             raise OperationError(f"written to etcd at revision {revision}, but this node "
                                  f"has not applied it after {APPLY_TIMEOUT:g} s "
                                  f"({self.error or 'watch slow'})")
+
+    def _fits(self, key: str) -> bool:
+        """Whether this node's config has the pool or listener a state key names."""
+        section, _, rest = key.partition("/")
+        name = rest.split("/", 1)[0]
+        return name in (self.balancer.listeners if section == "listeners"
+                        else self.balancer.pools)
 
     def _undo(self, local: RuntimeState) -> None:
         apply_difference(self.operator, local, self.applied)

@@ -409,6 +409,9 @@ LOG_EVENTS: tuple[LogEvent, ...] = (
              "A health checker raised; it keeps checking. A bug: please report it."),
     LogEvent("metrics_scrape_failed", "error", ("exception",),
              "Collecting the metrics raised; the scraper got a 500. A bug: please report it."),
+    LogEvent("cluster_apply_failed", "error", ("exception",),
+             "Applying a fleet's change from etcd raised; the node reads the whole state "
+             "again. A bug: please report it."),
     LogEvent("resolver_failed", "error", ("exception",),
              "A round of the DNS resolver raised; it keeps resolving. A bug: please report it."),
 )
