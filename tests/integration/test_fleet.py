@@ -255,7 +255,11 @@ def test_wait_on_b_returns_only_once_a_drained_backend_is_idle_on_a_and_b(fleet,
         held[name] = connect(node.port())
         held[name].sendall(b"x")
         recv_exactly(held[name], 1)
-    assert ask(a, "drain main/b1 --fleet")["ok"]
+    ctl = subprocess.run([sys.executable, "-m", "l4lb", "ctl", "-s",
+                          str(a.path.parent / "l4lb.sock"), "--fleet", "drain", "main/b1"],
+                         cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert ctl.returncode == 0 and "state: draining" in ctl.stdout, ctl
+    assert backend_table(b)["b1"][0] == "draining"        # --fleet: b applied it already
     waiter = Waiter(b, "wait main/b1 30")
     held["b"].close()
     wait_until(lambda: cluster_rows(b)["b"]["backends"].get("main/b1", 0) == 0, 10,
@@ -299,3 +303,36 @@ def test_without_cluster_show_cluster_and_fleet_are_refused(l4lb, backends):
     reply = ask(lb, "drain main/b1 --fleet")
     assert not reply["ok"] and "[cluster]" in reply["error"]
     assert ask(lb, "show backends")["backends"][0]["state"] == "up"
+
+
+def test_a_rolling_deploy_on_a_waits_for_the_connections_held_through_b(fleet, backends):
+    b1, b2 = backends(echo_handler, "b1"), backends(echo_handler, "b2")
+    config = simple_config([("b1", b1.address), ("b2", b2.address)])
+    a, b = fleet("a", config), fleet("b", config)
+    all_see([a, b], {"a", "b"})
+    assert ask(a, "drain main/b2 --fleet")["ok"]          # every connection goes to b1
+    held = connect(b.port())
+    held.sendall(b"x")
+    recv_exactly(held, 1)
+    assert ask(a, "enable main/b2 --fleet")["ok"]
+    wait_until(lambda: cluster_rows(a)["b"]["backends"].get("main/b1") == 1, 10,
+               "a to see b's connection")
+    deploy = subprocess.Popen(
+        [sys.executable, "-m", "l4lb", "deploy", "rolling", "main", "--exec", "true",
+         "--drain-timeout", "60", "-s", str(a.path.parent / "l4lb.sock")],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: backend_table(b)["b1"][0] == "draining", 10, "b1 draining on b")
+        time.sleep(0.5)
+        assert deploy.poll() is None                      # b's connection holds the drain
+        assert backend_table(a)["b2"][0] == "up"          # and b2 is not touched yet
+        held.close()
+        out, _ = deploy.communicate(timeout=60)
+    finally:
+        if deploy.poll() is None:
+            deploy.kill()
+            deploy.wait()
+    assert deploy.returncode == 0, out
+    assert "b1: drained" in out, out
+    for node in (a, b):
+        assert {s for s, _ in backend_table(node).values()} == {"up"}
