@@ -45,7 +45,7 @@ import time
 from . import fleet_keys
 from .actions import OperationError
 from .fleet_apply import apply_difference
-from .state import RuntimeState
+from .state import RuntimeState, split_route_key
 
 # Seconds one etcd call may take before it counts as failed (etcd answers a healthy
 # loopback call in well under a millisecond).
@@ -404,11 +404,25 @@ class Cluster:
                                  f"({self.error or 'watch slow'})")
 
     def _fits(self, key: str) -> bool:
-        """Whether this node's config has the pool or listener a state key names."""
-        section, _, rest = key.partition("/")
-        name = rest.split("/", 1)[0]
-        return name in (self.balancer.listeners if section == "listeners"
-                        else self.balancer.pools)
+        """Whether this node's config can hold the entry a state key names, as
+        restore_state judges it: an entry it cannot hold is dropped from the local state
+        at a reload, and that must not delete it for the fleet."""
+        section, _, name = key.partition("/")
+        applied = self.applied
+        if section == "listeners":
+            listener, sni = split_route_key(name)
+            found = self.balancer.listeners.get(listener)
+            route = applied.listeners.get(name, {})
+            return (found is not None and (sni is None or sni in found.sni_routes)
+                    and all(p in self.balancer.pools
+                            for p in route.get("split") or [route.get("pool")]))
+        pool_name, _, backend = name.partition("/")
+        pool = self.balancer.pools.get(pool_name)
+        if pool is None:
+            return False
+        if section == "backends":          # a config backend's override: kept while it is
+            return (backend in pool.backends or name in self.balancer.runtime_state.removed)
+        return True
 
     def _undo(self, local: RuntimeState) -> None:
         apply_difference(self.operator, local, self.applied)

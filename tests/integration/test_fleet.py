@@ -336,3 +336,27 @@ def test_a_rolling_deploy_on_a_waits_for_the_connections_held_through_b(fleet, b
     assert "b1: drained" in out, out
     for node in (a, b):
         assert {s for s, _ in backend_table(node).values()} == {"up"}
+
+
+def test_an_entry_for_a_pool_one_node_lacks_is_skipped_there_and_kept_for_the_fleet(
+        fleet, backends):
+    b1, x1 = backends(echo_handler, "b1"), backends(echo_handler, "x1")
+    config = simple_config([("b1", b1.address)])
+    a = fleet("a", config + f"""
+[pools.extra]
+backends = [{{ name = "x1", address = "{x1.address}" }}]
+""")
+    b = fleet("b", config)
+    all_see([a, b], {"a", "b"})
+    assert ask(a, "drain extra/x1 --fleet")["ok"]
+    b.wait_event("cluster_entry_ignored", 10, key="extra/x1")
+    assert ask(b, "reload")["ok"]                 # drops what its config cannot hold...
+    assert ask(b, "weight main/b1 4 --fleet")["ok"]
+    assert backend_table(a) == {"b1": ("up", 4), "x1": ("draining", 1)}   # ...for itself only
+    b.stop()
+    a.stop()
+    a = fleet("a", config + f"""
+[pools.extra]
+backends = [{{ name = "x1", address = "{x1.address}" }}]
+""")
+    assert backend_table(a)["x1"] == ("draining", 1)
