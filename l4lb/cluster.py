@@ -92,6 +92,9 @@ class Cluster:
         self._publish_now = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._lease = None
+        self._was_connected = False                 # the last session got as far as its watch
+        self._compacted = False                     # etcd compacted past `revision`: read all
+        self._published: tuple = (None, None)       # (applied, active) of the last record put
 
     # --- start and stop -----------------------------------------------------------------
 
@@ -135,14 +138,10 @@ class Cluster:
                 raise
             except Exception as exc:               # every etcd/gRPC failure: fail static
                 self._lost(endpoint, exc)
-            if self.connected is False and self.error is None:
-                self.error = "session ended"
             if self._was_connected:
                 delay = RETRY_MIN
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX)
-
-    _was_connected = False
 
     async def _session(self, endpoint) -> None:
         import aetcd                                # the master's only: workers never load it
@@ -164,6 +163,8 @@ class Cluster:
                 how = "resumed"
             if how != "resumed":
                 await self._resync(client, how)
+            else:
+                await self._read_nodes(client)      # the live nodes, not only later changes
             self._compacted = False
             watch = await client.watch_prefix(self.root.encode(),
                                               start_revision=self.revision + 1)
@@ -189,8 +190,6 @@ class Cluster:
             self.connected = False
             self.client = None
             await self._close(client)
-
-    _compacted = False
 
     async def _compacted_past(self, client) -> bool:
         """True when etcd compacted the history past the applied revision: a read at the
@@ -223,6 +222,12 @@ class Cluster:
         if was != self.error:
             self.log.warning("cluster_disconnected", node=self.node, endpoint=str(endpoint),
                              error=cause, revision=self.revision)
+
+    async def _read_nodes(self, client) -> None:
+        head = fleet_keys.node_key(self.cfg.prefix, "")
+        got = await client.get_prefix(head.encode())
+        self.nodes = {kv.key.decode("utf-8", "replace")[len(head):]: _record(kv.value)
+                      for kv in got}
 
     async def _resync(self, client, how: str) -> None:
         """Read the whole prefix and apply the difference (first contact, or the watch's
@@ -339,8 +344,6 @@ class Cluster:
         record = self._record()
         await client.put(self.node_key.encode(), fleet_keys.encode(record), lease=self._lease)
         self._published = (record["applied"], record["active"])
-
-    _published: tuple = (None, None)
 
     async def _heartbeat(self, client) -> None:
         """Keep the lease alive (every lease_ttl / 3) and the record current."""
