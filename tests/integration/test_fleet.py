@@ -360,3 +360,26 @@ backends = [{{ name = "x1", address = "{x1.address}" }}]
 backends = [{{ name = "x1", address = "{x1.address}" }}]
 """)
     assert backend_table(a)["x1"] == ("draining", 1)
+
+
+def test_two_nodes_racing_on_one_backend_end_alike_and_a_lost_race_says_so(fleet, backends):
+    b1 = backends(echo_handler, "b1")
+    config = simple_config([("b1", b1.address)])
+    a, b = fleet("a", config), fleet("b", config)
+    all_see([a, b], {"a", "b"})
+    errors: list[str] = []
+
+    def write(node, base):
+        for i in range(50):
+            reply = ask(node, f"weight main/b1 {base + i}")
+            if not reply["ok"]:
+                errors.append(reply["error"])
+
+    writers = [threading.Thread(target=write, args=(n, base)) for n, base in ((a, 1000), (b, 2000))]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join(60)
+    assert all("another node changed backends/main/b1" in e for e in errors), errors
+    wait_until(lambda: backend_table(a) == backend_table(b), 10, "both nodes alike")
+    print(f"lost races: {len(errors)} of 100 writes")
