@@ -112,16 +112,11 @@ class Cluster:
         session ends."""
         client, lease = self.client, self._lease
         if client is not None and lease is not None and self.connected:
-            try:
-                await asyncio.wait_for(client.revoke_lease(lease.id), RPC_TIMEOUT)
-            except Exception:
-                pass                                # it expires after lease_ttl instead
+            # Failing, it expires after lease_ttl instead.
+            await _bounded(client.revoke_lease(lease.id), RPC_TIMEOUT)
         if self._task is not None:
             self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+            await _bounded(self._task, RPC_TIMEOUT)
         self.connected = False
 
     # --- the session --------------------------------------------------------------------
@@ -155,12 +150,7 @@ class Cluster:
         try:
             await client.connect()
             self._lease = await client.lease(max(2, round(self.cfg.lease_ttl)))
-            if not self.revision:
-                how = "first"
-            elif self._compacted or await self._compacted_past(client):
-                how = "compacted"
-            else:
-                how = "resumed"
+            how = "first" if not self.revision else await self._resume_how(client)
             if how != "resumed":
                 await self._resync(client, how)
             else:
@@ -191,29 +181,35 @@ class Cluster:
             self.client = None
             await self._close(client)
 
-    async def _compacted_past(self, client) -> bool:
-        """True when etcd compacted the history past the applied revision: a read at the
-        next revision says so (one that does not exist yet is fine: nothing was missed)."""
+    async def _resume_how(self, client) -> str:
+        """How a session can go on from the applied revision: "resumed" (the watch takes
+        it from there), "compacted" (etcd compacted the history past it) or "behind"
+        (etcd's revision is below it: a store rebuilt from scratch). Both of the latter
+        read everything again."""
         from aetcd import rpc
 
-        request = rpc.RangeRequest(key=self.root.encode(), revision=self.revision + 1,
-                                   limit=1, keys_only=True)
+        if self._compacted:
+            return "compacted"
+        probe = rpc.RangeRequest(key=self.root.encode(), limit=1, keys_only=True)
+        current = (await client.kvstub.Range(probe, timeout=RPC_TIMEOUT,
+                                             metadata=client.metadata)).header.revision
+        if current < self.revision:
+            return "behind"
+        if current == self.revision:
+            return "resumed"
+        # A read at the next revision fails when it was compacted away.
+        probe.revision = self.revision + 1
         try:
-            await client.kvstub.Range(request, timeout=RPC_TIMEOUT, metadata=client.metadata)
+            await client.kvstub.Range(probe, timeout=RPC_TIMEOUT, metadata=client.metadata)
         except rpc.AioRpcError as exc:
             if "compacted" in (exc.details() or ""):
-                return True
-            if "future revision" in (exc.details() or ""):
-                return False
+                return "compacted"
             raise
-        return False
+        return "resumed"
 
     @staticmethod
     async def _close(client) -> None:
-        try:
-            await asyncio.wait_for(client.close(), RPC_TIMEOUT)
-        except Exception:
-            pass
+        await _bounded(client.close(), RPC_TIMEOUT)
 
     def _lost(self, endpoint, exc: Exception) -> None:
         cause = _cause(exc)
@@ -488,6 +484,18 @@ class Cluster:
                          if name == self.node else None),
             })
         return rows
+
+
+async def _bounded(awaitable, timeout: float) -> None:
+    """Wait for `awaitable` up to `timeout` s, whatever it raises, and never longer: aetcd's
+    close swallows a cancellation while it waits on a dead stream, so asyncio.wait_for
+    (which waits for the cancelled task to end) could hang a shutdown forever."""
+    task = asyncio.ensure_future(awaitable)
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if not done:
+        task.cancel()
+    elif not task.cancelled():
+        task.exception()                            # retrieved: never "never retrieved"
 
 
 def _record(raw: bytes) -> dict:

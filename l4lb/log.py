@@ -382,8 +382,9 @@ LOG_EVENTS: tuple[LogEvent, ...] = (
     # a fleet ([cluster], l4lb.cluster)
     LogEvent("cluster_connected", "info", ("node", "endpoint", "revision", "how"),
              "The node has a session with etcd; its watch runs from `revision` on. `how`: "
-             "first (the whole state read), resumed (from the revision it had applied) or "
-             "compacted (etcd had compacted past it: read again, difference applied)."),
+             "first (the whole state read), resumed (from the revision it had applied), "
+             "compacted (etcd had compacted past it) or behind (etcd's revision is below it: "
+             "a store rebuilt); the last two read everything again and apply the difference."),
     LogEvent("cluster_disconnected", "warning", ("node", "endpoint", "error", "revision"),
              "The etcd session failed or could not start: the node keeps serving the state "
              "of `revision` (fail static), refuses writes with `error`, and retries."),

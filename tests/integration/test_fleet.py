@@ -383,3 +383,13 @@ def test_two_nodes_racing_on_one_backend_end_alike_and_a_lost_race_says_so(fleet
     assert all("another node changed backends/main/b1" in e for e in errors), errors
     wait_until(lambda: backend_table(a) == backend_table(b), 10, "both nodes alike")
     print(f"lost races: {len(errors)} of 100 writes")
+
+
+def test_a_node_ahead_of_a_rebuilt_store_reads_it_whole(fleet, backends, tmp_path):
+    b1 = backends(echo_handler, "b1")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "l4lb.state.toml").write_text(
+        'version = 1\nrevision = 100000\n[backends."main/b1"]\nstate = "maint"\n')
+    a = fleet("a", simple_config([("b1", b1.address)]))
+    assert a.events_named("cluster_connected")[0]["how"] == "behind"
+    assert backend_table(a)["b1"] == ("up", 1)           # the store's state, not the file's
