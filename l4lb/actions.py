@@ -74,7 +74,12 @@ class Operator:
         return self.balancer.runtime_state
 
     async def _saved(self, reply: dict) -> dict:
-        """Persist the state just recorded; the reply gains `warning` when it failed."""
+        """Persist the state just recorded; the reply gains `warning` when it failed.
+        In a fleet the change goes to etcd first (l4lb.cluster.publish), and the reply
+        waits until this node applied it; when etcd did not take it the change is
+        undone and OperationError says why."""
+        if self.balancer.cluster is not None:
+            await self.balancer.cluster.publish()
         warning = await self.balancer.state_writer.save()
         if warning is not None:
             reply["warning"] = warning

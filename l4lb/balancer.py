@@ -15,7 +15,8 @@ The other jobs live in their own rooms, which the master owns one each of:
 - `operator` (actions.py): the operator's actions, recording and persisting them;
 - `state_writer` (persist.py): the state file, written off the loop, coalesced;
 - `workers` (workers.py): starting, restarting and telling the workers;
-- reload (reload.py): a pure plan from two configs, and its apply.
+- reload (reload.py): a pure plan from two configs, and its apply;
+- `cluster` (cluster.py), with [cluster] only: the etcd session of a fleet's node.
 
 Everything here is control plane: it runs per connection at most (the access log line,
 in the workers), never per chunk of data.
@@ -27,6 +28,7 @@ import time
 
 from . import _native, vocab
 from .actions import OperationError, Operator
+from .cluster import Cluster
 from .config import Config, PoolConfig
 from .health import HealthMonitor
 from .endpoint import MetricsEndpoint
@@ -154,6 +156,7 @@ class Balancer(Runtime):
                                  on_resolved=self.resolved)
         self.build()
         self.restore_runtime_state()
+        self.cluster = Cluster(self, config.cluster) if config.cluster is not None else None
         self.metrics = MetricsEndpoint(self)
 
     # --- construction --------------------------------------------------------------------
@@ -258,6 +261,8 @@ class Balancer(Runtime):
         self._poller = self.loop.create_task(self.poll_shared_forever())
         self.health.start()
         self.resolver.start()
+        if self.cluster is not None:
+            self.cluster.start()
 
     async def sweep_forever(self) -> None:
         """Slow-start ramps, published to the workers through the shared table."""
@@ -316,6 +321,8 @@ class Balancer(Runtime):
         for task in (self._sweeper, self._poller):
             if task is not None:
                 task.cancel()
+        if self.cluster is not None:
+            await self.cluster.stop()       # leaves the fleet: its record goes at once
         await self.state_writer.flush()
         self.metrics.close()            # served until here: the drain can be watched
         self.log.info("shutdown_finished", closed=left)

@@ -62,7 +62,7 @@ def control_socket_path(args) -> Path:
 
 
 def cmd_ctl(args) -> int:
-    line = " ".join(args.words)
+    line = " ".join(args.words + (["--fleet"] if args.fleet else []))
     try:
         reply = call(control_socket_path(args), line, timeout=args.timeout)
     except ControlClientError as exc:
@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the raw JSON reply")
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds to wait for the reply (default: forever, for `wait`)")
+    p.add_argument("--fleet", action="store_true",
+                   help="in a fleet ([cluster]): reply once every live node applied the change")
     p.add_argument("words", nargs="+", metavar="COMMAND", help="e.g. show backends")
     p.set_defaults(func=cmd_ctl)
 

@@ -33,7 +33,7 @@ from .sni import check_sni_pattern
 from .tomlpos import KeyPath, TomlLocator
 
 __all__ = [
-    "Address", "BackendConfig", "Config", "ConfigError", "ConfigIssue", "ControlConfig",
+    "Address", "BackendConfig", "ClusterConfig", "Config", "ConfigError", "ConfigIssue", "ControlConfig",
     "GlobalConfig", "HealthConfig", "ListenerConfig", "LogConfig", "MetricsConfig",
     "PoolConfig", "SCHEMA", "default_config_path", "load_config", "parse_address",
     "parse_config",
@@ -115,6 +115,14 @@ class ResolversConfig:
 
 
 @dataclass
+class ClusterConfig:
+    etcd: list[Address]
+    node: str | None = None          # None in the file: the host name (check_cluster sets it)
+    prefix: str = "/l4lb"
+    lease_ttl: float = 10.0
+
+
+@dataclass
 class BackendConfig:
     name: str
     address: Address
@@ -184,6 +192,7 @@ class Config:
     listeners: dict[str, ListenerConfig]
     pools: dict[str, PoolConfig]
     resolvers: ResolversConfig = field(default_factory=ResolversConfig)
+    cluster: ClusterConfig | None = None       # None: a node of its own (no [cluster])
     # `FILE:LINE key: message` lines for keys that still work but are deprecated; the
     # caller logs them (the config is valid).
     warnings: list[str] = field(default_factory=list, compare=False)
@@ -572,6 +581,19 @@ def check_resolvers(resolvers: ResolversConfig, path: KeyPath, report: Report) -
         report(path + ("min_ttl",), f"must not exceed max_ttl ({resolvers.max_ttl:g})")
 
 
+def check_cluster(cluster: ClusterConfig, path: KeyPath, report: Report) -> None:
+    """The node name defaults to the host name, cut to a name (l4lb.vocab) at its first
+    dot; a prefix is a key path: it starts with '/' and does not end with one."""
+    if cluster.node is None:
+        host = socket.gethostname().split(".")[0][:64] or "l4lb"
+        cluster.node = host if NAME_PATTERN.fullmatch(host) else "l4lb"
+    if isinstance(cluster.prefix, str) and (not cluster.prefix.startswith("/")
+                                            or cluster.prefix.endswith("/")
+                                            or len(cluster.prefix) < 2):
+        report(path + ("prefix",), f"must start with '/' and not end with one, such as "
+                                   f"\"/l4lb\", got {show(cluster.prefix)}")
+
+
 def check_references(config: Config, report: Report) -> None:
     """At least one listener; pools named by listeners exist; no address is bound twice
     (listeners and metrics)."""
@@ -704,6 +726,22 @@ RESOLVERS = Table(ResolversConfig, {
        "for SRV records: their targets' addresses with the records' ports, by priority "
        "then weight (the address's own port is then unused). Before a name's first answer, a connection "
        "resolves it itself (getaddrinfo, which also reads /etc/hosts).", check=check_resolvers)
+
+CLUSTER = Table(ClusterConfig, {
+    "etcd": Key(ListOf(AddressRule(), min_items=1, expects="an array of 'host:port' strings"),
+        REQUIRED,
+        "etcd endpoints as host:port strings, such as [\"10.0.0.5:2379\"], tried in turn."),
+    "node": Key(Name(), None,
+        "This node's name in the fleet, unique among its nodes; absent = the host name "
+        "(up to its first dot)."),
+    "prefix": Key(Text(), "/l4lb",
+        "Key prefix in etcd: fleets that share one etcd use different prefixes."),
+    "lease_ttl": Key(Number(1.0), 10.0,
+        "Seconds after which a node that stopped talking to etcd (crashed, cut off) "
+        "leaves the fleet: its entry under its lease expires."),
+}, doc="A fleet (DESIGN.md §10): nodes sharing their runtime state (admin states, "
+       "weights, added and removed backends, switch/split) through etcd. Without this "
+       "table a node keeps it to itself (the state file).", check=check_cluster)
 
 BACKEND = Table(BackendConfig, {
     "name": Key(Name(), REQUIRED,
@@ -842,6 +880,7 @@ SCHEMA = Table(Config, {
     "pools": Key(TableOf(POOL, "pools"), {},
         "[pools.NAME] tables; a pool no listener names is kept ready (blue-green standby)."),
     "resolvers": Key(RESOLVERS, {}, RESOLVERS.doc),
+    "cluster": Key(CLUSTER, None, CLUSTER.doc),
 }, doc="An l4lb config file.")
 
 

@@ -26,6 +26,11 @@ a timeout, the balancer gone) or the operator presses Ctrl-C, and says so:
   (its pool, or its split with the same percentages). A canary that reaches 100 % ends
   as blue-green does: the old pools are drained (and killed after the drain timeout).
 
+In a fleet (the balancer has [cluster], DESIGN.md §10) a deploy run against any one node
+deploys the fleet: every change it sends carries `--fleet`, so its reply (and the next
+step) comes only once every live node applied it, and the connections it waits to end
+are the fleet's (`show cluster`: every live node's count), not one node's.
+
 Not guaranteed: a deploy holds no lock, so an operator changing the same pool or listener
 at the same time can confuse it; and a balancer that dies mid-deploy keeps whatever its
 state file recorded (DESIGN.md §6), which is the state at that moment.
@@ -66,6 +71,8 @@ BY_DEPLOY = "by deploy"
 # Phases of a rolling deploy before the backend is touched for good: stopped there, it is
 # put back where it was rather than left in maint.
 PHASES_BEFORE_MAINT = ("draining", "killing the connections of")
+# The commands a deploy sends that change state: in a fleet they carry `--fleet`.
+FLEET_WRITES = ("drain", "disable", "enable", "switch", "split", "weight")
 
 
 class DeployError(Exception):
@@ -232,8 +239,9 @@ class Deploy:
 
     def __init__(self, control, *, out: Callable[[str], None] | None = None,
                  sleep: Callable[[float], None] = time.sleep,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, fleet: bool = False):
         self.control = control
+        self.fleet = fleet              # the balancer is a fleet's node (is_fleet_node)
         self.out = out or functools.partial(print, flush=True)
         self.sleep = sleep
         self.clock = clock
@@ -244,6 +252,8 @@ class Deploy:
 
     def ctl(self, line: str) -> dict:
         """Send one command. DeployError when the balancer refuses it or is unreachable."""
+        if self.fleet and line.split(" ", 1)[0] in FLEET_WRITES:
+            line += " --fleet"
         try:
             reply = self.control.call(line)
         except ControlClientError as exc:
@@ -267,8 +277,14 @@ class Deploy:
             reconnect()
 
     def backends(self, pool: str) -> dict[str, dict]:
-        """`show backends POOL` rows by backend name, in the balancer's order."""
-        return {row["name"]: row for row in self.ctl(f"show backends {pool}")["backends"]}
+        """`show backends POOL` rows by backend name, in the balancer's order; in a fleet
+        `active` is the fleet's (every live node's connections)."""
+        rows = {row["name"]: row for row in self.ctl(f"show backends {pool}")["backends"]}
+        if self.fleet:
+            nodes = self.ctl("show cluster")["nodes"]
+            for name, row in rows.items():
+                row["active"] = sum(n["backends"].get(f"{pool}/{name}", 0) for n in nodes)
+        return rows
 
     def listeners(self) -> dict[str, dict]:
         return {row["name"]: row for row in self.ctl("show listeners")["listeners"]}
@@ -747,22 +763,31 @@ class CanaryDeploy(Deploy):
 
 # --- the CLI's entry point -----------------------------------------------------------
 
+def is_fleet_node(control) -> bool:
+    """True when the balancer is a node of a fleet (`show cluster` answers ok)."""
+    try:
+        return bool(control.call("show cluster").get("ok"))
+    except ControlClientError as exc:
+        raise DeployError(str(exc)) from None
+
+
 def run_deploy(args, socket_path) -> int:
     """`l4lb deploy STRATEGY ...`: run it, print the failure on stderr; the exit status
     (0 ok, 1 failed, 130 interrupted)."""
     control = Control(socket_path)
     try:
+        fleet = is_fleet_node(control)
         if args.strategy == "rolling":
             deploy = RollingDeploy(control, args.pool, args.command,
                                    drain_timeout=args.drain_timeout,
-                                   ready_timeout=args.ready_timeout)
+                                   ready_timeout=args.ready_timeout, fleet=fleet)
         elif args.strategy == "blue-green":
             deploy = BlueGreenDeploy(control, args.listener, args.to,
-                                     drain_timeout=args.drain_timeout)
+                                     drain_timeout=args.drain_timeout, fleet=fleet)
         else:
             deploy = CanaryDeploy(control, args.listener, args.to, args.steps, args.interval,
                                   max_failure_rate=args.max_failure_rate,
-                                  drain_timeout=args.drain_timeout)
+                                  drain_timeout=args.drain_timeout, fleet=fleet)
         deploy.run()
         return 0
     except DeployError as exc:

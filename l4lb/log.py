@@ -279,6 +279,7 @@ STATE_CHANGE_CAUSES = {
     "health_check": "active probes crossed rise or fall",
     "passive_check": "failed relay connects crossed fall",
     "health_check_removed": "a reload dropped the pool's health section (down -> up)",
+    "cluster": "a fleet's change, applied from etcd (l4lb.cluster)",
 }
 
 LOG_EVENTS: tuple[LogEvent, ...] = (
@@ -396,6 +397,28 @@ LOG_EVENTS: tuple[LogEvent, ...] = (
     LogEvent("resolve_changed", "info", ("name", "ttl", "addresses", "previous"),
              "A hostname backend's DNS answer changed (or came for the first time); new "
              "connections go to `addresses`, open ones keep theirs."),
+    # a fleet ([cluster], l4lb.cluster)
+    LogEvent("cluster_connected", "info", ("node", "endpoint", "revision", "how"),
+             "The node has a session with etcd; its watch runs from `revision` on. `how`: "
+             "first (the whole state read), resumed (from the revision it had applied), "
+             "compacted (etcd had compacted past it) or behind (etcd's revision is below it: "
+             "a store rebuilt); the last two read everything again and apply the difference."),
+    LogEvent("cluster_disconnected", "warning", ("node", "endpoint", "error", "revision"),
+             "The etcd session failed or could not start: the node keeps serving the state "
+             "of `revision` (fail static), refuses writes with `error`, and retries."),
+    LogEvent("cluster_resynced", "info", ("node", "revision", "how", "changes"),
+             "The node read the whole fleet state at `revision` and applied what differed "
+             "(`changes`: backends and routes looked at)."),
+    LogEvent("cluster_node_joined", "info", ("node",),
+             "A node's record appeared: it is live in the fleet."),
+    LogEvent("cluster_node_left", "info", ("node",),
+             "A node's record is gone (it stopped, or its lease expired): it no longer "
+             "counts for `--fleet`, `wait` and deploys."),
+    LogEvent("cluster_entry_ignored", "warning", ("section", "key", "error"),
+             "An entry of the fleet's state breaks a rule or names what this node's config "
+             "lacks; it was skipped here (the other nodes may apply it)."),
+    LogEvent("listener_routed", "info", ("listener", "sni", "route", "cause"),
+             "A fleet's switch or split moved a route of this node's listener."),
     # bugs: these carry the traceback as `exception`
     LogEvent("sweep_failed", "error", ("exception",),
              "The periodic timeout sweep raised; it keeps running. A bug: please report it."),
@@ -412,6 +435,9 @@ LOG_EVENTS: tuple[LogEvent, ...] = (
              "A health checker raised; it keeps checking. A bug: please report it."),
     LogEvent("metrics_scrape_failed", "error", ("exception",),
              "Collecting the metrics raised; the scraper got a 500. A bug: please report it."),
+    LogEvent("cluster_apply_failed", "error", ("exception",),
+             "Applying a fleet's change from etcd raised; the node reads the whole state "
+             "again. A bug: please report it."),
     LogEvent("resolver_failed", "error", ("exception",),
              "A round of the DNS resolver raised; it keeps resolving. A bug: please report it."),
 )

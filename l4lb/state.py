@@ -7,6 +7,7 @@ every start and reload, so a restart never silently undoes an operator's `disabl
 File format (written by the `toml` package, checked by reading it back with tomllib):
 
     version = 1
+    revision = 1742                # in a fleet: the etcd revision this state is as of
     removed = ["blue/app3"]
     [backends."blue/app1"]         # operator overrides of config backends
     state = "maint"                # only admin states are kept: maint | draining
@@ -57,6 +58,8 @@ class RuntimeState:
     added: dict[str, dict] = field(default_factory=dict)      # "pool/name" -> {address, weight}
     removed: list[str] = field(default_factory=list)          # "pool/name"
     listeners: dict[str, dict] = field(default_factory=dict)  # route_key -> {pool} | {split}
+    # In a fleet (l4lb.cluster): the etcd revision this state was applied at; 0 = none.
+    revision: int = 0
     # Entries skipped when read from the file (StateIssue); never written back.
     issues: list = field(default_factory=list, compare=False, repr=False)
 
@@ -103,6 +106,8 @@ class RuntimeState:
 
     def to_dict(self) -> dict:
         out: dict = {"version": STATE_VERSION}
+        if self.revision:
+            out["revision"] = self.revision
         if self.removed:
             out["removed"] = list(self.removed)
         if self.backends:
@@ -129,6 +134,12 @@ class RuntimeState:
         state = cls()
         for section, value in data.items():
             if section == "version":
+                continue
+            if section == "revision":
+                if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                    state.revision = value
+                else:
+                    state.issues.append(StateIssue("revision", "", "must be a whole number"))
                 continue
             reader = _SECTION_READERS.get(section)
             if reader is None:

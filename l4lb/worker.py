@@ -22,6 +22,7 @@ from . import _native
 from .balancer import Runtime
 from .channel import Channel
 from .config import parse_address, parse_config
+from .fleet_apply import apply_difference
 from .health import close_open_relays
 from .listen import Accepting
 from .log import configure_logging, dropped_lines, get_logger, stderr_writer
@@ -203,6 +204,15 @@ class Worker:
         addresses = msg["addresses"]
         self.set_resolved(self.runtime, {f"{msg['pool']}/{msg['backend']}": addresses}
                           if addresses is not None else {})
+
+    def op_converge(self, msg, fds):
+        """The master moved its model from one runtime state to another (a fleet's
+        change): the same primitives move this one (fleet_apply.apply_difference)."""
+        rt = self.runtime
+        rt.slots = msg["slots"]
+        new = RuntimeState.from_dict(msg["new"])
+        apply_difference(rt.operator, RuntimeState.from_dict(msg["old"]), new)
+        rt.runtime_state = new
 
     def op_reload(self, msg, fds):
         """The master's reload, applied here from the same text: the same plan, and

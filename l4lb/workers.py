@@ -220,6 +220,13 @@ class Workers:
             except ChannelClosed:
                 pass
 
+    def converge(self, old, new) -> None:
+        """The master moved its model from RuntimeState `old` to `new` (a fleet's change
+        from etcd, or its undo: fleet_apply.apply_difference): each worker moves its own
+        the same way."""
+        self.broadcast({"op": "converge", "old": old.to_dict(), "new": new.to_dict(),
+                        "slots": self.balancer.slots})
+
     async def ask(self, msg: dict, fds: list[int] = ()) -> list[tuple[Worker, dict]]:
         """Send request `msg` to every live worker; (worker, reply) of those that answered."""
         workers = self.live()

@@ -395,3 +395,77 @@ def wait_steady(sample, samples: int = 3, interval: float = 0.2, timeout: float 
         raise TimeoutError(f"waited {timeout}s for {what} in vain; last samples: "
                            f"{seen[-samples:]!r}") from None
     return seen[-1]
+
+
+# --- etcd, for the fleet tests ----------------------------------------------------------
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on `host` right now (for a program that takes a port, not port 0)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class Etcd:
+    """A one-member etcd (Debian's etcd-server) on loopback ports with its data in
+    `data_dir`; stop() and start() again keep its data, ports and revisions."""
+
+    def __init__(self, data_dir: Path):
+        self.data_dir = data_dir
+        self.port, self.peer_port = free_port(), free_port()
+        self.proc: subprocess.Popen | None = None
+        self.log = open(data_dir.parent / "etcd.log", "ab")
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> "Etcd":
+        url, peer = f"http://127.0.0.1:{self.port}", f"http://127.0.0.1:{self.peer_port}"
+        self.proc = subprocess.Popen(
+            ["etcd", "--name", "t", "--data-dir", str(self.data_dir),
+             "--listen-client-urls", url, "--advertise-client-urls", url,
+             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+             "--initial-cluster", f"t={peer}"],
+            stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log)
+        wait_until(self.healthy, timeout, "etcd to answer", interval=0.1)
+        return self
+
+    def healthy(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"etcd exited with {self.proc.returncode}")
+        try:
+            return self.call("/v3/kv/range", {"key": "eA=="}) is not None
+        except OSError:
+            return False
+
+    def call(self, path: str, body: dict) -> dict:
+        """One request to etcd's JSON gateway (keys and values are base64 there)."""
+        import urllib.request
+
+        request = urllib.request.Request(f"http://{self.endpoint}{path}",
+                                         data=json.dumps(body).encode(), method="POST")
+        with urllib.request.urlopen(request, timeout=5) as reply:
+            return json.loads(reply.read())
+
+    def revision(self) -> int:
+        return int(self.call("/v3/kv/range", {"key": "eA=="})["header"]["revision"])
+
+    def compact(self) -> int:
+        """Compact the history up to the current revision; returns it."""
+        revision = self.revision()
+        self.call("/v3/kv/compaction", {"revision": revision, "physical": True})
+        return revision
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def close(self) -> None:
+        self.stop()
+        self.log.close()

@@ -9,12 +9,18 @@ which finds, acts, records and persists.
 """
 from __future__ import annotations
 
+import time
+
 from ..actions import OperationError
 from ..config import Address
 from ..live import RateTracker, live_snapshot
 from ..process import show_info_fields
 from ..rows import backend_row, listener_row, worker_rows
 from . import protocol
+
+# Seconds `--fleet` waits for the other live nodes to apply a change before it replies
+# with an error naming them (the change stays made: etcd holds it, they apply it later).
+FLEET_TIMEOUT = 20.0
 
 # command name ("show backends") -> the CommandHandlers method that carries it out
 HANDLERS: dict[str, str] = {}
@@ -86,49 +92,88 @@ class CommandHandlers:
     async def show_workers(self):
         return {"workers": worker_rows(self.balancer)}
 
+    @handles("show cluster")
+    async def show_cluster(self):
+        cluster = self.fleet_cluster("show cluster")
+        return {"nodes": cluster.rows()}
+
+    # --- a fleet (l4lb.cluster) -----------------------------------------------------------
+
+    def fleet_cluster(self, what: str):
+        cluster = self.balancer.cluster
+        if cluster is None:
+            raise OperationError(f"{what} needs a [cluster] table in the config: this node "
+                                 "is not part of a fleet")
+        return cluster
+
+    async def on_fleet(self, fleet: bool, action) -> dict:
+        """Carry out `action` (a coroutine of the operator); with `--fleet`, reply once
+        every live node applied it (OperationError naming the others after FLEET_TIMEOUT)."""
+        try:
+            cluster = self.fleet_cluster("--fleet") if fleet else None
+        except OperationError:
+            action.close()
+            raise
+        reply = await action
+        if cluster is not None:
+            await cluster.until_fleet_applied(FLEET_TIMEOUT)
+        return reply
+
     # --- backends -----------------------------------------------------------------------
 
     @handles("enable")
-    async def enable(self, pool, backend):
-        return await self.operator.enable(pool, backend)
+    async def enable(self, pool, backend, fleet=False):
+        return await self.on_fleet(fleet, self.operator.enable(pool, backend))
 
     @handles("disable")
-    async def disable(self, pool, backend, by=None):
-        return await self.operator.disable(pool, backend, by)
+    async def disable(self, pool, backend, by=None, fleet=False):
+        return await self.on_fleet(fleet, self.operator.disable(pool, backend, by))
 
     @handles("drain")
-    async def drain(self, pool, backend, by=None):
-        return await self.operator.drain(pool, backend, by)
+    async def drain(self, pool, backend, by=None, fleet=False):
+        return await self.on_fleet(fleet, self.operator.drain(pool, backend, by))
 
     @handles("wait")
     async def wait(self, pool, backend, timeout=None):
-        return await self.operator.wait(pool, backend, timeout)
+        """In a fleet: until no live node has a connection to the backend."""
+        t0 = time.monotonic()
+        reply = await self.operator.wait(pool, backend, timeout)
+        cluster = self.balancer.cluster
+        if cluster is not None:
+            ref = f"{pool}/{backend}"
+            left = None if timeout is None else max(0.0, timeout - (time.monotonic() - t0))
+            if not await cluster.until_fleet_idle(ref, left):
+                raise OperationError(f"backend '{ref}' still has {cluster.fleet_active(ref)} "
+                                     f"active connections in the fleet after {timeout} s")
+            reply["waited_s"] = round(time.monotonic() - t0, 3)
+        return reply
 
     @handles("kill")
     async def kill(self, pool, backend):
         return await self.operator.kill(pool, backend)
 
     @handles("weight")
-    async def weight(self, pool, backend, weight):
-        return await self.operator.weight(pool, backend, weight)
+    async def weight(self, pool, backend, weight, fleet=False):
+        return await self.on_fleet(fleet, self.operator.weight(pool, backend, weight))
 
     @handles("add")
-    async def add(self, pool, backend, address, weight=1):
-        return await self.operator.add(pool, backend, Address(*address), weight)
+    async def add(self, pool, backend, address, weight=1, fleet=False):
+        return await self.on_fleet(fleet, self.operator.add(pool, backend, Address(*address),
+                                                            weight))
 
     @handles("remove")
-    async def remove(self, pool, backend):
-        return await self.operator.remove(pool, backend)
+    async def remove(self, pool, backend, fleet=False):
+        return await self.on_fleet(fleet, self.operator.remove(pool, backend))
 
     # --- listeners and process -------------------------------------------------------------
 
     @handles("switch")
-    async def switch(self, listener, sni, pool):
-        return await self.operator.switch(listener, pool, sni)
+    async def switch(self, listener, sni, pool, fleet=False):
+        return await self.on_fleet(fleet, self.operator.switch(listener, pool, sni))
 
     @handles("split")
-    async def split(self, listener, sni, split):
-        return await self.operator.split(listener, split, sni)
+    async def split(self, listener, sni, split, fleet=False):
+        return await self.on_fleet(fleet, self.operator.split(listener, split, sni))
 
     @handles("reload")
     async def reload(self):

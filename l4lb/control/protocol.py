@@ -107,6 +107,7 @@ class ArgKind(enum.Enum):
     ADDRESS = "address"  # HOST:PORT, [IPv6]:PORT -> (host, port)
     SPLIT = "split"  # POOL=PCT ... summing to 100 -> {pool: pct} in the given order
     ROUTE = "route"  # LISTENER[/SNI] -> {"listener": str, "sni": str|None (normalized pattern)}
+    FLAG = "flag"  # a keyword alone (--fleet) -> True; absent -> False
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,8 @@ class ArgSpec:
 
     @property
     def usage(self) -> str:
+        if self.kind is ArgKind.FLAG:
+            return f"[{self.keyword}]"
         text = f"{self.keyword} {self.metavar}" if self.keyword else self.metavar
         if self.kind is ArgKind.SPLIT:
             text += " ..."
@@ -179,6 +182,8 @@ _TIMEOUT = ArgSpec(ArgKind.TIMEOUT, "timeout", "TIMEOUT", optional=True)
 _STATE_REPLY = ("pool", "backend", "state", "previous")
 # `by deploy`: l4lb deploy marks the admin states it sets (vocab.SET_BY_WORDS).
 _SET_BY = ArgSpec(ArgKind.NAME, "by", "WHO", optional=True, keyword="by")
+# In a fleet ([cluster]): reply once every live node applied the change, not only this one.
+_FLEET = ArgSpec(ArgKind.FLAG, "fleet", "", optional=True, default=False, keyword="--fleet")
 
 COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec(("help",), (), "list the commands", reply=("commands",)),
@@ -217,26 +222,27 @@ COMMANDS: tuple[CommandSpec, ...] = (
         rows=("worker", "pid", "generation", "started", "live", "active", "accepted",
               "restarts"),
     ),
-    CommandSpec(("enable",), (_BACKEND,), "put a backend in rotation (state up)",
+    CommandSpec(("enable",), (_BACKEND, _FLEET), "put a backend in rotation (state up)",
                 reply=_STATE_REPLY),
-    CommandSpec(("disable",), (_BACKEND, _SET_BY),
+    CommandSpec(("disable",), (_BACKEND, _SET_BY, _FLEET),
                 "take a backend out for maintenance (state maint, health checks paused); "
                 "`by deploy` marks it as a deploy's",
                 reply=_STATE_REPLY),
-    CommandSpec(("drain",), (_BACKEND, _SET_BY),
+    CommandSpec(("drain",), (_BACKEND, _SET_BY, _FLEET),
                 "stop new connections to a backend, let existing ones finish; "
                 "`by deploy` marks it as a deploy's",
                 reply=_STATE_REPLY),
     CommandSpec(
         ("wait",), (_BACKEND, _TIMEOUT),
-        "reply once the backend has no active connections; ok:false after TIMEOUT s",
+        "reply once the backend has no active connections (in a fleet: on any live node); "
+        "ok:false after TIMEOUT s",
         reply=("pool", "backend", "waited_s"),
     ),
     CommandSpec(("kill",), (_BACKEND,), "close a backend's connections now",
                 reply=("pool", "backend", "closed")),
     CommandSpec(
         ("weight",),
-        (_BACKEND, ArgSpec(ArgKind.COUNT, "weight", "N", high=WEIGHT_MAX)),
+        (_BACKEND, ArgSpec(ArgKind.COUNT, "weight", "N", high=WEIGHT_MAX), _FLEET),
         f"set a backend's weight (0..{WEIGHT_MAX}; 0 = no new connections)",
         reply=("pool", "backend", "weight", "previous"),
     ),
@@ -248,25 +254,34 @@ COMMANDS: tuple[CommandSpec, ...] = (
             ArgSpec(ArgKind.ADDRESS, "address", "HOST:PORT"),
             ArgSpec(ArgKind.COUNT, "weight", "N", optional=True, default=WEIGHT_DEFAULT,
                     keyword="weight", high=WEIGHT_MAX),
+            _FLEET,
         ),
         f"add a backend to a pool (weight {WEIGHT_DEFAULT} unless given)",
         reply=("pool", "backend", "address", "weight", "state"),
     ),
-    CommandSpec(("remove",), (_BACKEND,),
+    CommandSpec(("remove",), (_BACKEND, _FLEET),
                 "remove a backend; refused while it has active connections",
                 reply=("pool", "backend")),
     CommandSpec(
         ("switch",),
-        (_ROUTE, ArgSpec(ArgKind.NAME, "pool", "POOL")),
+        (_ROUTE, ArgSpec(ArgKind.NAME, "pool", "POOL"), _FLEET),
         "blue-green: send all new connections of LISTENER (or of its sni route SNI) to POOL",
         reply=("listener", "sni", "pool", "previous"),
     ),
     CommandSpec(
         ("split",),
-        (_ROUTE, ArgSpec(ArgKind.SPLIT, "split", "POOL=PCT")),
+        (_ROUTE, ArgSpec(ArgKind.SPLIT, "split", "POOL=PCT"), _FLEET),
         "canary: share new connections of LISTENER (or of its sni route SNI) between pools, "
         "percentages summing to 100",
         reply=("listener", "sni", "split", "previous"),
+    ),
+    CommandSpec(
+        ("show", "cluster"), (),
+        "with [cluster]: the live nodes of the fleet, the revision each applied, its lag, "
+        "last heartbeat and active connections (per backend)",
+        reply=("nodes",),
+        rows=("node", "self", "pid", "applied", "lag", "heartbeat_age_s", "active",
+              "backends", "etcd"),
     ),
     CommandSpec(("reload",), (), "re-read the config file; a bad file changes nothing",
                 reply=("changes",)),
@@ -490,10 +505,12 @@ def _parse_args(spec: CommandSpec, tokens: list[str]) -> dict[str, Any]:
     i = 0
     for arg in positional:
         if arg.kind is ArgKind.SPLIT:
-            if i >= len(tokens):
+            end = next((j for j in range(i, len(tokens)) if tokens[j] in options),
+                       len(tokens))
+            if i >= end:
                 raise ControlError(f"missing {arg.metavar}")
-            args.update(_parse_split(arg, tokens[i:]))
-            i = len(tokens)
+            args.update(_parse_split(arg, tokens[i:end]))
+            i = end
         elif i < len(tokens) and not (arg.optional and tokens[i] in options):
             args.update(_ARG_PARSERS[arg.kind](arg, tokens[i]))
             i += 1
@@ -508,6 +525,11 @@ def _parse_args(spec: CommandSpec, tokens: list[str]) -> dict[str, Any]:
             raise ControlError(f"unexpected argument {_quote(tokens[i])}")
         if option.keyword in seen:
             raise ControlError(f"{option.keyword!r} given twice")
+        if option.kind is ArgKind.FLAG:
+            args[option.key] = True
+            seen.add(option.keyword)
+            i += 1
+            continue
         if i + 1 >= len(tokens):
             raise ControlError(f"missing {option.metavar} after {option.keyword!r}")
         args.update(_ARG_PARSERS[option.kind](option, tokens[i + 1]))

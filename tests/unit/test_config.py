@@ -686,7 +686,8 @@ ON_PURPOSE = {
     ("pools.NAME", "algorithm"): "the demo's backends are visited in turn: rr",
 }
 _COMMENTED_KEY = re.compile(r"^#\s*([a-z_]+)\s*=\s*(.+)$")
-_HEADER = re.compile(r"^\[([A-Za-z0-9_.]+)\]\s*$")
+# A table shown commented out ("# [cluster]": optional, off by default) opens one too.
+_HEADER = re.compile(r"^(?:#\s*)?\[([A-Za-z0-9_.]+)\]\s*$")
 
 
 def _table_at(parts: list[str]) -> str:

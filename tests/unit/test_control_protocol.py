@@ -33,59 +33,67 @@ VALID_COMMANDS = [
     (b"show conns blue", Command("show conns", {"pool": "blue", "backend": None})),
     (b"show conns blue/app1", Command("show conns", {"pool": "blue", "backend": "app1"})),
     (b"show workers", Command("show workers", {})),
-    (b"enable blue/app1", Command("enable", {"pool": "blue", "backend": "app1"})),
-    (b"disable blue/app1", Command("disable", {"pool": "blue", "backend": "app1", "by": None})),
+    (b"enable blue/app1", Command("enable", {"pool": "blue", "backend": "app1", "fleet": False})),
+    (b"disable blue/app1", Command("disable", {"pool": "blue", "backend": "app1", "by": None, "fleet": False})),
     (b"disable blue/app1 by deploy",
-     Command("disable", {"pool": "blue", "backend": "app1", "by": "deploy"})),
-    (b"drain blue/app1", Command("drain", {"pool": "blue", "backend": "app1", "by": None})),
+     Command("disable", {"pool": "blue", "backend": "app1", "by": "deploy", "fleet": False})),
+    (b"drain blue/app1", Command("drain", {"pool": "blue", "backend": "app1", "by": None, "fleet": False})),
     (b"kill blue/app1", Command("kill", {"pool": "blue", "backend": "app1"})),
-    (b"remove blue/app1", Command("remove", {"pool": "blue", "backend": "app1"})),
+    (b"remove blue/app1", Command("remove", {"pool": "blue", "backend": "app1", "fleet": False})),
     (b"wait blue/app1", Command("wait", {"pool": "blue", "backend": "app1", "timeout": None})),
     (b"wait blue/app1 2.5", Command("wait", {"pool": "blue", "backend": "app1", "timeout": 2.5})),
     (b"wait blue/app1 30", Command("wait", {"pool": "blue", "backend": "app1", "timeout": 30.0})),
-    (b"weight blue/app1 50", Command("weight", {"pool": "blue", "backend": "app1", "weight": 50})),
-    (b"weight blue/app1 0", Command("weight", {"pool": "blue", "backend": "app1", "weight": 0})),
+    (b"weight blue/app1 50", Command("weight", {"pool": "blue", "backend": "app1", "weight": 50, "fleet": False})),
+    (b"weight blue/app1 0", Command("weight", {"pool": "blue", "backend": "app1", "weight": 0, "fleet": False})),
     (
         b"weight blue/app1 " + b"0" * 5000 + b"7",
-        Command("weight", {"pool": "blue", "backend": "app1", "weight": 7}),
+        Command("weight", {"pool": "blue", "backend": "app1", "weight": 7, "fleet": False}),
     ),
     (
         b"weight blue/app1 10000",
-        Command("weight", {"pool": "blue", "backend": "app1", "weight": 10000}),
+        Command("weight", {"pool": "blue", "backend": "app1", "weight": 10000, "fleet": False}),
     ),
     (
         b"add blue app3 127.0.0.1:9003",
         Command(
             "add",
-            {"pool": "blue", "backend": "app3", "address": ("127.0.0.1", 9003), "weight": 1},
+            {"pool": "blue", "backend": "app3", "address": ("127.0.0.1", 9003), "weight": 1, "fleet": False},
         ),
     ),
     (
         b"add blue app3 [::1]:9003 weight 7",
-        Command("add", {"pool": "blue", "backend": "app3", "address": ("::1", 9003), "weight": 7}),
+        Command("add", {"pool": "blue", "backend": "app3", "address": ("::1", 9003), "weight": 7, "fleet": False}),
     ),
     (
         b"add blue app3 db.Example.com:5432",
         Command(
             "add",
-            {"pool": "blue", "backend": "app3", "address": ("db.example.com", 5432), "weight": 1},
+            {"pool": "blue", "backend": "app3", "address": ("db.example.com", 5432), "weight": 1, "fleet": False},
         ),
     ),
-    (b"switch web green", Command("switch", {"listener": "web", "sni": None, "pool": "green"})),
+    (b"switch web green", Command("switch", {"listener": "web", "sni": None, "pool": "green", "fleet": False})),
     (
         b"split web blue=90 green=10",
-        Command("split", {"listener": "web", "sni": None, "split": {"blue": 90, "green": 10}}),
+        Command("split", {"listener": "web", "sni": None, "split": {"blue": 90, "green": 10}, "fleet": False}),
     ),
-    (b"split web green=100", Command("split", {"listener": "web", "sni": None, "split": {"green": 100}})),
+    (b"split web green=100", Command("split", {"listener": "web", "sni": None, "split": {"green": 100}, "fleet": False})),
     (
         b"split web a=0 b=33 c=67",
-        Command("split", {"listener": "web", "sni": None, "split": {"a": 0, "b": 33, "c": 67}}),
+        Command("split", {"listener": "web", "sni": None, "split": {"a": 0, "b": 33, "c": 67}, "fleet": False}),
     ),
     (b"reload", Command("reload", {})),
     (b"shutdown", Command("shutdown", {"timeout": None})),
     (b"shutdown 10", Command("shutdown", {"timeout": 10.0})),
     (b"subscribe", Command("subscribe", {"interval": None})),
     (b"subscribe 0.5", Command("subscribe", {"interval": 0.5})),
+    (b"drain blue/app1 by deploy --fleet",
+     Command("drain", {"pool": "blue", "backend": "app1", "by": "deploy", "fleet": True})),
+    (b"weight blue/app1 5 --fleet",
+     Command("weight", {"pool": "blue", "backend": "app1", "weight": 5, "fleet": True})),
+    (b"split web blue=90 green=10 --fleet",
+     Command("split", {"listener": "web", "sni": None, "split": {"blue": 90, "green": 10},
+                       "fleet": True})),
+    (b"show cluster", Command("show cluster", {})),
 ]
 
 
@@ -119,7 +127,7 @@ def test_switch_names_a_listener_or_one_of_its_sni_routes(line, listener, sni):
 def test_split_names_an_sni_route_by_its_wildcard_pattern():
     cmd = parse_command(b"split tls/*.example.com web=90 canary=10")
     assert cmd.args == {"listener": "tls", "sni": "*.example.com",
-                        "split": {"web": 90, "canary": 10}}
+                        "split": {"web": 90, "canary": 10}, "fleet": False}
 
 
 @pytest.mark.parametrize("line", [b"switch tls/ green", b"switch tls/* green",
@@ -277,10 +285,10 @@ def test_help_usage_lines_match_design_md_section_6():
         "show backends [POOL]",
         "show conns [POOL[/BACKEND]]",
         "wait POOL/BACKEND [TIMEOUT]",
-        "weight POOL/BACKEND N",
-        "add POOL BACKEND HOST:PORT [weight N]",
-        "switch LISTENER[/SNI] POOL",          # issue 18: /SNI names an sni route
-        "split LISTENER[/SNI] POOL=PCT ...",
+        "weight POOL/BACKEND N [--fleet]",          # issue 17: --fleet in a fleet
+        "add POOL BACKEND HOST:PORT [weight N] [--fleet]",
+        "switch LISTENER[/SNI] POOL [--fleet]",          # issue 18: /SNI names an sni route
+        "split LISTENER[/SNI] POOL=PCT ... [--fleet]",
         "shutdown [TIMEOUT]",
     } <= usages
 
