@@ -572,7 +572,8 @@ def check_pool(pool: PoolConfig, path: KeyPath, report: Report) -> None:
 
 
 def check_resolvers(resolvers: ResolversConfig, path: KeyPath, report: Report) -> None:
-    for i, server in enumerate(resolvers.nameservers or []):
+    servers = resolvers.nameservers if isinstance(resolvers.nameservers, list) else []
+    for i, server in enumerate(servers):     # not a list: reported already by its rule
         if isinstance(server, Address) and server.family == socket.AF_UNSPEC:
             report(path + ("nameservers", i),
                    f"a nameserver must be an IP address, got the hostname {server.host!r}")

@@ -80,7 +80,9 @@ def test_weighted_algorithms_serve_through_the_relay(backends, l4lb, algorithm):
     seen = [hello(lb.port()) for _ in range(40)]
     assert len(seen) == 40 and set(seen) <= {"a", "b"}
     if algorithm == "wrr":
-        assert seen.count("a") == 30
+        # Smooth wrr turns in each worker: each gives a 3 of every 4 it takes, to within
+        # one cycle, whatever share of the 40 the kernel handed it.
+        assert abs(seen.count("a") - 30) <= 2 * 2, seen
     if algorithm == "p2c":                  # equal load: the heavier of the two wins
         assert seen.count("a") >= seen.count("b")
     # lrt follows measured connect times, which loopback noise decides: served is enough.
