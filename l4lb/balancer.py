@@ -38,6 +38,7 @@ from .model import Backend, BackendState, Listener, Pool
 from .persist import StateWriter
 from .resolver import Resolver
 from .reload import reload_from_file
+from .sdnotify import Notifier
 from .state import RuntimeState, StateFileError, load_state, state_path_for
 from .workers import Workers
 
@@ -151,6 +152,7 @@ class Balancer(Runtime):
                                         self.log)
         self.listening = Listening(self.loop, self.hub, self.listeners, self.log, count)
         self.workers = Workers(self, count, zygote)
+        self.notifier = Notifier()              # systemd's Type=notify; a no-op elsewhere
         self.health = HealthMonitor(self.workers.close_open, self.log)
         self.resolver = Resolver(config.resolvers, lambda: self.pools.values(), self.log,
                                  on_resolved=self.resolved)
@@ -300,8 +302,21 @@ class Balancer(Runtime):
     async def reload(self, cause: str = "command") -> list[str]:
         """Re-read the config file and apply it in place (reload.py), in the master and
         then in every worker; refused while shutting down. OperationError, with nothing
-        changed, says why it was refused."""
-        return await reload_from_file(self, cause)
+        changed, says why it was refused. systemd hears RELOADING=1 first and READY=1
+        once it was applied or refused (not during a shutdown: it is refused at once)."""
+        if self.stopping:
+            return await reload_from_file(self, cause)
+        self.notifier.reloading()
+        try:
+            return await reload_from_file(self, cause)
+        finally:
+            self.notifier.ready(self.status_line())
+
+    def status_line(self) -> str:
+        """What `systemctl status` shows (sd_notify STATUS=)."""
+        live = len(self.workers.live())
+        return (f"serving {len(self.listeners)} listener(s) with {live}/{self.workers.count} "
+                f"worker(s); {self.hub.active} connection(s) open")
 
     async def shutdown(self, timeout: float | None = None) -> None:
         """Stop accepting, let connections finish for up to `timeout` seconds (default
@@ -312,6 +327,8 @@ class Balancer(Runtime):
         self.stopping = True
         if timeout is None:
             timeout = self.config.global_.shutdown_timeout
+        self.notifier.stopping(f"stopping: {self.hub.active} connection(s) get up to "
+                               f"{timeout:g} s")
         await self.workers.stop_accepting()
         self.listening.close_all()
         self.log.info("shutdown_started", active=self.hub.active, timeout=timeout)

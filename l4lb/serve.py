@@ -100,6 +100,7 @@ async def serve(config: Config, ready=None, early: EarlySignals | None = None) -
         raise
     log.info("started", pid=os.getpid(), version=__version__, config=str(config.path),
              control=str(config.control.socket))
+    balancer.notifier.ready(balancer.status_line())
     signals.ready(balancer)
     if ready is not None:
         ready(balancer)

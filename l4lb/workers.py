@@ -143,6 +143,8 @@ class Workers:
             os.close(fd)
         if msg.get("event") == "ready" and worker.ready is not None and not worker.ready.done():
             worker.ready.set_result(True)
+            if worker.restarts:
+                self.balancer.notifier.status(self.balancer.status_line())
             self.log.info("worker_started", worker=worker.index, pid=worker.pid,
                           generation=worker.generation, restarts=worker.restarts,
                           startup_ms=round((time.time() - worker.started_at) * 1000.0, 1))
@@ -178,6 +180,8 @@ class Workers:
             return
         self.log.warning("worker_exited", worker=worker.index, pid=worker.pid,
                          status=describe_status(status), lost=lost)
+        self.balancer.notifier.status(f"worker {worker.index} exited "
+                                      f"({describe_status(status)}); restarting it")
         now = time.monotonic()
         worker.exits = [t for t in worker.exits if now - t < RESTART_WINDOW] + [now]
         if len(worker.exits) > RESTART_BURST:

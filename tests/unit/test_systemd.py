@@ -72,6 +72,8 @@ def test_systemd_analyze_verify_catches_a_broken_copy(tmp_path):
 
 def test_unit_runs_checks_reloads_and_stops_gracefully():
     s = unit_settings()
+    # l4lb speaks sd_notify (l4lb.sdnotify): started = serving; only the master speaks.
+    assert s["Type"] == ["notify"] and s["NotifyAccess"] == ["main"]
     assert s["ExecStartPre"] == [f"{INSTALLED_PATH} check -c /etc/l4lb/l4lb.toml"]
     assert s["ExecStart"] == [f"{INSTALLED_PATH} run -c /etc/l4lb/l4lb.toml"]
     assert s["ExecReload"][-1] == "/bin/kill -HUP $MAINPID"
