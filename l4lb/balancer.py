@@ -32,7 +32,7 @@ from .cluster import Cluster
 from .config import Config, PoolConfig
 from .health import HealthMonitor
 from .endpoint import MetricsEndpoint
-from .listen import Listening
+from .listen import Inherited, Listening
 from .log import get_logger
 from .model import Backend, BackendState, Listener, Pool
 from .persist import StateWriter
@@ -150,7 +150,9 @@ class Balancer(Runtime):
         self.state_path = state_path_for(config.control.socket)
         self.state_writer = StateWriter(self.loop, self.state_path, lambda: self.runtime_state,
                                         self.log)
-        self.listening = Listening(self.loop, self.hub, self.listeners, self.log, count)
+        # Binds systemd may have opened for us (socket activation: LISTEN_FDS).
+        self.listening = Listening(self.loop, self.hub, self.listeners, self.log, count,
+                                   Inherited())
         self.workers = Workers(self, count, zygote)
         self.notifier = Notifier()              # systemd's Type=notify; a no-op elsewhere
         self.health = HealthMonitor(self.workers.close_open, self.log)
@@ -252,6 +254,7 @@ class Balancer(Runtime):
         try:
             for listener in self.listeners.values():
                 await self.listening.open_listener(listener)
+            self.listening.release_inherited()
             await self.metrics.start(self.config.metrics.listen)
             await self.workers.start()
         except BaseException:

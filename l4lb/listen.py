@@ -14,6 +14,8 @@ the process runs out of descriptors.
 """
 from __future__ import annotations
 
+import ipaddress
+import os
 import socket
 
 from . import _native
@@ -68,16 +70,70 @@ def open_listening_socket(addr: Address, rcvbuf: int = 0, sndbuf: int = 0, *,
 
 class BindGroup:
     """The sockets of one bind: one SO_REUSEPORT socket per worker, in worker order (the
-    master's; worker i accepts on sockets[i])."""
+    master's; worker i accepts on sockets[i]); or one socket systemd passed, which every
+    worker accepts on (the same object at every index)."""
 
     def __init__(self, addr: Address, sockets: list[socket.socket]):
         self.addr = addr
         self.sockets = sockets
 
     def close(self) -> None:
-        for sock in self.sockets:
+        for sock in {id(s): s for s in self.sockets}.values():
             sock.close()
         self.sockets = []
+
+
+# Socket activation (sd_listen_fds(3)): systemd passes listening sockets from fd 3 on.
+SD_LISTEN_FDS_START = 3
+
+
+def _address_key(host: str, port: int) -> tuple:
+    try:
+        return (ipaddress.ip_address(host.split("%", 1)[0]), port)
+    except ValueError:
+        return (host, port)
+
+
+class Inherited:
+    """The listening sockets systemd passed (LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES),
+    by the address each is bound to; `take(addr)` hands one to the bind it matches. The
+    variables are removed from the environment, so no child takes them for its own."""
+
+    def __init__(self, environ=None):
+        environ = os.environ if environ is None else environ
+        self.sockets: dict[tuple, socket.socket] = {}
+        self.names: dict[tuple, str] = {}
+        count = environ.pop("LISTEN_FDS", None)
+        pid = environ.pop("LISTEN_PID", None)
+        names = (environ.pop("LISTEN_FDNAMES", None) or "").split(":")
+        if count is None or pid != str(os.getpid()):
+            return
+        for i in range(int(count) if count.isdigit() else 0):
+            fd = SD_LISTEN_FDS_START + i
+            try:
+                sock = socket.socket(fileno=fd)
+                if sock.type != socket.SOCK_STREAM:
+                    sock.detach()
+                    continue
+                sock.set_inheritable(False)
+                sock.setblocking(False)
+                key = _address_key(*sock.getsockname()[:2])
+            except OSError:
+                continue
+            self.sockets[key] = sock
+            self.names[key] = names[i] if i < len(names) else ""
+
+    def take(self, addr: Address) -> socket.socket | None:
+        """The passed socket bound to `addr`'s IP and port, or None."""
+        return self.sockets.pop(_address_key(addr.host, addr.port), None)
+
+    def close_rest(self) -> list[str]:
+        """Close the passed sockets no bind took; their `ip:port` for the log."""
+        left = [f"{host}:{port}" for host, port in self.sockets]
+        for sock in self.sockets.values():
+            sock.close()
+        self.sockets.clear()
+        return left
 
 
 def open_bind_group(addr: Address, count: int, rcvbuf: int = 0, sndbuf: int = 0) -> BindGroup:
@@ -140,12 +196,30 @@ class Listening(_Servers):
     number of workers: the sockets per bind. The master closes its sockets only once the
     workers stopped accepting (Balancer.shutdown), or when a reload drops a bind."""
 
-    def __init__(self, loop, hub, listeners: dict[str, Listener], log, count: int = 1):
+    def __init__(self, loop, hub, listeners: dict[str, Listener], log, count: int = 1,
+                 inherited: Inherited | None = None):
         super().__init__(loop, hub, listeners, log)
         self.count = count
+        self.inherited = inherited
 
     def open_group(self, addr: Address, lcfg: ListenerConfig) -> BindGroup:
+        """The bind's sockets: the one systemd passed for its address, which every worker
+        shares (systemd keeps it open across restarts), or one SO_REUSEPORT socket per
+        worker."""
+        sock = self.inherited.take(addr) if self.inherited is not None else None
+        if sock is not None:
+            self.log.info("listen_fd_taken", listener=lcfg.name, bind=str(addr))
+            return BindGroup(addr, [sock] * self.count)
         return open_bind_group(addr, self.count, lcfg.rcvbuf, lcfg.sndbuf)
+
+    def release_inherited(self) -> None:
+        """After start: close the passed sockets no bind took (a config without them)."""
+        if self.inherited is not None:
+            left = self.inherited.close_rest()
+            if left:
+                self.log.warning("listen_fds_unused", binds=left,
+                                 hint="add them to a listener's bind, or drop them from "
+                                      "the systemd socket unit")
 
     async def open_listener(self, listener: Listener) -> None:
         """Bind every address of `listener` (start). OSError if one fails; the binds

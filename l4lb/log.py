@@ -297,6 +297,11 @@ LOG_EVENTS: tuple[LogEvent, ...] = (
              "The Prometheus endpoint serves GET /metrics; `port` is the one bound."),
     LogEvent("metrics_stopped", "info", ("listen",),
              "The Prometheus endpoint at `listen` closed (reload moved or removed it)."),
+    LogEvent("listen_fd_taken", "info", ("listener", "bind"),
+             "A bind uses the listening socket systemd passed for its address (socket "
+             "activation, LISTEN_FDS) instead of opening its own; every worker accepts on it."),
+    LogEvent("listen_fds_unused", "warning", ("binds", "hint"),
+             "Sockets systemd passed that no listener's bind names; they were closed."),
     LogEvent("started", "info", ("pid", "version", "config", "control"),
              "The balancer runs: every listener is bound and every worker accepts."),
     LogEvent("worker_started", "info", ("worker", "pid", "generation", "restarts", "startup_ms"),

@@ -36,6 +36,7 @@ def start() -> "ZygoteHandle":
         status = 0
         try:
             ours.close()
+            _close_listen_fds()
             _serve(theirs)
         except BaseException:
             status = 1
@@ -51,6 +52,19 @@ class ZygoteHandle:
     def __init__(self, pid: int, sock: socket.socket):
         self.pid = pid
         self.sock = sock
+
+
+def _close_listen_fds() -> None:
+    """Close the listening sockets systemd passed the master (LISTEN_FDS, from fd 3 on):
+    they are the master's to keep or close, and a bind the master closes must not stay
+    open here (it would go on queueing connections nobody accepts). No Python object of
+    the zygote wraps them: the master takes them only after this fork (listen.Inherited)."""
+    from .listen import SD_LISTEN_FDS_START
+    count = os.environ.pop("LISTEN_FDS", "")
+    pid = os.environ.pop("LISTEN_PID", "")
+    os.environ.pop("LISTEN_FDNAMES", None)
+    if pid == str(os.getppid()) and count.isdigit():
+        os.closerange(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count))
 
 
 def _send(sock: socket.socket, msg: dict) -> None:

@@ -93,3 +93,17 @@ def test_unit_hardening_still_lets_it_bind_and_keep_its_state():
     # file beside it (l4lb.state.state_path_for) go there, as the README's config says.
     assert s["StateDirectory"] == ["l4lb"]
     assert 'control.socket = "/var/lib/l4lb/l4lb.sock"' in UNIT.read_text()
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                    reason="systemd-analyze is not installed (.ci/run installs it)")
+def test_systemd_analyze_verify_accepts_the_socket_unit_with_the_service(tmp_path):
+    unit = tmp_path / "l4lb.service"
+    unit.write_text(UNIT.read_text().replace(INSTALLED_PATH, l4lb_executable(tmp_path)))
+    sock = tmp_path / "l4lb.socket"
+    sock.write_text((REPO / "conf" / "l4lb.socket").read_text())
+    result = subprocess.run(["systemd-analyze", "verify", str(sock), str(unit)],
+                            capture_output=True, text=True, timeout=60)
+    complaints = [line for line in (result.stdout + result.stderr).splitlines()
+                  if "l4lb.s" in line]
+    assert result.returncode == 0 and not complaints, result.stdout + result.stderr
