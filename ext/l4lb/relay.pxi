@@ -816,20 +816,22 @@ cdef class Relay:
             drop_closed_queue_heads(self.pool)
 
     cdef void finish(self, str reason):
-        """Settle a closed relay: unlink it, count it, log it, release its gate and its
-        backend slot."""
+        """Settle a closed relay: unlink it, release its backend slot and its gate, then
+        its listener's and the hub's counts, then log it. Narrowest first: a reader in
+        another process (the master) that sees the hub's count at 0 finds every backend's
+        and listener's at 0 too."""
         cdef Hub hub = self.hub
         self.close_reason = reason
         hub.unlink(self)
-        hub_give(hub)
-        listener_give(self.listener)
-        if hub.access_log is not None:
-            hub.access_log(self, reason)
+        self.release_target()
         if self.gate is not None:
             gate = self.gate
             self.gate = None
             gate.release(self)
-        self.release_target()
+        listener_give(self.listener)
+        hub_give(hub)
+        if hub.access_log is not None:
+            hub.access_log(self, reason)
 
     cdef void close_fds(self, bint reset):
         # Closing a socket also removes it from the epoll (nothing else holds a dup).

@@ -100,7 +100,12 @@ def test_counters_match_the_traffic_sent_during_and_after(l4lb, backends):
         s.close()
     for s in held:
         s.close()
-    after = wait_for(lambda: (lambda p: p if value(p, "l4lb_connections_active") == 0 else None)(
+    # A worker settles a closing connection's counts one after another (backend, then
+    # listener and hub), and the master reads them from another process: wait for all.
+    after = wait_for(lambda: (lambda p: p if value(p, "l4lb_connections_active") == 0
+                              and total(p, "l4lb_backend_active_connections") == 0
+                              and value(p, "l4lb_listener_active_connections",
+                                        listener="web") == 0 else None)(
         samples(scrape(port))))
     assert after, "connections never closed"
     assert value(after, "l4lb_listener_accepted_total", listener="web") == 7
