@@ -293,6 +293,10 @@ class Balancer(Runtime):
     def poll_shared(self) -> None:
         for pool in list(self.pools.values()):
             for backend in list(pool):
+                failed = backend.target.failed        # one sum: did anything fail since?
+                if failed == backend.seen_failed:
+                    continue
+                backend.seen_failed = failed
                 failures = backend.target.connect_failures()
                 seen = backend.seen_failures
                 for reason, count in failures.items():

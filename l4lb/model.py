@@ -74,6 +74,7 @@ class Backend:
         # The master's last look at the Target's shared connect failure counts (by
         # reason): what the workers reported since is new (Balancer.poll_shared).
         self.seen_failures: dict[str, int] = {}
+        self.seen_failed = 0             # and of their sum (Target.failed)
         # Written by l4lb.resolver only: the error of a hostname address's failing DNS
         # lookups (None while they succeed); its answer is in target.resolved.
         self.resolve_error: str | None = None
