@@ -816,13 +816,15 @@ cdef class Relay:
             drop_closed_queue_heads(self.pool)
 
     cdef void finish(self, str reason):
-        """Settle a closed relay: unlink it, release its backend slot and its gate, then
-        its listener's and the hub's counts, then log it. Narrowest first: a reader in
-        another process (the master) that sees the hub's count at 0 finds every backend's
-        and listener's at 0 too."""
+        """Settle a closed relay: unlink it, log it (while it still knows its backend),
+        then release its backend slot and its gate, its listener's and the hub's counts.
+        Narrowest first: a reader in another process (the master) that sees the hub's
+        count at 0 finds every backend's and listener's at 0 too."""
         cdef Hub hub = self.hub
         self.close_reason = reason
         hub.unlink(self)
+        if hub.access_log is not None:
+            hub.access_log(self, reason)
         self.release_target()
         if self.gate is not None:
             gate = self.gate
@@ -830,8 +832,6 @@ cdef class Relay:
             gate.release(self)
         listener_give(self.listener)
         hub_give(hub)
-        if hub.access_log is not None:
-            hub.access_log(self, reason)
 
     cdef void close_fds(self, bint reset):
         # Closing a socket also removes it from the epoll (nothing else holds a dup).
