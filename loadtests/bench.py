@@ -125,12 +125,14 @@ def harness_proxies(args) -> list[str]:
             proxies += ["cmd:" + worker_proxy(args.workers), l4lb_command(args.workers)]
             if args.workers != 1:
                 proxies += ["cmd:" + worker_proxy(1), l4lb_command(1)]
-        return proxies
-    proxies = [p for p in REFERENCE_PROXIES if p not in args.skip]
-    if "l4lb" not in args.skip:
-        proxies += ["cmd:l4lb", l4lb_command()]
-    if args.tuned:
-        proxies += ["cmd:l4lb-tuned", "L4LB_BUFFERS=%d %s" % (TUNED_BUFFERS, l4lb_command())]
+    else:
+        proxies = [p for p in REFERENCE_PROXIES if p not in args.skip]
+        if "l4lb" not in args.skip:
+            proxies += ["cmd:l4lb", l4lb_command()]
+        if args.tuned:
+            proxies += ["cmd:l4lb-tuned", "L4LB_BUFFERS=%d %s" % (TUNED_BUFFERS, l4lb_command())]
+    for name, command in args.also or ():
+        proxies += ["cmd:" + name, command]
     return proxies
 
 
@@ -514,6 +516,9 @@ def main(argv=None) -> int:
                     % WORKER_WORKLOADS)
     ap.add_argument("--tuned", action="store_true",
                     help="also run l4lb-tuned: rcvbuf = sndbuf = 1 MiB on its listener")
+    ap.add_argument("--also", nargs=2, action="append", metavar=("NAME", "COMMAND"),
+                    help="one more proxy in the same run, as the harness's cmd:NAME COMMAND "
+                         "(e.g. another checkout's run-l4lb.sh); repeatable")
     ap.add_argument("--bench-arg", action="append", default=[],
                     help="extra option passed to bench.sh, e.g. --bench-arg=--max-noise=20")
     ap.add_argument("--timeout", type=int, default=0, help="hard limit for the whole run, s")

@@ -124,11 +124,12 @@ def test_workers_run_gives_the_harness_both_worker_counts_and_the_references():
     spec = importlib.util.spec_from_file_location("loadtests_bench", SCRIPT)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    args = argparse.Namespace(workers=2, skip=[], tuned=False)
+    args = argparse.Namespace(workers=2, skip=[], tuned=False, also=[["old", "old.sh {listen}"]])
     proxies = bench.harness_proxies(args)
     assert proxies[:2] == ["haproxy", "nginx"]
     assert proxies[2] == "cmd:l4lb-2w" and proxies[3].endswith("run-l4lb.sh {listen} {backend} 2")
     assert proxies[4] == "cmd:l4lb-1w" and proxies[5].endswith("run-l4lb.sh {listen} {backend} 1")
+    assert proxies[6:] == ["cmd:old", "old.sh {listen}"]
     # pinned: one l4lb with the harness's {workers} (1 there)
-    pinned = bench.harness_proxies(argparse.Namespace(workers=0, skip=[], tuned=False))
+    pinned = bench.harness_proxies(argparse.Namespace(workers=0, skip=[], tuned=False, also=None))
     assert pinned[-2] == "cmd:l4lb" and pinned[-1].endswith("{listen} {backend} {workers}")
