@@ -5,15 +5,26 @@
     python loadtests/bench.py --reps 1 --duration 5 # a quick look (about 5 min)
     python loadtests/bench.py --chart-only loadtests/results/bench-*.jsonl   # redraw
     python loadtests/bench.py --tuned               # + l4lb-tuned (rcvbuf = sndbuf = 1 MiB)
+    python loadtests/bench.py --workers 2           # issue 15: 2 workers against 1, HAProxy
+                                                    # nbthread 2, nginx worker_processes 2
 
 It runs the shared harness (`../shared/bench/bench.sh`, found relative to the repo root;
 `L4LB_SHARED_BENCH=DIR` overrides) with haproxy, haproxy-tuned, haproxy-splice, nginx and
-`cmd:l4lb 'loadtests/run-l4lb.sh {listen} {backend}'` (l4lb's relay; earlier results may
-also hold `l4lb-stream`, the uvloop stream relay retired in 0.2), proxy pinned to CPU 0 and the load
-on CPU 1 (the harness's fair single-core comparison). The harness prints medians and the
-ratio table against HAProxy; this script then checks l4lb against the speed targets of
-issue 6 and draws the ratios per workload into loadtests/results/bench-<time>.png, beside
-the raw JSON lines (bench-<time>.jsonl) and the printed report (bench-<time>.md).
+`cmd:l4lb 'loadtests/run-l4lb.sh {listen} {backend} {workers}'` (l4lb's relay, one worker
+when pinned; earlier results may also hold `l4lb-stream`, the uvloop stream relay retired
+in 0.2), proxy pinned to CPU 0 and the load on CPU 1 (the harness's fair single-core
+comparison). The harness prints medians and the ratio table against HAProxy; this script
+then checks l4lb against the speed targets of issue 6 and draws the ratios per workload
+into loadtests/results/bench-<time>.png, beside the raw JSON lines (bench-<time>.jsonl)
+and the printed report (bench-<time>.md).
+
+`--workers N` is issue 15's run instead: nothing pinned (`--mode unpinned`, the harness's
+{workers} = N, so HAProxy runs `nbthread N` and nginx `worker_processes N` with
+reuseport), l4lb with `workers = N` (`l4lb-Nw`) and `workers = 1` (`l4lb-1w`) in the same
+run, on new connections and keep-alive requests by default; the report checks l4lb-Nw
+against HAProxy and against l4lb-1w (the cost of sharing the table). The harness counts a
+proxy's CPU over every process of the session it started the proxy in, which for l4lb is
+the master, the fork server and every worker (none of them leaves the session).
 
 Nothing here measures time itself: every figure comes from the harness, which bounds each
 run (wrk -d, iperf3 -t, hard timeouts) and stops every process it started. This script
@@ -40,6 +51,10 @@ REPO = HERE.parent
 RESULTS = HERE / "results"
 REFERENCE_PROXIES = ["haproxy", "haproxy-tuned", "haproxy-splice", "nginx"]
 WORKLOADS = ["ka", "close", "bulk1", "bulk8", "bulk1R", "bulk8R"]
+# --workers N: the references of issue 15 (the harness gives each N threads or workers
+# when unpinned) and the workloads its speed targets are about.
+WORKER_REFERENCES = ["haproxy", "nginx"]
+WORKER_WORKLOADS = "close,ka"
 
 # Ratio panels of the chart: (label, workload, key). Throughput: higher is better.
 THROUGHPUT = [("ka req/s", "ka", "rps"), ("conn/s", "close", "rps"),
@@ -60,6 +75,23 @@ TARGETS = [
 ]
 
 
+# The speed targets of issue 15 for l4lb with N workers, unpinned: (what, workload, key,
+# reference, bound, higher_is_better); "l4lb-1w" is l4lb with one worker in the same run.
+WORKER_TARGETS = [
+    ("conn/s >= 1.0x haproxy", "close", "rps", "haproxy", 1.0, True),
+    ("ka req/s >= 1.0x haproxy", "ka", "rps", "haproxy", 1.0, True),
+    ("CPU per new connection <= 1.0x haproxy", "close", "cpu_s_per_100k", "haproxy", 1.0, False),
+    ("CPU per ka request <= 1.0x haproxy", "ka", "cpu_s_per_100k", "haproxy", 1.0, False),
+    ("CPU per new connection <= 1.05x l4lb-1w", "close", "cpu_s_per_100k", "l4lb-1w", 1.05, False),
+    ("CPU per ka request <= 1.05x l4lb-1w", "ka", "cpu_s_per_100k", "l4lb-1w", 1.05, False),
+]
+
+
+def worker_proxy(n: int) -> str:
+    """The name l4lb with `workers = n` runs under in a --workers run."""
+    return "l4lb-%dw" % n
+
+
 def find_shared_bench() -> Path:
     """The shared harness folder: L4LB_SHARED_BENCH, else ../shared/bench from the repo root
     (or from any folder above it, for worktrees nested deeper). Exits with a message if absent."""
@@ -78,10 +110,30 @@ def find_shared_bench() -> Path:
 TUNED_BUFFERS = 1024 * 1024
 
 
-def l4lb_command() -> str:
+def l4lb_command(workers: int | str = "{workers}") -> str:
     """The cmd: template the harness fills in (a shell command line); quoted so paths
-    with spaces survive."""
-    return "%s {listen} {backend}" % shlex.quote(str(HERE / "run-l4lb.sh"))
+    with spaces survive. `workers`: run-l4lb.sh's WORKERS, by default the harness's
+    {workers} (1 pinned, N unpinned)."""
+    return "%s {listen} {backend} %s" % (shlex.quote(str(HERE / "run-l4lb.sh")), workers)
+
+
+def harness_proxies(args) -> list[str]:
+    """The proxy arguments of bench.sh: built-ins by name, ours as `cmd:NAME COMMAND`."""
+    if args.workers:
+        proxies = [p for p in WORKER_REFERENCES if p not in args.skip]
+        if "l4lb" not in args.skip:
+            proxies += ["cmd:" + worker_proxy(args.workers), l4lb_command(args.workers)]
+            if args.workers != 1:
+                proxies += ["cmd:" + worker_proxy(1), l4lb_command(1)]
+    else:
+        proxies = [p for p in REFERENCE_PROXIES if p not in args.skip]
+        if "l4lb" not in args.skip:
+            proxies += ["cmd:l4lb", l4lb_command()]
+        if args.tuned:
+            proxies += ["cmd:l4lb-tuned", "L4LB_BUFFERS=%d %s" % (TUNED_BUFFERS, l4lb_command())]
+    for name, command in args.also or ():
+        proxies += ["cmd:" + name, command]
+    return proxies
 
 
 def estimated_seconds(reps: int, duration: int, n_proxies: int, n_workloads: int) -> int:
@@ -94,13 +146,10 @@ def run_harness(bench_dir: Path, args, out: Path, report: Path) -> int:
 
     On timeout or Ctrl-C the harness gets SIGINT (its finally-blocks stop the proxies and
     backends it started), then SIGKILL if it is still there 30 s later."""
-    proxies = [p for p in REFERENCE_PROXIES if p not in args.skip]
-    if "l4lb" not in args.skip:
-        proxies += ["cmd:l4lb", l4lb_command()]
-    if args.tuned:
-        proxies += ["cmd:l4lb-tuned", "L4LB_BUFFERS=%d %s" % (TUNED_BUFFERS, l4lb_command())]
+    proxies = harness_proxies(args)
+    workers = ["--workers", str(args.workers)] if args.workers else []
     cmd = [str(bench_dir / "bench.sh"), "--mode", args.mode, "--reps", str(args.reps),
-           "--duration", str(args.duration), "--workloads", args.workloads,
+           "--duration", str(args.duration), "--workloads", args.workloads, *workers,
            "--out", str(out), *args.bench_arg, *proxies]
     n_proxies = len(proxies) - sum(1 for p in proxies if p.startswith("cmd:"))  # cmd:NAME + COMMAND = 1
     limit = args.timeout or 3 * estimated_seconds(
@@ -182,7 +231,8 @@ def medians(records: list[dict], mode: str = "pinned") -> dict[str, dict[tuple[s
     out: dict[str, dict] = {}
     for (proxy, wl), runs in groups.items():
         clean = [r for r in runs if not r.get("noisy")] or runs
-        for key in {"rps", "gbps", "p50_ms", "p99_ms", "cpu_s_per_100k", "cpu_s_per_gb"}:
+        for key in {"rps", "gbps", "p50_ms", "p99_ms", "cpu_s_per_100k", "cpu_s_per_gb",
+                    "proxy_cpu_pct"}:
             vals = [r[key] for r in clean if r.get(key) is not None]
             if vals:
                 out.setdefault(proxy, {})[(wl, key)] = statistics.median(vals)
@@ -217,10 +267,11 @@ def target_met(ratio: float, bound: float, higher: bool) -> bool:
     return ratio >= bound if higher else ratio <= bound
 
 
-def targets_table(meds, proxy: str = "l4lb") -> str:
-    """Markdown: `proxy` (l4lb or l4lb-stream) against each speed target of issue 6."""
-    rows = ["| target (issue 6) | %s ratio | met |" % proxy, "|---|---|---|"]
-    for what, wl, key, ref, bound, higher in TARGETS:
+def targets_table(meds, proxy: str = "l4lb", targets=TARGETS, issue: int = 6) -> str:
+    """Markdown: `proxy` (l4lb or l4lb-stream) against each speed target of issue 6 (or
+    `targets` of another issue)."""
+    rows = ["| target (issue %d) | %s ratio | met |" % (issue, proxy), "|---|---|---|"]
+    for what, wl, key, ref, bound, higher in targets:
         r = ratio(meds, proxy, ref, wl, key)
         if r is None:
             rows.append("| %s | - | not measured |" % what)
@@ -243,16 +294,17 @@ def rep_ratio_map(records, proxy, ref, wl, key, mode: str = "pinned") -> dict:
     return {k: v[proxy] / v[ref] for k, v in by_rep.items() if proxy in v and v.get(ref)}
 
 
-def rep_spread_table(records, proxy: str = "l4lb") -> str:
-    """Markdown: each target of issue 6 rep by rep — how many reps met it, and the range
-    of the per-rep ratios — then how many reps met both bulk8 targets (they pull against
-    each other on a loopback rig, see RESULTS-bench.md). A median over 2 reps hides this
-    VM's spread; this shows it."""
-    rows = ["| target (issue 6) | %s reps | met in | min | median | max |" % proxy,
+def rep_spread_table(records, proxy: str = "l4lb", targets=TARGETS, mode: str = "pinned",
+                     issue: int = 6) -> str:
+    """Markdown: each target of issue 6 (or `targets`) rep by rep — how many reps met it,
+    and the range of the per-rep ratios — then how many reps met both bulk8 targets (they
+    pull against each other on a loopback rig, see RESULTS-bench.md). A median over 2
+    reps hides this VM's spread; this shows it."""
+    rows = ["| target (issue %d) | %s reps | met in | min | median | max |" % (issue, proxy),
             "|---|---|---|---|---|---|"]
     bulk8 = []                           # (per-rep ratios, bound, higher) of each bulk8 target
-    for what, wl, key, ref, bound, higher in TARGETS:
-        by_rep = rep_ratio_map(records, proxy, ref, wl, key)
+    for what, wl, key, ref, bound, higher in targets:
+        by_rep = rep_ratio_map(records, proxy, ref, wl, key, mode)
         if wl == "bulk8":
             bulk8.append((by_rep, bound, higher))
         rs = sorted(by_rep.values())
@@ -261,11 +313,34 @@ def rep_spread_table(records, proxy: str = "l4lb") -> str:
         met = sum(1 for r in rs if target_met(r, bound, higher))
         rows.append("| %s | %d | %d | %.2f | %.2f | %.2f |"
                     % (what, len(rs), met, rs[0], statistics.median(rs), rs[-1]))
-    both = set.intersection(*(set(m) for m, _, _ in bulk8))
+    both = set.intersection(*(set(m) for m, _, _ in bulk8)) if bulk8 else set()
     if both:
         met = sum(1 for k in both if all(target_met(m[k], b, h) for m, b, h in bulk8))
         rows.append("| both bulk8 targets in the same rep | %d | %d | - | - | - |"
                     % (len(both), met))
+    return "\n".join(rows)
+
+
+# Columns of the --workers table: (header, workload, key, format).
+WORKER_COLUMNS = [("conn/s", "close", "rps", "%.0f"), ("ka req/s", "ka", "rps", "%.0f"),
+                  ("CPU-s/100k conn", "close", "cpu_s_per_100k", "%.2f"),
+                  ("CPU-s/100k ka", "ka", "cpu_s_per_100k", "%.2f"),
+                  ("proxy CPU % conn", "close", "proxy_cpu_pct", "%.0f"),
+                  ("proxy CPU % ka", "ka", "proxy_cpu_pct", "%.0f")]
+
+
+def worker_table(meds, ref: str = "haproxy") -> str:
+    """Markdown: each proxy of a --workers run, its medians and, for the first four
+    columns, its ratio to `ref` (proxy CPU % is of one CPU: up to 200 on two cores)."""
+    head = [c[0] for c in WORKER_COLUMNS] + ["%s / %s" % (c[0], ref) for c in WORKER_COLUMNS[:4]]
+    rows = ["| proxy | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    for proxy, m in meds.items():
+        vals = [fmt % m[(wl, key)] if m.get((wl, key)) is not None else "-"
+                for _, wl, key, fmt in WORKER_COLUMNS]
+        for _, wl, key, _ in WORKER_COLUMNS[:4]:
+            r = ratio(meds, proxy, ref, wl, key)
+            vals.append("-" if r is None else "%.2f" % r)
+        rows.append("| %s | %s |" % (proxy, " | ".join(vals)))
     return "\n".join(rows)
 
 
@@ -374,9 +449,11 @@ def summarize(records, stem: Path, title: str, append_report: bool = True) -> No
             with open(stem.with_suffix(".md"), "a") as f:
                 f.write("\n%s\n%s\n" % (heading, text))
 
+    summarize_workers(records, stem, emit)
     meds = medians(records)
     if "haproxy" not in meds:
-        print("bench: no haproxy results, no ratios to chart", file=sys.stderr)
+        if not medians(records, "unpinned"):
+            print("bench: no haproxy results, no ratios to chart", file=sys.stderr)
         return
     for proxy in ("l4lb", "l4lb-tuned", "l4lb-stream", "l4lb-splice"):
         if proxy not in meds:
@@ -394,23 +471,68 @@ def summarize(records, stem: Path, title: str, append_report: bool = True) -> No
         print("bulk8 per-run CPU split: %s" % bulk_png)
 
 
+def worker_counts(meds) -> list[int]:
+    """The N of every l4lb-Nw in `meds` but 1, in order (l4lb-1w is their reference)."""
+    counts = []
+    for proxy in meds:
+        if proxy.startswith("l4lb-") and proxy.endswith("w") and proxy[5:-1].isdigit():
+            counts.append(int(proxy[5:-1]))
+    return sorted(n for n in counts if n != 1)
+
+
+def summarize_workers(records, stem: Path, emit) -> None:
+    """The report of a --workers run (unpinned): medians and ratios of every proxy, then
+    each l4lb-Nw against the targets of issue 15, on the medians and rep by rep (l4lb-1w
+    last, against HAProxy only), and the chart of the ratios to HAProxy
+    (bench-<time>-workers.png)."""
+    meds = medians(records, "unpinned")
+    if "haproxy" not in meds:
+        return
+    emit("unpinned (--workers): medians and ratios to haproxy:", worker_table(meds))
+    for n in worker_counts(meds) + ([1] if worker_proxy(1) in meds else []):
+        proxy = worker_proxy(n)
+        targets = [t for t in WORKER_TARGETS if t[3] != proxy]
+        emit("%s against the targets of issue 15 (unpinned, medians):" % proxy,
+             targets_table(meds, proxy, targets, issue=15), "and rep by rep:",
+             rep_spread_table(records, proxy, targets, "unpinned", issue=15))
+    png = stem.parent / (stem.name + "-workers.png")
+    draw_chart(meds, png, "l4lb workers vs HAProxy and nginx, unpinned — %s" % stem.name)
+    print("\nchart (unpinned): %s" % png)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=2, help="alternating repetitions (default 2)")
     ap.add_argument("--duration", type=int, default=10, help="seconds per workload (default 10)")
-    ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--workloads", default=None,
+                    help="default: %s (with --workers: %s)" % (",".join(WORKLOADS), WORKER_WORKLOADS))
     ap.add_argument("--mode", choices=["pinned", "unpinned", "both"], default="pinned")
     ap.add_argument("--skip", action="append", default=[], choices=REFERENCE_PROXIES + ["l4lb"],
                     help="leave a proxy out (repeatable); haproxy is needed for ratios")
+    ap.add_argument("--workers", type=int, default=0, metavar="N",
+                    help="issue 15's run: unpinned, l4lb with N workers and with 1, HAProxy "
+                         "nbthread N, nginx worker_processes N (workloads %s unless given)"
+                    % WORKER_WORKLOADS)
     ap.add_argument("--tuned", action="store_true",
                     help="also run l4lb-tuned: rcvbuf = sndbuf = 1 MiB on its listener")
+    ap.add_argument("--also", nargs=2, action="append", metavar=("NAME", "COMMAND"),
+                    help="one more proxy in the same run, as the harness's cmd:NAME COMMAND "
+                         "(e.g. another checkout's run-l4lb.sh); repeatable")
     ap.add_argument("--bench-arg", action="append", default=[],
                     help="extra option passed to bench.sh, e.g. --bench-arg=--max-noise=20")
     ap.add_argument("--timeout", type=int, default=0, help="hard limit for the whole run, s")
     ap.add_argument("--chart-only", nargs="+", metavar="JSONL",
                     help="do not run: redraw the chart and targets from earlier results")
     args = ap.parse_args(argv)
+    if args.workers < 0:
+        ap.error("--workers must be at least 1")
+    if args.workers:
+        if args.mode == "both" or args.tuned:
+            ap.error("--workers runs unpinned only, without --tuned")
+        args.mode = "unpinned"
+    if args.workloads is None:
+        args.workloads = WORKER_WORKLOADS if args.workers else ",".join(WORKLOADS)
 
     if args.chart_only:
         stem = Path(args.chart_only[0]).with_suffix("")
@@ -427,8 +549,9 @@ def main(argv=None) -> int:
     rc = run_harness(bench_dir, args, out, stem.with_suffix(".md"))
     if out.exists():
         summarize(load_records([out]), stem,
-                  "l4lb vs HAProxy and nginx, pinned to one core — %s, %d rep(s) x %d s"
-                  % (dt.date.today().isoformat(), args.reps, args.duration))
+                  "l4lb vs HAProxy and nginx, %s — %s, %d rep(s) x %d s"
+                  % ("unpinned, %d workers" % args.workers if args.workers else "pinned to one core",
+                     dt.date.today().isoformat(), args.reps, args.duration))
     print("raw results: %s\nreport: %s" % (out, stem.with_suffix(".md")))
     return rc
 

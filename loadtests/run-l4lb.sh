@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Start l4lb in the foreground for ../shared/bench: listen on 127.0.0.1:LISTEN, forward to
-# 127.0.0.1:BACKEND. Used as   cmd:l4lb 'loadtests/run-l4lb.sh {listen} {backend}'.
+# 127.0.0.1:BACKEND. Used as   cmd:l4lb 'loadtests/run-l4lb.sh {listen} {backend} [WORKERS]'.
 #
 # The config is what a production user would run for speed: leastconn (the algorithm the
 # issue judges; round robin until leastconn is registered), access log off, level warning.
@@ -10,13 +10,24 @@
 # L4LB_BUFFERS=N sets the listener's rcvbuf and sndbuf to N bytes (unset: autotuning).
 # L4LB_SUBSCRIBE=S keeps one `subscribe S` client reading (and parsing) the live view's
 # frames for as long as the balancer runs: the cost of a watcher (`l4lb top`), issue 19.
+# WORKERS is `[global] workers`: "auto" (the default: one per CPU this process may run on,
+# so 1 when the harness pins the proxy to one core) or a count, e.g. the harness's
+# {workers} (1 pinned, 2 unpinned). Every process of the balancer (master, fork server,
+# workers) stays in the session the harness started, which is what it counts as the
+# proxy's CPU.
 set -euo pipefail
-if [ $# -ne 2 ]; then
-    echo "usage: $0 LISTEN_PORT BACKEND_PORT" >&2
+if [ $# -lt 2 ] || [ $# -gt 3 ]; then
+    echo "usage: $0 LISTEN_PORT BACKEND_PORT [WORKERS]" >&2
     exit 2
 fi
 listen=$1
 backend=$2
+workers=${3:-auto}
+case "$workers" in
+    auto) workers_value='"auto"' ;;
+    *[!0-9]*|"") echo "$0: WORKERS must be auto or a count, not $workers" >&2; exit 2 ;;
+    *) workers_value=$workers ;;
+esac
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 py="${L4LB_PYTHON:-python3}"
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
@@ -39,6 +50,7 @@ conf="$dir/l4lb-$listen.toml"
 cat >"$conf" <<TOML
 # written by $0 for the benchmark
 [global]
+workers = $workers_value
 max_connections = 20000
 shutdown_timeout = 2.0
 

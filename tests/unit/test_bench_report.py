@@ -2,6 +2,8 @@
 of a bulk run goes on each core (`--chart-only`, no proxy is run)."""
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
 import subprocess
 import sys
@@ -81,3 +83,53 @@ def test_both_bulk8_targets_are_counted_only_when_one_rep_meets_both(tmp_path):
     assert "| bulk8 Gbit/s >= 1.0x haproxy-tuned | 3 | 2 |" in proc.stdout
     assert "| bulk8 CPU per GB <= 0.7x haproxy-splice | 3 | 2 |" in proc.stdout
     assert "| both bulk8 targets in the same rep | 3 | 1 | - | - | - |" in proc.stdout
+
+
+def unpinned(proxy, rep, wl, rps, cpu_s_per_100k, noisy=False):
+    return {"mode": "unpinned", "proxy": proxy, "rep": rep, "workload": wl, "noisy": noisy,
+            "rps": rps, "cpu_s_per_100k": cpu_s_per_100k, "proxy_cpu_pct": 150.0}
+
+
+def test_workers_report_checks_l4lb_against_haproxy_and_against_one_worker(tmp_path):
+    records = []
+    # (conn/s, CPU-s/100k conn, ka req/s, CPU-s/100k ka) per proxy, the same in both reps
+    figures = {"haproxy": (10000.0, 8.0, 50000.0, 2.0), "nginx": (11000.0, 7.0, 45000.0, 2.2),
+               "l4lb-2w": (12000.0, 6.0, 55000.0, 2.1), "l4lb-1w": (9000.0, 5.0, 60000.0, 1.9)}
+    for rep in (1, 2):
+        for proxy, (conn, conn_cpu, ka, ka_cpu) in figures.items():
+            records += [unpinned(proxy, rep, "close", conn, conn_cpu),
+                        unpinned(proxy, rep, "ka", ka, ka_cpu)]
+    records.append(unpinned("l4lb-2w", 3, "close", 1.0, 99.0, noisy=True))   # left out
+    results = tmp_path / "bench-w.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in records))
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--chart-only", str(results)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert ("| l4lb-2w | 12000 | 55000 | 6.00 | 2.10 | 150 | 150 | 1.20 | 1.10 | 0.75 | 1.05 |"
+            in out)
+    assert "| conn/s >= 1.0x haproxy | 1.20 | yes |" in out
+    assert "| CPU per ka request <= 1.0x haproxy | 1.05 | **no** |" in out
+    # 6.0 / 5.0 per connection and 2.1 / 1.9 per request: sharing cost more than 5 %
+    assert "| CPU per new connection <= 1.05x l4lb-1w | 1.20 | **no** |" in out
+    assert "| CPU per ka request <= 1.05x l4lb-1w | 1.11 | **no** |" in out
+    assert "| ka req/s >= 1.0x haproxy | 2 | 2 | 1.10 | 1.10 | 1.10 |" in out
+    # l4lb-1w is checked against HAProxy only
+    assert "| CPU per new connection <= 1.0x haproxy | 0.62 | yes |" in out
+    assert "1.05x l4lb-1w" not in out.split("l4lb-1w against")[1]
+    assert (tmp_path / "bench-w-workers.png").stat().st_size > 10_000
+
+
+def test_workers_run_gives_the_harness_both_worker_counts_and_the_references():
+    spec = importlib.util.spec_from_file_location("loadtests_bench", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = argparse.Namespace(workers=2, skip=[], tuned=False, also=[["old", "old.sh {listen}"]])
+    proxies = bench.harness_proxies(args)
+    assert proxies[:2] == ["haproxy", "nginx"]
+    assert proxies[2] == "cmd:l4lb-2w" and proxies[3].endswith("run-l4lb.sh {listen} {backend} 2")
+    assert proxies[4] == "cmd:l4lb-1w" and proxies[5].endswith("run-l4lb.sh {listen} {backend} 1")
+    assert proxies[6:] == ["cmd:old", "old.sh {listen}"]
+    # pinned: one l4lb with the harness's {workers} (1 there)
+    pinned = bench.harness_proxies(argparse.Namespace(workers=0, skip=[], tuned=False, also=None))
+    assert pinned[-2] == "cmd:l4lb" and pinned[-1].endswith("{listen} {backend} {workers}")
