@@ -8,9 +8,11 @@ picks read (state, weight, limits) from the table, the rest from channel message
 (workers.py lists them). It writes its own access log lines (with `worker`); everything
 else is the master's to log, so the model building a worker repeats is not logged twice.
 
-It stops when the master says so (`stop_accepting`, then `shutdown`), on SIGTERM, or when
-the master is gone (its channel closed): it stops accepting, lets its connections finish
-for up to global.shutdown_timeout, closes the rest and exits.
+It stops when the master says so (`stop_accepting`, then `shutdown`), or when the master
+is gone (its channel closed): it stops accepting, lets its connections finish for up to
+global.shutdown_timeout, closes the rest and exits. It ignores SIGTERM, SIGINT and SIGHUP,
+which a process group or a cgroup (systemd's KillMode=control-group) delivers to every
+process at once: the master handles them and stops its workers in order.
 """
 from __future__ import annotations
 
@@ -318,8 +320,6 @@ class Worker:
 async def main(channel_sock: socket.socket, index: int, generation: int) -> None:
     loop = asyncio.get_running_loop()
     worker = Worker(loop, channel_sock, index, generation)
-    loop.add_signal_handler(signal.SIGTERM,
-                            lambda: loop.create_task(worker.shutdown(None)))
     await worker.stopped.wait()
     await asyncio.sleep(0)              # the shutdown reply goes out before the exit
     worker.channel.close()
@@ -327,17 +327,18 @@ async def main(channel_sock: socket.socket, index: int, generation: int) -> None
 
 
 def run(channel_sock: socket.socket, index: int, generation: int) -> None:
-    """The worker process's body (multiprocessing target, in the forked child)."""
-    # The terminal's Ctrl-C and hang-up are the master's to handle (it stops the
-    # workers in order); a worker only stops when told, or when the master is gone.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    """The worker process's body (in the child the zygote forked)."""
+    # The terminal's Ctrl-C and hang-up, and a SIGTERM to the whole group or cgroup, are
+    # the master's to handle (it stops the workers in order, and restarts none meanwhile);
+    # a worker only stops when told, or when the master is gone.
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     import uvloop
     try:
         status = uvloop.run(main(channel_sock, index, generation))
     finally:
-        # A multiprocessing child ends with os._exit: no atexit handler runs, so the
-        # lines still queued for stderr are written here.
+        # The zygote's child ends with os._exit: no atexit handler runs, so the lines
+        # still queued for stderr are written here.
         stderr_writer().flush_at_exit()
     if status:
         raise SystemExit(status)

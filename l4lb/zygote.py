@@ -131,7 +131,8 @@ def _become_worker(sock, wake_r, wake_w, channel_fd: int, request: dict) -> None
     status = 1
     try:
         signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        # SIGTERM, SIGINT and SIGHUP stay ignored: the worker ignores them too (worker.run).
+        for sig in (signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2):
             signal.signal(sig, signal.SIG_DFL)
         sock.close()
         os.close(wake_r)

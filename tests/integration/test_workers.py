@@ -486,3 +486,25 @@ def test_changes_reach_every_worker_and_a_replaced_one_starts_with_them(backends
         close_all(socks)
     assert served_by == {0, 1}
     assert backend_rows(lb)["a"]["state"] == "draining"
+
+
+@pytest.mark.timeout(60)
+def test_a_sigterm_to_the_whole_group_is_one_graceful_stop(backends, l4lb):
+    """A SIGTERM to every process at once (a process group, systemd's
+    KillMode=control-group): the workers leave it to the master, which stops them in
+    order; none is restarted, nothing is logged as a crash."""
+    b = backends(echo_handler)
+    lb = l4lb(workers_config([("b1", b.address)]), preexec_fn=os.setsid)
+    pids = {r["pid"] for r in worker_rows(lb)}
+    s = connect(lb.port())
+    s.sendall(b"x")
+    assert recv_exactly(s, 1) == b"x"
+    os.killpg(lb.proc.pid, signal.SIGTERM)
+    s.close()
+    assert lb.proc.wait(30) == 0
+    assert not lb.events_named("worker_exited")
+    assert len([e for e in lb.events_named("worker_started")]) == 2     # none restarted
+    stopped = {e["pid"] for e in lb.events_named("worker_stopped")}
+    assert stopped == pids
+    wait_until(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status()
+                               != psutil.STATUS_ZOMBIE for p in pids), what="workers gone")
