@@ -247,13 +247,14 @@ class Workers:
     async def close_open(self, backend, reason: str) -> int:
         """HealthMonitor's closer (on_down = "close"): every worker aborts the backend's
         open connections; how many in all."""
-        replies = await self.ask({"op": "close", "pool": backend.pool.name,
-                                  "backend": backend.name, "reason": reason})
-        return sum(reply.get("closed", 0) for _, reply in replies)
+        return await self._closed_by_all("close", backend, reason)
 
     async def close_target(self, backend, reason: str) -> int:
         """`kill`: every worker aborts the backend's connections; how many in all."""
-        replies = await self.ask({"op": "kill", "pool": backend.pool.name,
+        return await self._closed_by_all("kill", backend, reason)
+
+    async def _closed_by_all(self, op: str, backend, reason: str) -> int:
+        replies = await self.ask({"op": op, "pool": backend.pool.name,
                                   "backend": backend.name, "reason": reason})
         return sum(reply.get("closed", 0) for _, reply in replies)
 
