@@ -140,7 +140,10 @@ class Balancer(Runtime):
         loop = loop or asyncio.get_event_loop()
         super().__init__(config, loop, get_logger())
         count = vocab.worker_count(config.global_.workers)
-        self.table = _native.SharedTable(rows=min(2 * count + 2, 2 * vocab.WORKERS_MAX))
+        # Rows for two generations of workers overlapping (a reload that changes their
+        # number, up to one per CPU or the count asked, whichever is more), and spare.
+        self.table = _native.SharedTable(rows=min(2 * max(count, vocab.cpu_count()) + 2,
+                                                  2 * vocab.WORKERS_MAX))
         self.hub.attach(self.table)
         # Shared-table record of every pool, backend (by Target) and listener (by name).
         self.slots: dict[str, dict] = {"pools": {}, "backends": {}, "listeners": {}}

@@ -1,22 +1,32 @@
 """The listening sockets of every listener, and accepting on them.
 
 The master owns the sockets (DESIGN.md §9): per bind it opens one SO_REUSEPORT socket per
-worker (a BindGroup, listen()ed in worker order), hands socket i to worker i and keeps its
-own reference, so a worker that dies leaves its socket open and the connections queued
-on it wait for the worker that replaces it instead of being reset. The kernel spreads
-new connections over the group by their 4-tuple hash. `Listening` is the master's room:
-opening a listener's binds, and a reload's new binds before anything else changes
-(`open_binds`), so a bind that fails leaves the running listeners as they were.
+worker (a BindGroup, listen()ed in worker order) and keeps its own reference, so a worker
+that dies leaves its socket open and the connections queued on it wait for the worker
+that replaces it instead of being reset. The kernel spreads new connections over the
+group by their 4-tuple hash. `Listening` is the master's room: opening a listener's binds,
+and a reload's new binds before anything else changes (`open_binds`), so a bind that fails
+leaves the running listeners as they were.
 
-A worker runs `Accepting`: an Acceptor (accept4 in C, ext/l4lb/acceptor.pxi) on its
-socket of each bind, retuned and swapped on reload, and paused for every listener when
+A group's socket is never closed while its bind is configured, because closing a
+SO_REUSEPORT socket resets the connections queued on it (net.ipv4.tcp_migrate_req is off
+by default). So when the number of workers changes (a reload, an upgrade) a group only
+grows: every socket always has a worker accepting on it (BindGroup.assigned: worker i of
+N takes sockets i, i+N, ...), and when a group has more sockets than workers a cBPF
+program (SO_ATTACH_REUSEPORT_CBPF, `steer`) sends new connections to the first N only, one
+per worker, so the load stays even; the others just drain what they hold.
+
+A worker runs `Accepting`: an Acceptor (accept4 in C, ext/l4lb/acceptor.pxi) on each of
+its sockets of each bind, retuned and swapped on reload, and paused for every listener when
 the process runs out of descriptors.
 """
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import os
 import socket
+import struct
 
 from . import _native
 from .config import Address, Config, ListenerConfig
@@ -69,18 +79,79 @@ def open_listening_socket(addr: Address, rcvbuf: int = 0, sndbuf: int = 0, *,
 
 
 class BindGroup:
-    """The sockets of one bind: one SO_REUSEPORT socket per worker, in worker order (the
-    master's; worker i accepts on sockets[i]); or one socket systemd passed, which every
-    worker accepts on (the same object at every index)."""
+    """The sockets of one bind: SO_REUSEPORT sockets in listen() order (the master's;
+    see `assigned` for who accepts on which), or one socket systemd passed (`shared`),
+    which every worker accepts on."""
 
-    def __init__(self, addr: Address, sockets: list[socket.socket]):
+    def __init__(self, addr: Address, sockets: list[socket.socket], shared: bool = False):
         self.addr = addr
         self.sockets = sockets
+        self.shared = shared
+        self.steered_to = 0             # the first N the cBPF program picks from; 0: none
+
+    def assigned(self, index: int, count: int) -> list[socket.socket]:
+        """The sockets worker `index` of `count` accepts on: sockets index, index+count,
+        ... (every socket has exactly one worker), or the shared one."""
+        if self.shared:
+            return self.sockets[:1]
+        return self.sockets[index::count]
+
+    def grow(self, count: int, rcvbuf: int = 0, sndbuf: int = 0) -> None:
+        """At least `count` sockets (more workers than before). OSError when one cannot
+        be opened; the ones opened before it stay (harmless: each gets a worker)."""
+        if self.shared:
+            return
+        while len(self.sockets) < count:
+            port = self.sockets[0].getsockname()[1]
+            self.sockets.append(open_listening_socket(self.addr, rcvbuf, sndbuf,
+                                                      reuse_port=True, port=port))
+
+    def steer(self, count: int, force: bool = False) -> None:
+        """New connections to the first `count` sockets only, when the group has more
+        (their workers are the ones that take new load); over them all otherwise. With
+        `force` the program is attached even then, so sockets added later get nothing
+        until steered to. OSError if the kernel refuses the program."""
+        if self.shared or not self.sockets:
+            return
+        want = count if count < len(self.sockets) else len(self.sockets)
+        if not force and (want == self.steered_to
+                          or (self.steered_to == 0 and want == len(self.sockets))):
+            return
+        attach_steering(self.sockets[0], want)
+        self.steered_to = want
 
     def close(self) -> None:
-        for sock in {id(s): s for s in self.sockets}.values():
+        for sock in self.sockets:
             sock.close()
         self.sockets = []
+
+
+# SO_ATTACH_REUSEPORT_CBPF (asm-generic/socket.h) and the classic BPF words of the program
+# `A = random() % N; return A`: the index, in listen() order, of the socket that gets the
+# new connection (man 7 socket). Random rather than a hash: the program sees a SYN only,
+# and which of the N sockets queues it does not matter, only that it is one of the N.
+SO_ATTACH_REUSEPORT_CBPF = 51
+_BPF_LD_W_ABS = 0x00 | 0x00 | 0x20      # BPF_LD | BPF_W | BPF_ABS
+_BPF_ALU_MOD_K = 0x04 | 0x90 | 0x00     # BPF_ALU | BPF_MOD | BPF_K
+_BPF_RET_A = 0x06 | 0x10                # BPF_RET | BPF_A
+_SKF_AD_RANDOM = -0x1000 + 56           # SKF_AD_OFF + SKF_AD_RANDOM
+
+
+def steering_program(count: int) -> list[tuple[int, int, int, int]]:
+    """The cBPF instructions (code, jt, jf, k) that pick one of `count` sockets."""
+    return [(_BPF_LD_W_ABS, 0, 0, _SKF_AD_RANDOM & 0xFFFFFFFF),
+            (_BPF_ALU_MOD_K, 0, 0, count),
+            (_BPF_RET_A, 0, 0, 0)]
+
+
+def attach_steering(sock: socket.socket, count: int) -> None:
+    """Attach steering_program(count) to `sock`'s reuseport group (any socket of the
+    group will do; a later program replaces it). OSError if refused."""
+    program = steering_program(count)
+    filters = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *insn)
+                                                   for insn in program))
+    fprog = struct.pack("HxxxxxxP", len(program), ctypes.addressof(filters))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
 
 
 # Socket activation (sd_listen_fds(3)): systemd passes listening sockets from fd 3 on.
@@ -159,6 +230,44 @@ def serve_socket(sock: socket.socket, runtime=None) -> _native.Acceptor:
     return _native.Acceptor(sock, runtime)
 
 
+class AcceptorSet:
+    """A worker's Acceptors of one bind when it accepts on more than one of the group's
+    sockets (fewer workers than sockets): it looks like one Acceptor."""
+
+    def __init__(self, acceptors: list):
+        self.acceptors = acceptors
+
+    @property
+    def sockets(self) -> list:
+        return [sock for a in self.acceptors for sock in a.sockets]
+
+    def add(self, acceptor) -> "AcceptorSet":
+        self.acceptors.append(acceptor)
+        return self
+
+    def attach(self, runtime) -> None:
+        for a in self.acceptors:
+            a.attach(runtime)
+
+    def pause(self, *args) -> bool:
+        return any([a.pause(*args) for a in self.acceptors])
+
+    def close(self) -> None:
+        for a in self.acceptors:
+            a.close()
+
+
+def add_acceptor(servers: dict, bind: str, acceptor):
+    """servers[bind] with `acceptor` added (an AcceptorSet once there are two)."""
+    current = servers.get(bind)
+    if current is None:
+        servers[bind] = acceptor
+    elif isinstance(current, AcceptorSet):
+        current.add(acceptor)
+    else:
+        servers[bind] = AcceptorSet([current, acceptor])
+
+
 def bound_port(server, addr=None):
     """The port `server` listens on (port 0 resolved), or `addr`'s when it has no socket."""
     if server.sockets:
@@ -209,7 +318,7 @@ class Listening(_Servers):
         sock = self.inherited.take(addr) if self.inherited is not None else None
         if sock is not None:
             self.log.info("listen_fd_taken", listener=lcfg.name, bind=str(addr))
-            return BindGroup(addr, [sock] * self.count)
+            return BindGroup(addr, [sock], shared=True)
         return open_bind_group(addr, self.count, lcfg.rcvbuf, lcfg.sndbuf)
 
     def release_inherited(self) -> None:
@@ -230,11 +339,58 @@ class Listening(_Servers):
             self.log.info("listener_started", listener=listener.name, bind=str(addr),
                           port=bound_port(group, addr), **listener.route())
 
-    def sockets_of(self, index: int) -> list[tuple[str, str, socket.socket]]:
-        """(listener, bind, socket) of worker `index`, for every bind of every listener."""
-        return [(name, bind, group.sockets[index])
+    def sockets_of(self, index: int, count: int) -> list[tuple[str, str, socket.socket]]:
+        """(listener, bind, socket) for each socket worker `index` of `count` accepts on,
+        for every bind of every listener (BindGroup.assigned)."""
+        return [(name, bind, sock)
                 for name, listener in self.listeners.items()
-                for bind, group in listener.servers.items()]
+                for bind, group in listener.servers.items()
+                for sock in group.assigned(index, count)]
+
+    def groups(self):
+        """(ListenerConfig, BindGroup) of every bind."""
+        return [(listener.config, group) for listener in self.listeners.values()
+                for group in listener.servers.values()]
+
+    def resize(self, count: int, current: int) -> list[tuple[BindGroup, int]]:
+        """Before `count` workers start while `current` accept: every group gets a socket
+        for each. A group that grows is first steered to the `current` sockets its workers
+        accept on, so that the new sockets queue nothing before their workers accept.
+        Returns (group, its length before) of the groups grown, for `shrink`. OSError
+        when a socket cannot be opened (after shrinking back)."""
+        grown: list[tuple[BindGroup, int]] = []
+        try:
+            for lcfg, group in self.groups():
+                if group.shared or len(group.sockets) >= count:
+                    continue
+                group.steer(current, force=True)
+                grown.append((group, len(group.sockets)))
+                group.grow(count, lcfg.rcvbuf, lcfg.sndbuf)
+        except OSError:
+            self.shrink(grown, current)
+            raise
+        self.count = count
+        return grown
+
+    def shrink(self, grown: list[tuple[BindGroup, int]], current: int) -> None:
+        """Undo `resize` (the new workers did not start): close the sockets it added,
+        which no connection was steered to, last first (the kernel keeps the order of
+        the others then)."""
+        for group, length in grown:
+            while len(group.sockets) > length:
+                group.sockets.pop().close()
+            group.steer(current)
+        self.count = current
+
+    def steer(self, count: int) -> None:
+        """Once `count` workers accept: new connections go to one socket of each."""
+        for _, group in self.groups():
+            try:
+                group.steer(count)
+            except OSError as exc:
+                self.log.warning("listen_steering_failed", bind=str(group.addr),
+                                 error=str(exc), hint="new connections spread over all "
+                                 "of the bind's sockets, some workers take more than others")
 
     # --- reload -------------------------------------------------------------------------
 
@@ -313,7 +469,8 @@ class Accepting(_Servers):
         hub.on_overload = self.pause_accepting
 
     def serve(self, listener: Listener, bind: str, sock: socket.socket) -> None:
-        listener.servers[bind] = serve_socket(sock, listener.runtime)
+        """Accept on `sock` for `listener`'s `bind` (a bind may have several sockets)."""
+        add_acceptor(listener.servers, bind, serve_socket(sock, listener.runtime))
 
     def pause_accepting(self) -> None:
         """Hub.on_overload: the process ran out of descriptors. Pause accepting on every
@@ -333,14 +490,18 @@ class Accepting(_Servers):
     def new_binds(self, sockets: list[tuple[str, str, socket.socket]]) -> dict[str, dict]:
         """Per listener: {bind: Acceptor} after a reload, from the Acceptors of binds
         kept and the new sockets the master sent ((listener, bind, socket))."""
-        fresh = {(name, bind): sock for name, bind, sock in sockets}
+        fresh = {(name, bind) for name, bind, _ in sockets}
         result: dict[str, dict] = {}
         for name, listener in self.listeners.items():
             result[name] = dict(listener.servers)
-        for (name, bind), sock in fresh.items():
+        for name, bind, sock in sockets:
             listener = self.listeners.get(name)
-            result.setdefault(name, {})[bind] = serve_socket(
-                sock, listener.runtime if listener is not None else None)
+            servers = result.setdefault(name, {})
+            if (name, bind) in fresh:               # a new bind: not the kept Acceptors'
+                servers.pop(bind, None)
+                fresh.discard((name, bind))
+            add_acceptor(servers, bind, serve_socket(
+                sock, listener.runtime if listener is not None else None))
         return result
 
     @staticmethod

@@ -311,7 +311,18 @@ LOG_EVENTS: tuple[LogEvent, ...] = (
              "A worker process died (`status`: `exit N` or `killed by SIGNAL`) with `lost` "
              "connections open on it; it is started again at once."),
     LogEvent("worker_stopped", "info", ("worker", "pid", "status"),
-             "A worker process ended as told (shutdown)."),
+             "A worker process ended as told (shutdown, or its generation was replaced), "
+             "or died while its generation was starting."),
+    LogEvent("workers_replaced", "info", ("generation", "workers", "previous"),
+             "A reload changed `global.workers`: the new generation accepts; the previous "
+             "workers stopped accepting and finish their connections."),
+    LogEvent("workers_not_replaced", "error", ("workers", "error"),
+             "A reload's new generation of workers could not start; the running workers "
+             "keep serving (the reload's reply says so too)."),
+    LogEvent("listen_steering_failed", "warning", ("bind", "error", "hint"),
+             "The kernel refused the cBPF program that sends a bind's new connections to "
+             "the accepting workers' sockets; connections still spread over every socket "
+             "of the bind."),
     LogEvent("worker_not_restarted", "error", ("worker", "reason"),
              "A worker that died is not started again: it died too often, or the fork "
              "server is gone."),

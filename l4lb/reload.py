@@ -29,6 +29,7 @@ from .actions import OperationError
 from .config import (Address, BackendConfig, Config, ConfigError, ListenerConfig, PoolConfig,
                      load_config)
 from .log import configure_logging
+from .vocab import worker_count
 
 if TYPE_CHECKING:                      # the balancer imports this module
     from .balancer import Balancer
@@ -166,8 +167,12 @@ def _global_changes(old: Config, new: Config) -> list[str]:
     if old.global_.max_connections != new.global_.max_connections:
         out.append(f"global max_connections {new.global_.max_connections}")
     if old.global_.workers != new.global_.workers:
-        out.append(f"global workers {new.global_.workers}: applies at the next start "
-                   "(a reload keeps the running workers)")
+        was, now = worker_count(old.global_.workers), worker_count(new.global_.workers)
+        if was == now:
+            out.append(f"global workers {new.global_.workers} ({now} workers, as before)")
+        else:
+            out.append(f"global workers {new.global_.workers}: {now} new workers replace "
+                       f"the {was} running (they finish their connections)")
     for key in ("nameservers", "min_ttl", "max_ttl", "retry", "timeout"):
         was, now = getattr(old.resolvers, key), getattr(new.resolvers, key)
         if was != now:      # every name is asked again at once (Resolver.configure)
@@ -241,6 +246,9 @@ async def apply_reload(balancer: "Balancer", plan: ReloadPlan) -> None:
     Opens the new binds (and the metrics address) first: OSError when one fails, and
     nothing has changed. OperationError when a shutdown began while they were opening."""
     new = plan.config
+    count = worker_count(new.global_.workers)
+    if count != balancer.workers.count:
+        balancer.workers.check_room(count)
     await balancer.metrics.prepare(new.metrics.listen)
     try:
         servers = await balancer.listening.open_binds(new)
@@ -260,6 +268,14 @@ async def apply_reload(balancer: "Balancer", plan: ReloadPlan) -> None:
               or balancer.listeners[name].servers.get(bind) is not group]
     apply_plan(balancer, plan, servers)
     balancer.workers.reload(opened)
+    if count != balancer.workers.count:
+        try:
+            await balancer.workers.regenerate(count)
+        except OSError as exc:
+            plan.changes.append(f"error: global workers {new.global_.workers} not applied: "
+                                f"{exc}; the {balancer.workers.count} running workers "
+                                f"keep serving")
+            balancer.log.error("workers_not_replaced", workers=count, error=str(exc))
 
 
 def apply_plan(rt: "Runtime", plan: ReloadPlan, servers: dict) -> None:

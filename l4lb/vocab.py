@@ -19,7 +19,7 @@ __all__ = [
     "NAME_PATTERN", "NAME_RE", "ON_DOWN_WORDS", "SEND_PROXY_CODES", "SEND_PROXY_WORDS",
     "SET_BY_DEFAULT", "SET_BY_WORDS",
     "SPLIT_TOTAL", "WEIGHT_DEFAULT", "WEIGHT_MAX", "WEIGHT_MIN", "check_name", "check_split",
-    "check_weight", "WORKERS_AUTO", "WORKERS_MAX", "check_workers", "worker_count",
+    "check_weight", "WORKERS_AUTO", "WORKERS_MAX", "check_workers", "worker_count", "cpu_count",
 ]
 
 # A backend's weight as the operator writes it (DESIGN.md §4): 0 takes no new connections.
@@ -120,11 +120,17 @@ def check_workers(value) -> int | str:
     return value
 
 
+def cpu_count() -> int:
+    """The CPUs this process may run on (os.sched_getaffinity: taskset and cpusets
+    count), capped at WORKERS_MAX."""
+    import os
+    return max(1, min(WORKERS_MAX, len(os.sched_getaffinity(0))))
+
+
 def worker_count(value) -> int:
     """The number of workers `global.workers` asks for: "auto" is one per CPU this
     process may run on (os.sched_getaffinity, so taskset and cpusets count), capped at
     WORKERS_MAX."""
     if value == WORKERS_AUTO:
-        import os
-        return max(1, min(WORKERS_MAX, len(os.sched_getaffinity(0))))
+        return cpu_count()
     return int(value)

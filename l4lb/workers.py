@@ -15,6 +15,15 @@ changes the shape of the model does: `add`, `remove`, `route` (switch/split), `r
 Requests — `conns`, `kill`, `close`, `stats` — are answered by each worker for its own
 connections, and the master sums.
 
+A reload that changes `global.workers` starts a new generation (`regenerate`): the bind
+groups grow to a socket per new worker first (a socket joins its group already steered
+away from, so nothing queues where nobody accepts), the new workers start and say ready,
+new connections are steered to them, and only then do the old ones stop accepting and
+finish their connections for up to global.shutdown_timeout. No socket closes, so nothing
+queued is reset. Until they exit the old workers (`retiring`) keep their rows of the
+table, so every limit and leastconn still counts their connections, and they still
+answer `show conns`, `kill` and `stats`.
+
 A worker that exits while the master runs is logged (`worker_exited`: worker, pid,
 status, connections lost) and started again at once, on the same row of the table and
 the same sockets: connections queued in the kernel on its sockets wait for it. Its row's
@@ -61,9 +70,10 @@ def describe_status(exitcode: int | None) -> str:
 class Worker:
     """One worker process as the master sees it."""
 
-    def __init__(self, index: int, generation: int):
-        self.index = index              # its place: sockets[index] of each bind
-        self.row = index                # its row of the shared table
+    def __init__(self, index: int, generation: int, row: int, of: int):
+        self.index = index              # its place among its generation's `of` workers
+        self.of = of                    # (BindGroup.assigned: which sockets it takes)
+        self.row = row                  # its row of the shared table
         self.generation = generation
         self.channel: Channel | None = None
         self.pid: int | None = None
@@ -88,7 +98,10 @@ class Workers:
         self.log = balancer.log
         self.count = count
         self.generation = 1
-        self.workers: list[Worker] = []
+        self.workers: list[Worker] = []          # the generation that accepts
+        self.retiring: list[Worker] = []         # older ones finishing their connections
+        self.free_rows = list(range(balancer.table.rows))
+        self._regenerating = asyncio.Lock()
         self.by_pid: dict[int, Worker] = {}
         self.stopping = False
         self.zygote = zygote            # zygote.ZygoteHandle (serve.py forks it first)
@@ -102,14 +115,89 @@ class Workers:
             raise OSError("no fork server to start workers from (l4lb.serve makes one)")
         self.zygote_channel = Channel(self.zygote.sock, self.loop, self.on_zygote_event,
                                       self.on_zygote_gone)
-        self.workers = [Worker(i, self.generation) for i in range(self.count)]
+        self.workers = self.new_generation(self.count)
+        await self.start_all(self.workers)
+
+    def check_room(self, count: int) -> None:
+        """OSError unless `count` new workers have a row of the shared table each."""
+        if len(self.free_rows) < count:
+            raise OSError(f"{count} new workers need {count} rows of the shared table and "
+                          f"{len(self.free_rows)} of its {self.balancer.table.rows} are free "
+                          f"(older workers are still finishing their connections: "
+                          f"`show workers`); try again once they exit")
+
+    def new_generation(self, count: int) -> list[Worker]:
+        self.check_room(count)
+        self.free_rows.sort()
+        rows, self.free_rows = self.free_rows[:count], self.free_rows[count:]
+        return [Worker(i, self.generation, row, count) for i, row in enumerate(rows)]
+
+    async def start_all(self, workers: list[Worker]) -> None:
+        """Spawn `workers` and wait until each accepts. OSError when one fails."""
         try:
-            for worker in self.workers:
+            for worker in workers:
                 await self.spawn(worker)
-            await asyncio.wait_for(asyncio.gather(*(w.ready for w in self.workers)),
+            await asyncio.wait_for(asyncio.gather(*(w.ready for w in workers)),
                                    READY_TIMEOUT)
         except (asyncio.TimeoutError, ChannelClosed) as exc:
             raise OSError(f"workers did not start: {exc or 'timed out'}") from None
+
+    async def regenerate(self, count: int) -> None:
+        """Replace the accepting workers by `count` new ones, refusing no connection:
+        grow the bind groups (new sockets steered away from until their workers accept),
+        start the new generation and wait until it accepts, steer new connections to it,
+        then have the old one stop accepting and finish. OSError, with the old generation
+        still accepting as before, when the new one cannot start."""
+        async with self._regenerating:
+            await self._regenerate(count)
+
+    async def _regenerate(self, count: int) -> None:
+        listening = self.balancer.listening
+        old_count = self.count
+        if count == old_count:
+            return
+        self.generation += 1
+        try:
+            new = self.new_generation(count)
+        except OSError:
+            self.generation -= 1
+            raise
+        grown = listening.resize(count, old_count)
+        try:
+            await self.start_all(new)
+        except OSError:
+            self.generation -= 1
+            await self._retire(new)         # those that accept already finish theirs
+            listening.shrink(grown, old_count)
+            raise
+        old, self.workers, self.count = self.workers, new, count
+        listening.steer(count)
+        self.log.info("workers_replaced", generation=self.generation, workers=count,
+                      previous=old_count)
+        await self._retire(old)
+
+    async def _retire(self, workers: list[Worker]) -> None:
+        """`workers` stop accepting, then finish their connections for up to
+        global.shutdown_timeout and exit (their rows are freed when they do)."""
+        for w in workers:
+            w.stopping = True
+            if w.live:
+                self.retiring.append(w)
+            elif w.exited is None or w.exited.done():   # never started, or gone
+                self.free_rows.append(w.row)
+        await self.ask({"op": "stop_accepting"}, workers=workers)
+        timeout = self.balancer.config.global_.shutdown_timeout
+        for w in workers:
+            if w in self.retiring:
+                self.loop.create_task(self._finish(w, timeout))
+
+    @staticmethod
+    def _kill(worker: Worker) -> None:
+        if worker.pid is not None:
+            try:
+                os.kill(worker.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     async def spawn(self, worker: Worker) -> None:
         """Have the zygote fork worker `worker`, and send it its init message.
@@ -132,7 +220,7 @@ class Workers:
         worker.channel = Channel(ours, self.loop,
                                  lambda msg, fds, w=worker: self.on_message(w, msg, fds))
         b = self.balancer
-        sockets = b.listening.sockets_of(worker.index)
+        sockets = b.listening.sockets_of(worker.index, worker.of)
         init = dict(b.snapshot(), op="init", index=worker.index, row=worker.row,
                     generation=worker.generation,
                     binds=[[name, bind] for name, bind, _ in sockets])
@@ -169,12 +257,17 @@ class Workers:
         table = self.balancer.table
         lost = table.row_figures(worker.row)["active"]
         table.retire_row(worker.row)
-        if worker.ready is not None and not worker.ready.done():
+        if worker in self.retiring:             # an old generation's: its row is free
+            self.retiring.remove(worker)
+            self.free_rows.append(worker.row)
+        started = worker.ready is not None and worker.ready.done()
+        if not started and worker.ready is not None:
             worker.ready.set_exception(ChannelClosed(
                 f"worker {worker.index} exited before it was ready ({describe_status(status)})"))
         if worker.exited is not None and not worker.exited.done():
             worker.exited.set_result(status)
-        if worker.stopping or self.stopping:
+        if worker.stopping or self.stopping or not (started or worker.restarts):
+            # (one that died in its generation's start is the start's failure to report)
             self.log.info("worker_stopped", worker=worker.index, pid=worker.pid,
                           status=describe_status(status))
             return
@@ -200,11 +293,16 @@ class Workers:
     # --- telling and asking -----------------------------------------------------------
 
     def live(self) -> list[Worker]:
+        """The accepting generation's live workers."""
         return [w for w in self.workers if w.live]
+
+    def every(self) -> list[Worker]:
+        """Every live worker: the accepting generation and the retiring ones."""
+        return [w for w in self.workers + self.retiring if w.live]
 
     def broadcast(self, msg: dict, fds: list[int] = ()) -> None:
         """Send `msg` to every live worker (a worker started later gets the snapshot)."""
-        for worker in self.live():
+        for worker in self.every():
             try:
                 worker.channel.send(msg, fds)
             except ChannelClosed:
@@ -216,11 +314,16 @@ class Workers:
         BindGroup))."""
         b = self.balancer
         snapshot = b.snapshot()
-        binds = [[name, bind] for name, bind, _ in opened]
-        for worker in self.live():
-            fds = [group.sockets[worker.index].fileno() for _, _, group in opened]
+        for worker in self.every():
+            if worker in self.retiring:         # accepts no more: no sockets
+                pairs = []
+            else:
+                pairs = [([name, bind], sock) for name, bind, group in opened
+                         for sock in group.assigned(worker.index, worker.of)]
             try:
-                worker.channel.send(dict(snapshot, op="reload", binds=binds), fds)
+                worker.channel.send(dict(snapshot, op="reload",
+                                         binds=[pair for pair, _ in pairs]),
+                                    [sock.fileno() for _, sock in pairs])
             except ChannelClosed:
                 pass
 
@@ -231,9 +334,11 @@ class Workers:
         self.broadcast({"op": "converge", "old": old.to_dict(), "new": new.to_dict(),
                         "slots": self.balancer.slots})
 
-    async def ask(self, msg: dict, fds: list[int] = ()) -> list[tuple[Worker, dict]]:
-        """Send request `msg` to every live worker; (worker, reply) of those that answered."""
-        workers = self.live()
+    async def ask(self, msg: dict, fds: list[int] = (),
+                  workers: list[Worker] | None = None) -> list[tuple[Worker, dict]]:
+        """Send request `msg` to every live worker (or to those of `workers` alive);
+        (worker, reply) of those that answered."""
+        workers = self.every() if workers is None else [w for w in workers if w.live]
 
         async def one(worker):
             try:
@@ -271,12 +376,13 @@ class Workers:
         """`show workers`: one row per worker."""
         table = self.balancer.table
         out = []
-        for w in self.workers:
+        for w in self.workers + self.retiring:
             figures = table.row_figures(w.row)
             out.append({"worker": w.index, "pid": w.pid, "generation": w.generation,
                         "started": round(w.started_at, 3), "live": w.live,
                         "active": figures["active"], "accepted": figures["accepted"],
-                        "restarts": w.restarts})
+                        "restarts": w.restarts,
+                        "accepting": w in self.workers and not self.stopping})
         return out
 
     # --- stopping -----------------------------------------------------------------------
@@ -294,7 +400,8 @@ class Workers:
         rest and exit; the zygote goes too. Returns the connections closed at the
         deadline."""
         self.stopping = True
-        workers = [w for w in self.workers if w.exited is not None and not w.exited.done()]
+        workers = [w for w in self.workers + self.retiring
+                   if w.exited is not None and not w.exited.done()]
         for w in workers:
             w.stopping = True
         closed = sum(await asyncio.gather(*(self._finish(w, timeout) for w in workers)))
@@ -314,10 +421,7 @@ class Workers:
         try:
             await asyncio.wait_for(asyncio.shield(worker.exited), EXIT_GRACE)
         except asyncio.TimeoutError:
-            try:
-                os.kill(worker.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            self._kill(worker)
             try:
                 await asyncio.wait_for(asyncio.shield(worker.exited), EXIT_GRACE)
             except asyncio.TimeoutError:

@@ -16,7 +16,8 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ..support import (ask, connect, echo_handler, name_handler, recv_exactly, simple_config,
+from ..support import (ask, connect, echo_handler, hello, name_handler, recv_exactly,
+                       simple_config,
                        wait_until)
 
 
@@ -508,3 +509,77 @@ def test_a_sigterm_to_the_whole_group_is_one_graceful_stop(backends, l4lb):
     assert stopped == pids
     wait_until(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status()
                                != psutil.STATUS_ZOMBIE for p in pids), what="workers gone")
+
+
+def reload_with(lb, text: str) -> dict:
+    lb.path.write_text(text)
+    return ask(lb, "reload")
+
+
+@pytest.mark.timeout(120)
+def test_a_reload_that_changes_workers_starts_a_generation_and_the_old_one_finishes(
+        backends, l4lb):
+    b = backends(echo_handler, backlog=1024)
+    rows2 = workers_config([("b1", b.address)], workers=2)
+    lb = l4lb(rows2)
+    held = [connect(lb.port()) for _ in range(20)]      # open through generation 1
+    for i, s in enumerate(held):
+        s.sendall(b"held %d\n" % i)
+        assert recv_exactly(s, len(b"held %d\n" % i)) == b"held %d\n" % i
+    old = {w["pid"] for w in worker_rows(lb)}
+
+    reply = reload_with(lb, workers_config([("b1", b.address)], workers=1))
+    assert reply["ok"], reply
+    assert any("global workers 1: 1 new workers replace the 2" in c for c in reply["changes"])
+    rows = worker_rows(lb)
+    accepting = [r for r in rows if r["accepting"]]
+    assert [(r["worker"], r["generation"]) for r in accepting] == [(0, 2)]
+    assert accepting[0]["pid"] not in old
+    # the old generation still carries its connections, byte for byte
+    for i, s in enumerate(held):
+        s.sendall(b"again %d\n" % i)
+        assert recv_exactly(s, len(b"again %d\n" % i)) == b"again %d\n" % i
+    # every new connection goes to the one new worker
+    fresh = [connect(lb.port()) for _ in range(30)]
+    for s in fresh:
+        s.sendall(b"x\n")
+        assert recv_exactly(s, 2) == b"x\n"
+    wait_until(lambda: [r["accepted"] for r in worker_rows(lb) if r["accepting"]] == [30],
+               what="30 accepted by the new worker")
+    close_all(fresh)
+    # the old workers exit once their connections are closed
+    close_all(held)
+    wait_until(lambda: all(r["generation"] == 2 for r in worker_rows(lb)),
+               what="generation 1 gone")
+    for pid in old:
+        wait_until(lambda: not psutil.pid_exists(pid) or
+                   psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, what="old pid gone")
+
+    reply = reload_with(lb, rows2)                       # and back to two
+    assert reply["ok"], reply
+    assert [(r["worker"], r["generation"]) for r in worker_rows(lb)
+            if r["accepting"]] == [(0, 3), (1, 3)]
+    fresh = [connect(lb.port()) for _ in range(200)]
+    for s in fresh:
+        s.sendall(b"y\n")
+        assert recv_exactly(s, 2) == b"y\n"
+    # both sockets of the group are steered to again: both new workers get connections
+    wait_until(lambda: all(r["accepted"] > 0 for r in worker_rows(lb) if r["accepting"]),
+               what="both new workers accepting")
+    close_all(fresh)
+    assert not lb.events_named("worker_exited")
+    assert ask(lb, "show info")["workers"] == 2
+
+
+@pytest.mark.timeout(60)
+def test_a_reload_asking_more_workers_than_the_table_has_rows_for_changes_nothing(
+        backends, l4lb):
+    b = backends(echo_handler)
+    lb = l4lb(workers_config([("b1", b.address)], workers=2))
+    before = worker_rows(lb)
+    lb.path.write_text(workers_config([("b1", b.address)], workers=64))
+    reply = ask(lb, "reload")
+    assert not reply["ok"]
+    assert "64 new workers need 64 rows of the shared table" in reply["error"]
+    assert worker_rows(lb) == before
+    assert hello(lb.port())
