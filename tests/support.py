@@ -240,7 +240,7 @@ TEST_WORKERS = 2
 
 def simple_config(backends, algorithm: str = "rr", listener_extra: str = "",
                   pool_extra: str = "", global_extra: str = "", access: bool = True,
-                  socket_name: str = "l4lb.sock") -> str:
+                  socket_name: str = "l4lb.sock", bind: str = "127.0.0.1:0") -> str:
     if "workers" not in global_extra:
         global_extra = f"workers = {TEST_WORKERS}\n{global_extra}"
     return f"""
@@ -257,7 +257,7 @@ format = "json"
 access = {"true" if access else "false"}
 
 [listeners.web]
-bind = ["127.0.0.1:0"]
+bind = ["{bind}"]
 pool = "main"
 {listener_extra}
 
@@ -469,3 +469,144 @@ class Etcd:
     def close(self) -> None:
         self.stop()
         self.log.close()
+
+
+# --- churn: the restart tests' load client (tests/churn.py) ------------------------------
+
+CHURN = Path(__file__).resolve().parent / "churn.py"
+
+# The kernel's counts of connections a listener did not take (/proc/net/netstat, TcpExt):
+# accept queue full (ListenOverflows, each also in ListenDrops), SYN queue full
+# (TCPReqQFullDrop, or answered with a cookie: TCPReqQFullDoCookies, SyncookiesSent).
+LISTEN_DROP_COUNTERS = ("TcpExtListenDrops", "TcpExtListenOverflows", "TcpExtTCPReqQFullDrop",
+                        "TcpExtTCPReqQFullDoCookies", "TcpExtSyncookiesSent")
+
+
+def nstat_counters(names=LISTEN_DROP_COUNTERS) -> dict[str, int]:
+    """The absolute values of `names` (nstat's spelling: TcpExtListenDrops) from
+    /proc/net/netstat, this network namespace's; a counter the kernel lacks reads 0.
+    Compare two readings: the counters are the namespace's, not one listener's."""
+    values: dict[str, int] = {}
+    lines = Path("/proc/net/netstat").read_text().splitlines()
+    for head, row in zip(lines[::2], lines[1::2]):     # a line of names, then one of values
+        prefix, *keys = head.split()
+        _, *numbers = row.split()
+        for key, number in zip(keys, numbers):
+            values[prefix.rstrip(":") + key] = int(number)
+    return {name: values.get(name, 0) for name in names}
+
+
+class ChurnEcho:
+    """`churn.py echo` as a subprocess: the echo backend the churn load goes through l4lb
+    to. Started on construction (returns once it listens); `close` ends it."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, str(CHURN), "echo"], cwd=REPO,
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     text=True)
+        line = self.proc.stdout.readline()   # the child prints it at once or dies
+        if not line.startswith("listening "):
+            self.close()
+            raise RuntimeError(f"churn echo did not start: {line!r}")
+        self.port = int(line.split()[1])
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc.stdout.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Churn:
+    """`churn.py load` as a subprocess against 127.0.0.1:`port`: short connections at
+    `rate` a second and `streams` long echo streams for up to `duration` s.
+
+    wait_running() returns once the load runs (a short connection and every stream went
+    through); wait_ok(n) once n short connections succeeded in all; stop() ends it early
+    (SIGTERM: it finishes what is in flight) and wait() lets it run out; both return the
+    result dict (churn.py's docstring lists the counts). close() kills it whatever its
+    state: call it in a finally or use `with`.
+    """
+
+    def __init__(self, port: int, result_path: Path, rate: float = 500, streams: int = 50,
+                 duration: float = 30.0):
+        self.result_path = Path(result_path)
+        self.duration = duration
+        self.result: dict | None = None
+        self.progress: dict = {}
+        self.lines: list[str] = []
+        self.running = threading.Event()
+        self.proc = subprocess.Popen(
+            [sys.executable, str(CHURN), "load", "--port", str(port), "--rate", str(rate),
+             "--streams", str(streams), "--duration", str(duration),
+             "--result", str(self.result_path)],
+            cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True)
+        self.reader = threading.Thread(target=self.read_output, daemon=True)
+        self.reader.start()
+
+    def read_output(self):
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if line.startswith("running"):
+                self.running.set()
+            elif line.startswith("progress "):
+                self.progress = json.loads(line.split(" ", 1)[1])
+
+    def wait_running(self, timeout: float = 15.0) -> "Churn":
+        deadline = time.monotonic() + timeout
+        while not self.running.wait(0.1):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the churn load did not start running; its output:\n"
+                                   + "".join(self.lines[-20:]))
+        return self
+
+    def wait_ok(self, count: int, timeout: float = 15.0) -> dict:
+        """The progress counts once `count` short connections succeeded in all."""
+        return wait_until(lambda: self.progress.get("ok", 0) >= count and self.progress,
+                          timeout, f"{count} churn connections ok")
+
+    def stop(self, timeout: float | None = None) -> dict:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def wait(self, timeout: float | None = None) -> dict:
+        """The result, once the load ended (after its duration, or a stop). The default
+        timeout covers the duration and the end of what was in flight."""
+        if timeout is None:
+            timeout = self.duration + 40
+        self.proc.wait(timeout)
+        self.reader.join(timeout=5)
+        if not self.result_path.exists():
+            raise RuntimeError(f"churn exited with {self.proc.returncode} and no result; "
+                               "its output:\n" + "".join(self.lines[-20:]))
+        self.result = json.loads(self.result_path.read_text())
+        return self.result
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.reader.join(timeout=2)
+        self.proc.stdout.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
