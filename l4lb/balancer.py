@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 from . import _native, vocab
 from .actions import OperationError, Operator
@@ -136,9 +137,17 @@ class Balancer(Runtime):
     publishes = True
 
     def __init__(self, config: Config, loop: asyncio.AbstractEventLoop | None = None,
-                 zygote=None):
+                 zygote=None, takeover=None):
         loop = loop or asyncio.get_event_loop()
         super().__init__(config, loop, get_logger())
+        # An upgrade's new master (upgrade.Takeover, its hello answered): it continues
+        # the old one's generations and state.
+        self.takeover = takeover
+        info = takeover.info if takeover is not None else {}
+        self.generation = info.get("generation", 0) + 1
+        self.upgraded_from = info.get("pid")
+        self.handed_over = False        # an upgrade's old master, once the new one serves
+        self.upgrade = None             # upgrade.Upgrade, set by serve()
         count = vocab.worker_count(config.global_.workers)
         # Rows for two generations of workers overlapping (a reload that changes their
         # number, up to one per CPU or the count asked, whichever is more), and spare.
@@ -157,12 +166,16 @@ class Balancer(Runtime):
         self.listening = Listening(self.loop, self.hub, self.listeners, self.log, count,
                                    Inherited())
         self.workers = Workers(self, count, zygote)
+        self.workers.generation = info.get("workers_generation", 0) + 1
         self.notifier = Notifier()              # systemd's Type=notify; a no-op elsewhere
         self.health = HealthMonitor(self.workers.close_open, self.log)
         self.resolver = Resolver(config.resolvers, lambda: self.pools.values(), self.log,
                                  on_resolved=self.resolved)
         self.build()
-        self.restore_runtime_state()
+        self.restore_runtime_state(info.get("state"))
+        if info.get("health"):              # what the old master's checks concluded
+            self.health.adopt({b.ref: b for p in self.pools.values() for b in p},
+                              info["health"])
         self.cluster = Cluster(self, config.cluster) if config.cluster is not None else None
         self.metrics = MetricsEndpoint(self)
 
@@ -222,19 +235,23 @@ class Balancer(Runtime):
     def set_access_log(self, enabled: bool) -> None:
         pass                            # the workers read config.log.access
 
-    def restore_runtime_state(self) -> None:
-        """Re-apply the operator's changes from the state file on top of the config.
-        A corrupt file is reported and ignored."""
+    def restore_runtime_state(self, path=None) -> None:
+        """Re-apply the operator's changes from the state file (ours, or the old master's
+        of an upgrade, which wrote it just before) on top of the config. A corrupt file
+        is reported and ignored."""
+        path = self.state_path if path is None else Path(path)
         try:
-            self.runtime_state = load_state(self.state_path)
+            self.runtime_state = load_state(path)
         except StateFileError as exc:
-            self.log.error("state_file_ignored", path=str(self.state_path), error=str(exc))
+            self.log.error("state_file_ignored", path=str(path), error=str(exc))
             self.runtime_state = RuntimeState()
             return
         for issue in self.runtime_state.issues:      # entries the state file's rules refused
             self.log.warning("state_entry_ignored", section=issue.section, key=issue.key,
                              error=issue.message)
         self.operator.restore_state()
+        if path != self.state_path:             # an upgrade that moved the control socket
+            self.state_writer.save()
 
     # --- what the workers get -------------------------------------------------------------
 
@@ -255,11 +272,18 @@ class Balancer(Runtime):
         """Bind every listener, start the workers and the sweep. OSError if a bind fails
         or the workers cannot start (nothing is left listening in that case)."""
         try:
+            if self.takeover is not None:       # the old master's sockets, not new binds
+                await self.listening.take_over(self.takeover)
             for listener in self.listeners.values():
                 await self.listening.open_listener(listener)
             self.listening.release_inherited()
-            await self.metrics.start(self.config.metrics.listen)
+            # An upgrade's groups may have fewer sockets than this master has workers.
+            self.listening.resize(self.workers.count)
+            listen = self.config.metrics.listen
+            await self.metrics.start(listen, None if self.takeover is None
+                                     else await self.takeover.metrics_socket(listen))
             await self.workers.start()
+            self.listening.steer(self.workers.count)
         except BaseException:
             await self.workers.stop(0)
             self.listening.close_all()
@@ -316,6 +340,11 @@ class Balancer(Runtime):
         once it was applied or refused (not during a shutdown: it is refused at once)."""
         if self.stopping:
             return await reload_from_file(self, cause)
+        if self.upgrade is not None and (self.upgrade.running or self.upgrade.done):
+            self.log.error("config_rejected", path=str(self.config.path), cause=cause,
+                           errors=["an upgrade is under way"])
+            raise OperationError("an upgrade is under way: reload refused (the new master "
+                                 "reads the config file itself)")
         self.notifier.reloading()
         try:
             return await reload_from_file(self, cause)
@@ -328,17 +357,20 @@ class Balancer(Runtime):
         return (f"serving {len(self.listeners)} listener(s) with {live}/{self.workers.count} "
                 f"worker(s); {self.hub.active} connection(s) open")
 
-    async def shutdown(self, timeout: float | None = None) -> None:
+    async def shutdown(self, timeout: float | None = None, handed_over: bool = False) -> None:
         """Stop accepting, let connections finish for up to `timeout` seconds (default
-        global.shutdown_timeout), then close the rest. Idempotent."""
+        global.shutdown_timeout), then close the rest. Idempotent. `handed_over`: an
+        upgrade's old master, whose sockets, state file and systemd's attention are the
+        new master's now (closing its descriptors closes no socket)."""
         if self.stopping:
             await self._stopped.wait()
             return
         self.stopping = True
         if timeout is None:
             timeout = self.config.global_.shutdown_timeout
-        self.notifier.stopping(f"stopping: {self.hub.active} connection(s) get up to "
-                               f"{timeout:g} s")
+        if not handed_over:
+            self.notifier.stopping(f"stopping: {self.hub.active} connection(s) get up to "
+                                   f"{timeout:g} s")
         await self.workers.stop_accepting()
         self.listening.close_all()
         self.log.info("shutdown_started", active=self.hub.active, timeout=timeout)
@@ -350,7 +382,8 @@ class Balancer(Runtime):
                 task.cancel()
         if self.cluster is not None:
             await self.cluster.stop()       # leaves the fleet: its record goes at once
-        await self.state_writer.flush()
+        if not handed_over:
+            await self.state_writer.flush()
         self.metrics.close()            # served until here: the drain can be watched
         self.log.info("shutdown_finished", closed=left)
         self._stopped.set()

@@ -83,10 +83,11 @@ class Channel:
         finally:
             self._pending.pop(rid, None)
 
-    def reply(self, request: dict, **fields) -> None:
-        """Answer `request` (a message that came with an `id`)."""
+    def reply(self, request: dict, fds: list[int] = (), **fields) -> None:
+        """Answer `request` (a message that came with an `id`), with descriptors `fds`
+        (the reply's `fds` is the list of them then)."""
         if not self.closed:
-            self.send(dict(fields, reply=request["id"]))
+            self.send(dict(fields, reply=request["id"]), fds)
 
     def _flush(self) -> None:
         while self._wqueue:
@@ -159,10 +160,12 @@ class Channel:
         rid = msg.get("reply")
         if rid is not None:
             fut = self._pending.get(rid)
-            for fd in fds:                       # replies carry none; never leak one
-                os.close(fd)
             if fut is not None and not fut.done():
+                msg["fds"] = fds                 # the requester owns them now
                 fut.set_result(msg)
+            else:
+                for fd in fds:                   # nobody waits for them: never leak one
+                    os.close(fd)
             return
         self.on_message(msg, fds)
 

@@ -31,6 +31,8 @@ def load_or_exit(path=None) -> Config:
     except ConfigError as exc:
         for issue in exc.issues:
             print(str(issue), file=sys.stderr)
+        from .upgrade import report_failure    # an upgrade's new master: say why to the old
+        report_failure("config rejected: " + "; ".join(str(i) for i in exc.issues))
         raise SystemExit(1)
     if path is None:
         config.control.socket = Path.cwd() / config.control.socket.name
@@ -38,6 +40,15 @@ def load_or_exit(path=None) -> Config:
 
 
 def cmd_run(args) -> int:
+    try:
+        return _run(args)
+    except Exception as exc:            # an upgrade's new master says why it could not
+        from .upgrade import report_failure     # start (a no-op otherwise, or once it
+        report_failure(f"{type(exc).__name__}: {exc}")  # took over)
+        raise
+
+
+def _run(args) -> int:
     early = catch_early()               # first: a SIGHUP from now on is kept, not fatal
     config = load_or_exit(Path(args.config) if args.config else None)
     configure_logging(config.log.level, config.log.format)

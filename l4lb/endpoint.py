@@ -186,14 +186,23 @@ class MetricsEndpoint:
             return None
         return self.server.sockets[0].getsockname()[1]
 
-    async def _open(self, address: Address) -> ReservedServer:
+    @property
+    def socket(self):
+        """The listening socket, or None (an upgrade hands it to the new master)."""
+        return self.server.sock if self.server is not None else None
 
-        sock = open_listening_socket(address)
+    async def _open(self, address: Address, sock=None) -> ReservedServer:
+        if sock is None:
+            sock = open_listening_socket(address)
         return ReservedServer(self.loop, sock, lambda: MetricsConnection(self))
 
-    async def start(self, address: Address | None) -> None:
-        """Serve /metrics on `address` (None = off)."""
-        await self.prepare(address)
+    async def start(self, address: Address | None, sock=None) -> None:
+        """Serve /metrics on `address` (None = off); on `sock` when given (the old
+        master's, an upgrade)."""
+        if sock is not None and address is not None:
+            self._pending = (address, await self._open(address, sock))
+        else:
+            await self.prepare(address)
         self.commit()
 
     async def prepare(self, address: Address | None) -> None:

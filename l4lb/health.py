@@ -64,6 +64,7 @@ PROBE_INCONCLUSIVE_ERRNOS = _native.OVERLOAD_ERRNOS
 CAUSE_ACTIVE = "health_check"
 CAUSE_PASSIVE = "passive_check"
 CAUSE_UNCHECKED = "health_check_removed"   # a reload dropped the section; down -> up
+CAUSE_UPGRADE = "upgrade"                  # the old master's checks had it down
 # close_reason of connections closed because their backend went down (on_down = "close").
 CLOSE_REASON_DOWN = "backend_down"
 
@@ -371,6 +372,42 @@ class HealthMonitor:
             self.watch(backend)
             if cfg is None and backend.state is BackendState.DOWN:
                 pool.set_state(backend, BackendState.UP, CAUSE_UNCHECKED)
+
+    # --- across an upgrade --------------------------------------------------------------
+
+    def verdicts(self) -> dict[str, dict]:
+        """What the checks concluded so far, by backend ref (an upgrade hands it to the
+        new master): health, the streaks, the last error, and whether it is down."""
+        return {b.ref: {"health": b.health, "passes": c.state.passes, "fails": c.state.fails,
+                        "down": b.state is BackendState.DOWN, "last_error": b.last_error,
+                        "last_check": b.last_check}
+                for b, c in self.checks.items() if b.health != "unchecked"}
+
+    def adopt(self, backends: dict, verdicts: dict) -> int:
+        """An upgrade's new master carries on from the old one's `verdicts` for the
+        backends it checks too (`backends`: ref -> Backend): a backend the old checks had
+        down stays down until it passes `rise` probes, instead of being sent clients
+        until it fails `fall` again. Returns how many were taken down."""
+        down = 0
+        for ref, v in verdicts.items():
+            backend = backends.get(ref)
+            check = self.checks.get(backend) if backend is not None else None
+            if check is None or not isinstance(v, dict):
+                continue
+            if v.get("health") in ("passing", "failing"):
+                backend.health = v["health"]
+            for key in ("passes", "fails"):
+                if isinstance(v.get(key), int) and v[key] >= 0:
+                    setattr(check.state, key, v[key])
+            backend.check_failures = check.state.fails
+            backend.last_error = v.get("last_error") if isinstance(
+                v.get("last_error"), str) else None
+            if isinstance(v.get("last_check"), (int, float)):
+                backend.last_check = float(v["last_check"])
+            if v.get("down") is True and backend.state is BackendState.UP:
+                backend.pool.set_state(backend, BackendState.DOWN, CAUSE_UPGRADE)
+                down += 1
+        return down
 
     def start(self) -> None:
         """Start one checker task per watched backend (call from the running loop)."""

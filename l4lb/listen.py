@@ -310,11 +310,17 @@ class Listening(_Servers):
         super().__init__(loop, hub, listeners, log)
         self.count = count
         self.inherited = inherited
+        self.handed: dict[str, BindGroup] = {}     # an upgrade's: bind -> the old group
 
     def open_group(self, addr: Address, lcfg: ListenerConfig) -> BindGroup:
         """The bind's sockets: the one systemd passed for its address, which every worker
         shares (systemd keeps it open across restarts), or one SO_REUSEPORT socket per
         worker."""
+        group = self.handed.pop(str(addr), None)
+        if group is not None:
+            self.log.info("listen_fds_taken_over", listener=lcfg.name, bind=str(addr),
+                          sockets=len(group.sockets))
+            return group
         sock = self.inherited.take(addr) if self.inherited is not None else None
         if sock is not None:
             self.log.info("listen_fd_taken", listener=lcfg.name, bind=str(addr))
@@ -352,7 +358,19 @@ class Listening(_Servers):
         return [(listener.config, group) for listener in self.listeners.values()
                 for group in listener.servers.values()]
 
-    def resize(self, count: int, current: int) -> list[tuple[BindGroup, int]]:
+    async def take_over(self, takeover) -> None:
+        """An upgrade: the old master's sockets of every bind this config has, which
+        open_group then uses instead of binding."""
+        for listener in self.listeners.values():
+            for addr in listener.config.bind:
+                got = await takeover.bind_sockets(str(addr))
+                if got is not None:
+                    sockets, meta = got
+                    group = BindGroup(addr, sockets, shared=meta.get("shared", False))
+                    group.steered_to = meta.get("steered_to", 0)
+                    self.handed[str(addr)] = group
+
+    def resize(self, count: int, current: int | None = None) -> list[tuple[BindGroup, int]]:
         """Before `count` workers start while `current` accept: every group gets a socket
         for each. A group that grows is first steered to the `current` sockets its workers
         accept on, so that the new sockets queue nothing before their workers accept.
@@ -363,7 +381,8 @@ class Listening(_Servers):
             for lcfg, group in self.groups():
                 if group.shared or len(group.sockets) >= count:
                     continue
-                group.steer(current, force=True)
+                group.steer(group.steered_to or len(group.sockets) if current is None
+                            else current, force=True)
                 grown.append((group, len(group.sockets)))
                 group.grow(count, lcfg.rcvbuf, lcfg.sndbuf)
         except OSError:

@@ -280,6 +280,7 @@ STATE_CHANGE_CAUSES = {
     "passive_check": "failed relay connects crossed fall",
     "health_check_removed": "a reload dropped the pool's health section (down -> up)",
     "cluster": "a fleet's change, applied from etcd (l4lb.cluster)",
+    "upgrade": "an upgrade's new master: the old master's health checks had it down",
 }
 
 LOG_EVENTS: tuple[LogEvent, ...] = (
@@ -302,7 +303,7 @@ LOG_EVENTS: tuple[LogEvent, ...] = (
              "activation, LISTEN_FDS) instead of opening its own; every worker accepts on it."),
     LogEvent("listen_fds_unused", "warning", ("binds", "hint"),
              "Sockets systemd passed that no listener's bind names; they were closed."),
-    LogEvent("started", "info", ("pid", "version", "config", "control"),
+    LogEvent("started", "info", ("pid", "version", "config", "control", "generation"),
              "The balancer runs: every listener is bound and every worker accepts."),
     LogEvent("worker_started", "info", ("worker", "pid", "generation", "restarts", "startup_ms"),
              "A worker process accepts (at start, and after a restart): `startup_ms` from "
@@ -313,6 +314,20 @@ LOG_EVENTS: tuple[LogEvent, ...] = (
     LogEvent("worker_stopped", "info", ("worker", "pid", "status"),
              "A worker process ended as told (shutdown, or its generation was replaced), "
              "or died while its generation was starting."),
+    LogEvent("upgrade_started", "info", ("cause", "argv"),
+             "`upgrade` or SIGUSR2: this master starts `argv` (its own command line, the code "
+             "installed now) as the new master."),
+    LogEvent("upgrade_failed", "error", ("cause", "error"),
+             "The new master did not take over (why: its error, or its exit); this master "
+             "serves on as before."),
+    LogEvent("upgrade_handed_over", "info", ("cause", "pid", "generation", "version"),
+             "The new master's workers accept on the same sockets: this master stopped "
+             "accepting, finishes its connections (shutdown_started follows) and exits."),
+    LogEvent("upgrade_taking_over", "info", ("old_pid", "generation"),
+             "This is an upgrade's new master: it takes the old master's sockets and state."),
+    LogEvent("listen_fds_taken_over", "info", ("listener", "bind", "sockets"),
+             "An upgrade's new master accepts on the old master's sockets of this bind "
+             "(nothing is bound again, nothing queued is lost)."),
     LogEvent("workers_replaced", "info", ("generation", "workers", "previous"),
              "A reload changed `global.workers`: the new generation accepts; the previous "
              "workers stopped accepting and finish their connections."),

@@ -356,6 +356,9 @@ def show_info_fields(balancer, workers: list[dict] = ()) -> dict:
         "pipes": pipes,
         "log_lines_dropped": dropped,
         "workers": len(workers),
+        "generation": getattr(b, "generation", 1),
+        "started": round(b.started_at, 3),
+        "upgraded_from": getattr(b, "upgraded_from", None),
     }
     info.update(fd_limit_report(b.config.global_.max_connections))
     return info

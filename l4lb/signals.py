@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import signal
 
-# The signals `l4lb run` acts on: SIGHUP reloads; SIGTERM and SIGINT shut down gracefully.
-HANDLED = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
+# The signals `l4lb run` acts on: SIGHUP reloads; SIGTERM and SIGINT shut down gracefully;
+# SIGUSR2 upgrades (the l4lb now installed takes over: upgrade.py).
+HANDLED = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
 # The ones caught before the loop runs. SIGTERM and SIGINT keep their defaults until then
 # (a start stuck before the loop, reading a config on a hung mount say, can still be
-# stopped); SIGHUP's default would kill a process that was only asked to reload.
-EARLY = (signal.SIGHUP,)
+# stopped); SIGHUP's and SIGUSR2's defaults would kill a process that was only asked to
+# reload or upgrade.
+EARLY = (signal.SIGHUP, signal.SIGUSR2)
 
 
 class EarlySignals:

@@ -9,6 +9,8 @@ which finds, acts, records and persists.
 """
 from __future__ import annotations
 
+import os
+
 import time
 
 from ..actions import OperationError
@@ -51,12 +53,25 @@ class CommandHandlers:
         """Carry out `command`; returns the reply object (ok or error), or the
         protocol.Stream of a stream command; never raises for an operator mistake."""
         try:
+            self.check_not_handing_over(command.name)
             fields = await self.table[command.name](**command.args)
         except OperationError as exc:
             return protocol.error(str(exc))
         if isinstance(fields, protocol.Stream):
             return fields
         return protocol.ok(**fields)
+
+    def check_not_handing_over(self, name: str) -> None:
+        """While an upgrade hands over, and after, only looking is allowed here: a change
+        made now would miss the new master, which read the state file already."""
+        upgrade = self.balancer.upgrade
+        if name in protocol.LOOKING or upgrade is None:
+            return
+        if upgrade.done:
+            raise OperationError(f"this l4lb (pid {os.getpid()}) handed over to a new "
+                                 "master (upgrade): send the command to the new one")
+        if upgrade.running:
+            raise OperationError("an upgrade is under way: try again once it is done")
 
     # --- show ---------------------------------------------------------------------------
 
@@ -178,6 +193,10 @@ class CommandHandlers:
     @handles("reload")
     async def reload(self):
         return {"changes": await self.balancer.reload("command")}
+
+    @handles("upgrade")
+    async def upgrade(self):
+        return await self.balancer.upgrade.run("command")
 
     @handles("subscribe")
     async def subscribe(self, interval=None):

@@ -188,10 +188,13 @@ _FLEET = ArgSpec(ArgKind.FLAG, "fleet", "", optional=True, default=False, keywor
 COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec(("help",), (), "list the commands", reply=("commands",)),
     CommandSpec(
-        ("show", "info"), (), "the process: version, uptime, resources, connection counts",
+        ("show", "info"), (),
+        "the process: version, uptime, resources, connection counts, the master's "
+        "generation (1 + the binary upgrades it descends from) and start time",
         reply=("version", "pid", "uptime_s", "cpu_percent", "cpu_seconds", "rss_bytes", "open_fds",
                "conns_active", "conns_total", "pipes", "log_lines_dropped", "fd_limit",
-               "fds_needed", "warnings", "workers"),
+               "fds_needed", "warnings", "workers", "generation", "started",
+               "upgraded_from"),
     ),
     CommandSpec(
         ("show", "listeners"), (), "every listener with its pool or split and counters",
@@ -285,6 +288,11 @@ COMMANDS: tuple[CommandSpec, ...] = (
     ),
     CommandSpec(("reload",), (), "re-read the config file; a bad file changes nothing",
                 reply=("changes",)),
+    CommandSpec(("upgrade",), (),
+                "binary upgrade: the l4lb now installed takes over the listening and control "
+                "sockets and the runtime state; this one finishes its connections and exits; "
+                "a new master that fails changes nothing",
+                reply=("pid", "generation", "version")),
     CommandSpec(("shutdown",), (_TIMEOUT,),
                 "graceful shutdown: stop accepting, close connections after TIMEOUT s",
                 reply=("timeout_s",)),
@@ -300,6 +308,10 @@ COMMANDS: tuple[CommandSpec, ...] = (
 )
 
 COMMANDS_BY_NAME: dict[str, CommandSpec] = {spec.name: spec for spec in COMMANDS}
+# The commands that change nothing: the ones a master still answers while it hands over
+# to a new one (upgrade), and after.
+LOOKING = frozenset(name for name in COMMANDS_BY_NAME
+                    if name.startswith("show") or name in ("help", "subscribe", "wait"))
 # First words that need a second one ("show" -> info, listeners, ...).
 _PREFIXES = {spec.words[0] for spec in COMMANDS if len(spec.words) > 1}
 

@@ -283,9 +283,13 @@ class ControlServer:
         self.log = get_logger()
         self.connections: set = set()
         self.server = None
+        self.keep_path = False          # the socket file is a new master's now (upgrade)
 
-    async def start(self) -> None:
-        sock = open_control_socket(self.path, self.mode)
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Listen on the control socket: a new one at `path`, or `sock`, the one the old
+        master answered on (an upgrade: the same file, nothing unlinked or bound)."""
+        if sock is None:
+            sock = open_control_socket(self.path, self.mode)
         loop = asyncio.get_running_loop()
         try:
             await open_loop_spare(loop)
@@ -295,6 +299,20 @@ class ControlServer:
         self.server = ReservedServer(loop, sock, lambda: ControlConnection(self))
         self.log.info("control_started", socket=str(self.path), mode=oct(self.mode))
 
+    @property
+    def socket(self) -> socket.socket | None:
+        """The listening socket (an upgrade hands it to the new master)."""
+        return self.server.sock if self.server is not None else None
+
+    def stop_accepting(self, keep_path: bool) -> None:
+        """An upgrade handed over: no new client here (those connected get their
+        replies); `keep_path`: the new master answers on this socket file, which close()
+        then leaves in place."""
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        self.keep_path = keep_path
+
     def close(self) -> None:
         if self.server is not None:
             self.server.close()
@@ -302,6 +320,8 @@ class ControlServer:
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.close()
+        if self.keep_path:
+            return
         try:
             os.unlink(self.path)
         except OSError:

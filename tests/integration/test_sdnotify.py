@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 from ..support import REPO, L4LB, ask, connect, echo_handler, recv_exactly, simple_config
@@ -117,3 +118,45 @@ def test_binds_are_taken_from_the_sockets_systemd_passes(backends, tmp_path):
             proc.kill()
             proc.wait(5)
         proc.stdout.close()
+
+
+@pytest.mark.timeout(90)
+def test_an_upgrade_tells_systemd_the_new_main_pid_then_the_new_master_is_ready(
+        backends, tmp_path):
+    b = backends(echo_handler)
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    lb = L4LB(tmp_path, simple_config([("b1", b.address)]),
+              env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
+    new = None
+    try:
+        assert next_message(notify)["READY"] == "1"
+        lb.wait_ready()
+        reply = ask(lb, "upgrade")
+        assert reply["ok"], reply
+        new = reply["pid"]
+        handed = next_message(notify)              # from the old master, still the main one
+        assert handed["MAINPID"] == str(new) and "upgraded" in handed["STATUS"]
+        ready = next_message(notify)               # then the new one, now the main pid
+        assert ready["READY"] == "1" and ready["MAINPID"] == str(new)
+        assert lb.proc.wait(20) == 0               # the old master is gone: no STOPPING=1
+        notify.settimeout(0.5)
+        with pytest.raises(socket.timeout):
+            notify.recv(4096)
+        s = connect(lb.port())
+        s.sendall(b"y")
+        assert recv_exactly(s, 1) == b"y"
+        s.close()
+        os.kill(new, signal.SIGTERM)
+        assert next_message(notify)["STOPPING"] == "1"
+    finally:
+        if new is not None:
+            try:
+                os.kill(new, signal.SIGTERM)
+                psutil.Process(new).wait(20)
+            except (ProcessLookupError, psutil.NoSuchProcess):
+                pass
+            except psutil.TimeoutExpired:
+                os.kill(new, signal.SIGKILL)
+        lb.stop()
+        notify.close()

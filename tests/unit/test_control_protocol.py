@@ -82,6 +82,7 @@ VALID_COMMANDS = [
         Command("split", {"listener": "web", "sni": None, "split": {"a": 0, "b": 33, "c": 67}, "fleet": False}),
     ),
     (b"reload", Command("reload", {})),
+    (b"upgrade", Command("upgrade", {})),
     (b"shutdown", Command("shutdown", {"timeout": None})),
     (b"shutdown 10", Command("shutdown", {"timeout": 10.0})),
     (b"subscribe", Command("subscribe", {"interval": None})),
