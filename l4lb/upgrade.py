@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 
 from .actions import OperationError
 from .channel import Channel, ChannelClosed
+from .workers import describe_status
 
 if TYPE_CHECKING:
     from .balancer import Balancer
@@ -107,13 +108,13 @@ class Upgrade:
             if outcome.done() and outcome.result()[0] == "ready":
                 return outcome.result()[1]
             if exited.done():
-                why = f"exited ({describe(exited.result())}) before it was ready"
+                why = f"exited ({describe_status(exited.result())}) before it was ready"
                 if outcome.done() and outcome.result()[0] == "failed":
                     why = outcome.result()[1]
             elif outcome.done() and outcome.result()[0] == "failed":
                 why = outcome.result()[1]
             elif outcome.done():
-                why = f"closed its channel before it was ready"
+                why = "closed its channel before it was ready"
             else:
                 why = f"was not ready within {UPGRADE_TIMEOUT:g} s"
             self._stop(proc, exited)
@@ -134,7 +135,6 @@ class Upgrade:
                 exited.set_result(proc.wait())
 
         self.loop.add_reader(pidfd, on_exit)
-        exited.add_done_callback(lambda _: None)
 
     def _stop(self, proc: subprocess.Popen, exited: asyncio.Future) -> None:
         """A new master that failed: SIGTERM (a graceful stop: whatever its workers
@@ -216,17 +216,6 @@ class Upgrade:
         pid = msg.get("pid")
         if isinstance(pid, int):
             b.notifier.send(MAINPID=pid, STATUS=f"upgraded: pid {pid} serves")
-
-
-def describe(returncode: int | None) -> str:
-    if returncode is None:
-        return "still running"
-    if returncode < 0:
-        try:
-            return f"killed by {signal.Signals(-returncode).name}"
-        except ValueError:
-            return f"killed by signal {-returncode}"
-    return f"exit {returncode}"
 
 
 class Takeover:
