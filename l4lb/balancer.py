@@ -146,7 +146,6 @@ class Balancer(Runtime):
         info = takeover.info if takeover is not None else {}
         self.generation = info.get("generation", 0) + 1
         self.upgraded_from = info.get("pid")
-        self.handed_over = False        # an upgrade's old master, once the new one serves
         self.upgrade = None             # upgrade.Upgrade, set by serve()
         count = vocab.worker_count(config.global_.workers)
         # Rows for two generations of workers overlapping (a reload that changes their

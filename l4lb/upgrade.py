@@ -103,17 +103,16 @@ class Upgrade:
         exited = self.loop.create_future()
         self._watch_exit(proc, exited)
         try:
-            done, _ = await asyncio.wait([outcome, exited], timeout=UPGRADE_TIMEOUT,
-                                         return_when=asyncio.FIRST_COMPLETED)
-            if outcome.done() and outcome.result()[0] == "ready":
-                return outcome.result()[1]
-            if exited.done():
+            await asyncio.wait([outcome, exited], timeout=UPGRADE_TIMEOUT,
+                               return_when=asyncio.FIRST_COMPLETED)
+            kind, detail = outcome.result() if outcome.done() else (None, None)
+            if kind == "ready":
+                return detail
+            if kind == "failed":                # its own words say the most
+                why = detail
+            elif exited.done():
                 why = f"exited ({describe_status(exited.result())}) before it was ready"
-                if outcome.done() and outcome.result()[0] == "failed":
-                    why = outcome.result()[1]
-            elif outcome.done() and outcome.result()[0] == "failed":
-                why = outcome.result()[1]
-            elif outcome.done():
+            elif kind == "gone":
                 why = "closed its channel before it was ready"
             else:
                 why = f"was not ready within {UPGRADE_TIMEOUT:g} s"
@@ -208,7 +207,6 @@ class Upgrade:
         """The new master's workers accept: stop taking anything new here."""
         b = self.balancer
         self.done = True
-        b.handed_over = True
         self.loop.create_task(b.workers.stop_accepting())
         if self.control is not None:
             self.control.stop_accepting(keep_path=msg.get("control_taken", False))
